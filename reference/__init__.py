@@ -1,0 +1,26 @@
+"""selattn_reference: the NumPy executable spec of selective attention.
+
+See ``selattn_reference.attention`` for the layer and ``docs/selective-attention.md`` for the
+line-by-line explanation.
+"""
+
+from .attention import (
+    Cache,
+    accumulated_mask,
+    backward,
+    eviction_mask,
+    forward,
+    memory_loss,
+    memory_loss_backward,
+)
+
+__all__ = [
+    "Cache",
+    "accumulated_mask",
+    "backward",
+    "eviction_mask",
+    "forward",
+    "memory_loss",
+    "memory_loss_backward",
+]
+__version__ = "0.1.0"

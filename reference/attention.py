@@ -1,0 +1,278 @@
+"""Selective attention in NumPy: the executable spec.
+
+Leviathan, Kalman, Matias, "Selective Attention Improves Transformer" (arXiv 2410.02703).
+Every other implementation in this project (the C kernel, its KV cache) is tested against this file.
+It is written to be read next to ``docs/selective-attention.md``; the ``§`` marks point there.
+
+Shapes: q, k, v, out are (B, H, N, D): batch, heads, tokens, head size. Positions are 0-based and
+position 0 is BOS. Logit matrices are (B, H, N, N) with queries on axis -2 and keys on axis -1;
+the accumulated mask F is (B, N, N) and is shared by all heads.
+
+Layer style (CS231n): ``forward(...) -> (out, cache)`` and ``backward(dout, cache) -> grads``.
+The code is dtype-generic: float64 for checking, float32 works.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+
+from .validation import (
+    check_budget,
+    check_like,
+    check_mask,
+    check_qkv,
+    check_selector_head,
+    check_tau,
+    resolve_scale,
+)
+
+
+@dataclass
+class Cache:
+    """What ``backward`` needs from ``forward`` (this is the slow clear path: it keeps N x N)."""
+
+    q: np.ndarray        # (B, H, N, D)
+    k: np.ndarray        # (B, H, N, D)
+    v: np.ndarray        # (B, H, N, D)
+    L: np.ndarray        # (B, H, N, N) scaled logits, -inf above the diagonal
+    F: np.ndarray        # (B, N, N)    accumulated mask (zeros when selective=False)
+    visible: np.ndarray  # (B, N, N)    bool: which keys each query attends to
+    P: np.ndarray        # (B, H, N, N) attention weights
+    scale: float
+    selector_head: int
+    protect_bos: bool
+    selective: bool
+    budget: Optional[int]
+
+
+# ----------------------------------------------------------------------------------------------
+# The selection mask S and the accumulated mask F
+
+
+def selection_constraints(N: int, protect_bos: bool) -> np.ndarray:
+    """(N, N) bool: where S may be non-zero. Strictly below the diagonal (a token never masks
+    itself, nor a future token), and never column 0 when BOS is protected.  § 3"""
+    allowed = np.tri(N, k=-1, dtype=bool)                # (N, N) j < i
+    if protect_bos:
+        allowed[:, 0] = False                            # BOS is never masked
+    return allowed
+
+
+def accumulated_mask_from_logits(L_sel: np.ndarray, protect_bos: bool) -> np.ndarray:
+    """F from the selector head's scaled logits ``L_sel`` (B, N, N).  §§ 2-4"""
+    N = L_sel.shape[-1]
+    S = np.maximum(L_sel, 0.0)                                      # (B, N, N) relu     § 2
+    S = np.where(selection_constraints(N, protect_bos), S, 0.0)     # (B, N, N) BOS, self § 3
+    F = np.zeros_like(S)                                            # (B, N, N)
+    F[:, 1:] = np.cumsum(S, axis=1)[:, :-1]   # roll one query down, sum over queries    § 4
+    return F
+
+
+def accumulated_mask(q, k, *, selector_head: int = 0, protect_bos: bool = True,
+                     scale: Optional[float] = None) -> np.ndarray:
+    """The accumulated mask ``F[b, i, j] = sum_{m < i} S[b, m, j]``.
+
+    Parameters
+    ----------
+    q, k : (B, H, N, D) float arrays
+    selector_head : int, the head whose logits decide what is masked (the paper uses 0)
+    protect_bos : bool, never mask position 0
+    scale : float or None, logit scale (default ``1/sqrt(D)``)
+
+    Returns
+    -------
+    F : (B, N, N) array, ``F[b, i, j]`` is subtracted from every head's logit of query i on key j.
+    """
+    q, k, (B, H, N, D) = check_qkv(q, k)
+    s = check_selector_head(selector_head, H)
+    scale = resolve_scale(scale, D)
+    L_sel = scale * (q[:, s] @ k[:, s].swapaxes(-1, -2))           # (B, N, N)
+    return accumulated_mask_from_logits(L_sel, bool(protect_bos))
+
+
+# ----------------------------------------------------------------------------------------------
+# Pruning: which keys a K-slot buffer still holds when query i attends
+
+
+def eviction_mask(F, budget: int, *, protect_bos: bool = True) -> np.ndarray:
+    """Which keys a ``budget``-slot KV buffer holds when each query attends.  § 6
+
+    Walk i = 0..N-1: insert token i; while more than ``budget`` tokens are held, drop the held
+    token with the largest ``F[i, j]`` (never i itself, never BOS when protected; on equal F the
+    oldest). Because F never decreases down a column, a dropped token would never have come back.
+
+    Parameters
+    ----------
+    F : (B, N, N) accumulated mask
+    budget : int, slots; >= 2 with BOS protection, >= 1 without
+
+    Returns
+    -------
+    visible : (B, N, N) bool, ``visible[b, i, j]`` is True when query i may attend to key j.
+    """
+    F = check_mask(F)
+    K = check_budget(budget, bool(protect_bos))
+    B, N, _ = F.shape
+    visible = np.zeros((B, N, N), dtype=bool)
+    for b in range(B):
+        held = np.zeros(N, dtype=bool)                   # (N,) the buffer
+        for i in range(N):
+            held[i] = True
+            if held.sum() > K:                           # one insert needs at most one drop
+                evictable = held.copy()
+                evictable[i] = False
+                if protect_bos:
+                    evictable[0] = False
+                score = np.where(evictable, F[b, i], -np.inf)
+                held[np.argmax(score)] = False           # argmax takes the first (oldest) tie
+            visible[b, i] = held
+    return visible
+
+
+# ----------------------------------------------------------------------------------------------
+# The layer
+
+
+def forward(q, k, v, *, selector_head: int = 0, protect_bos: bool = True, selective: bool = True,
+            scale: Optional[float] = None, budget: Optional[int] = None):
+    """Selective attention, forward.
+
+    Parameters
+    ----------
+    q, k, v : (B, H, N, D) float arrays of one dtype
+    selector_head : int, head whose logits build the mask (default 0, the paper's choice)
+    protect_bos : bool, never mask or evict position 0
+    selective : bool, False gives standard causal attention (F = 0)
+    scale : float or None, logit scale (default ``1/sqrt(D)``)
+    budget : int or None, keep at most ``budget`` keys per query (pruned KV buffer)
+
+    Returns
+    -------
+    out : (B, H, N, D)
+    cache : Cache, with ``cache.F`` (B, N, N) and ``cache.P`` (B, H, N, N)
+    """
+    q, k, v, (B, H, N, D) = check_qkv(q, k, v)
+    s = check_selector_head(selector_head, H)
+    scale = resolve_scale(scale, D)
+    protect_bos = bool(protect_bos)
+    budget = check_budget(budget, protect_bos)
+
+    causal = np.tri(N, dtype=bool)                                      # (N, N) j <= i     § 1
+    L = np.where(causal, scale * (q @ k.swapaxes(-1, -2)), -np.inf)     # (B, H, N, N)      § 1
+    if selective:
+        F = accumulated_mask_from_logits(L[:, s], protect_bos)          # (B, N, N)    §§ 2-4
+    else:
+        F = np.zeros((B, N, N), dtype=L.dtype)                          # (B, N, N) baseline
+    visible = np.broadcast_to(causal, (B, N, N))                        # (B, N, N)
+    if budget is not None:
+        visible = eviction_mask(F, budget, protect_bos=protect_bos)     # (B, N, N)         § 6
+    logits = np.where(visible[:, None], L - F[:, None], -np.inf)        # (B, H, N, N)      § 5
+    logits = logits - logits.max(axis=-1, keepdims=True)                # (B, H, N, N) stable
+    P = np.exp(logits)                                                  # (B, H, N, N)
+    P /= P.sum(axis=-1, keepdims=True)                                  # (B, H, N, N) softmax
+    out = P @ v                                                         # (B, H, N, D)      § 5
+
+    cache = Cache(q=q, k=k, v=v, L=L, F=F, visible=np.array(visible), P=P, scale=scale,
+                  selector_head=s, protect_bos=protect_bos, selective=bool(selective),
+                  budget=budget)
+    return out, cache
+
+
+def backward(dout, cache: Cache, dF=None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Selective attention, backward.  § 7
+
+    Parameters
+    ----------
+    dout : (B, H, N, D) upstream gradient of ``out``
+    cache : Cache from ``forward``
+    dF : (B, N, N) or None, extra upstream gradient on ``cache.F`` (e.g. from the memory loss)
+
+    Returns
+    -------
+    dq, dk, dv : (B, H, N, D). The gradient includes the path through F into the selector head's
+    q and k. With a budget the held set is treated as a constant.
+    """
+    q, k, v, P, L, F = cache.q, cache.k, cache.v, cache.P, cache.L, cache.F
+    B, H, N, D = q.shape
+    dout = check_like(dout, "dout", (B, H, N, D))
+    s = cache.selector_head
+
+    # out = P @ v
+    dv = P.swapaxes(-1, -2) @ dout                                      # (B, H, N, D)
+    dP = dout @ v.swapaxes(-1, -2)                                      # (B, H, N, N)
+    # P = softmax(logits): dlogits = P * (dP - rowsum(dP * P))
+    dlogits = P * (dP - (dP * P).sum(axis=-1, keepdims=True))           # (B, H, N, N)
+    # logits = L - F[:, None]: L gets dlogits, F gets minus its sum over heads
+    dL = dlogits.copy()                                                 # (B, H, N, N)
+    if cache.selective:
+        dF_total = -dlogits.sum(axis=1)                                 # (B, N, N)
+        if dF is not None:
+            dF_total = dF_total + check_like(dF, "dF", (B, N, N))
+        # F[:, 1:] = cumsum(S, axis=1)[:, :-1]: dS[m, j] = sum_{i > m} dF[i, j]
+        dS = np.zeros_like(dF_total)                                    # (B, N, N)
+        dS[:, :-1] = np.cumsum(dF_total[:, :0:-1], axis=1)[:, ::-1]     # reverse cumsum
+        # S = where(constraints, S, 0): no gradient where S was forced to zero
+        dS = np.where(selection_constraints(N, cache.protect_bos), dS, 0.0)
+        # S = relu(L[:, s]): gradient only where the logit was positive
+        dS = np.where(L[:, s] > 0, dS, 0.0)
+        dL[:, s] += dS
+    elif dF is not None:
+        check_like(dF, "dF", (B, N, N))  # F is a constant zero: validated, contributes nothing
+    # L = scale * q @ k^T (entries above the diagonal are constants -inf: dL is 0 there)
+    dq = cache.scale * (dL @ k)                                         # (B, H, N, D)
+    dk = cache.scale * (dL.swapaxes(-1, -2) @ q)                        # (B, H, N, D)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------
+# The memory loss (the paper's auxiliary loss for pruning)  § 8
+
+
+def memory_loss(F, tau: float = 1.0) -> np.ndarray:
+    """Memory of a layer: ``max_i sum_{j <= i} (1 - min(F[i, j], tau) / tau)`` per batch element.
+
+    Parameters
+    ----------
+    F : (B, N, N) accumulated mask
+    tau : float > 0, masking strength at which a token counts as fully evicted
+
+    Returns
+    -------
+    mem : (B,) the largest number of (soft) keys any query still needs.
+    """
+    F = check_mask(F)
+    tau = check_tau(tau)
+    N = F.shape[-1]
+    kept = np.where(np.tri(N, dtype=bool), 1.0 - np.minimum(F, tau) / tau, 0.0)  # (B, N, N)
+    return kept.sum(axis=-1).max(axis=-1)                                         # (B,)
+
+
+def memory_loss_backward(dmem, F, tau: float = 1.0) -> np.ndarray:
+    """Gradient of ``memory_loss`` with respect to F.
+
+    Parameters
+    ----------
+    dmem : (B,) upstream gradient of ``mem``
+    F : (B, N, N) accumulated mask
+    tau : float > 0
+
+    Returns
+    -------
+    dF : (B, N, N). Only the row that attains the max (the first, on ties) gets gradient, and
+    only where ``F < tau`` (beyond tau the min is flat).
+    """
+    F = check_mask(F)
+    tau = check_tau(tau)
+    B, N, _ = F.shape
+    dmem = check_like(dmem, "dmem", (B,))
+    causal = np.tri(N, dtype=bool)                                                # (N, N)
+    kept = np.where(causal, 1.0 - np.minimum(F, tau) / tau, 0.0)                  # (B, N, N)
+    row = kept.sum(axis=-1).argmax(axis=-1)                                       # (B,)
+    dF = np.zeros_like(F)                                                         # (B, N, N)
+    b = np.arange(B)
+    live = causal[row] & (F[b, row] < tau)                                        # (B, N)
+    dF[b, row] = np.where(live, -dmem[:, None] / tau, 0.0)
+    return dF

@@ -1,0 +1,22 @@
+"""Build and install selattn.
+
+Two import packages: ``selattn_reference`` (the NumPy spec, from ``reference/``) and
+``selattn_c`` (the C extension and its wrappers).
+"""
+
+from setuptools import setup
+
+setup(
+    name="selattn",
+    version="0.1.0",
+    description="Selective attention (Leviathan et al. 2024): NumPy reference and fast C kernels",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=["selattn_reference"],
+    package_dir={"selattn_reference": "reference"},
+    install_requires=["numpy>=1.22"],
+    extras_require={
+        "test": ["pytest>=7", "hypothesis>=6.50"],
+    },
+)
