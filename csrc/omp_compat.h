@@ -1,0 +1,14 @@
+/* OpenMP when the build has it, a serial fallback when it does not (SELATTN_NO_OPENMP=1). */
+#ifndef SELATTN_OMP_COMPAT_H
+#define SELATTN_OMP_COMPAT_H
+
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static inline int omp_get_max_threads(void) { return 1; }
+#endif
+
+/* The team size for one call: nthreads <= 0 means the OpenMP default. */
+static inline int team_size(int nthreads) { return nthreads > 0 ? nthreads : omp_get_max_threads(); }
+
+#endif /* SELATTN_OMP_COMPAT_H */

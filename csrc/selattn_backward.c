@@ -1,0 +1,307 @@
+/* Selective attention, backward, in O(N) memory per head.
+ * Reference: backward() in reference/attention.py (docs/selective-attention.md § 7); the tiling
+ * is explained in docs/kernel-design.md.
+ *
+ * With logits = L - F and P = softmax(logits), per head h (all (T, T) tiles):
+ *   dv_h  += P_h^T dout_h                       <- out = P @ v
+ *   dP_h   = dout_h v_h^T
+ *   G_h    = P_h * (dP_h - delta_h)             <- P = softmax(logits), delta = rowsum(dout * out)
+ *   dF     = -sum_h G_h                         <- logits = L - F[:, None]
+ *   dS[m, j] = sum_{i > m} dF[i, j]             <- F = shift(cumsum(S)) : a reverse cumsum
+ *   dLsel  = dS * allowed * (L_s > 0)           <- S = relu(L_s) under the BOS/self constraints
+ *   dq_h  += scale * (G_h + [h == s] dLsel) k_h <- L = scale * q k^T
+ *   dk_h  += scale * (G_h + [h == s] dLsel)^T q_h
+ *
+ * Passes:
+ *   1-2. Fstart (B, nqb, N), exactly as in the forward (selector_block_prefix).
+ *   3.   delta (B, H, N) = rowsum(dout * out).
+ *   4.   per (b, key block) in parallel, query blocks from the last one up: recompute P and G for
+ *        every head, accumulate dv and dk for the key block; carry the reverse cumsum of
+ *        Gsum = sum_h G_h down the key block's columns, which gives dLsel for dk_s, and record the
+ *        carry entering each query block in Rstart (B, nqb, N).
+ *   5.   per (b, query block) in parallel: recompute P and G, rebuild dLsel from Rstart plus the
+ *        in-block reverse cumsum, accumulate dq.
+ * dk/dv are owned by key blocks and dq by query blocks, so no two threads ever add into the same
+ * value and the result does not depend on the thread count.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "selattn.h"
+#include "selector_mask.h"
+#include "tile_kernels.h"
+#include "omp_compat.h"
+
+#define T SELATTN_TILE
+
+/* Everything one (query block, key block) tile needs to recompute P and G. */
+typedef struct {
+    size_t i0, j0, rows, ncols;
+    const float *ftile;        /* (T, T) F tile or NULL when not selective */
+} tile_pos;
+
+/* p (T, T) = exp(x - F - lse) on the visible keys, 0 elsewhere (all T rows are written).
+ * x holds the logits L on entry. */
+static void recompute_probs(float *x, const tile_pos *tp, const float *lse_bhi,
+                            const selattn_kernels *kern)
+{
+    for (size_t r = 0; r < T; r++) {
+        float *x_r = x + r * T;
+        const size_t i = tp->i0 + r;
+        size_t nvis = 0;
+        if (r < tp->rows && i >= tp->j0)
+            nvis = i - tp->j0 + 1 < tp->ncols ? i - tp->j0 + 1 : tp->ncols;
+        for (size_t c = 0; c < nvis; c++) {
+            const float logit = tp->ftile ? x_r[c] - tp->ftile[r * T + c] : x_r[c];
+            x_r[c] = logit - lse_bhi[r];
+        }
+        for (size_t c = nvis; c < T; c++) x_r[c] = -INFINITY;
+    }
+    kern->exp_inplace(x, T * T);
+}
+
+/* g (T, T) = p * (dp - delta) : the softmax backward, row by row. */
+static void softmax_grad(const float *p, const float *dp, const float *delta_bhi, size_t rows,
+                         float *g)
+{
+    for (size_t r = 0; r < T; r++)
+        for (size_t c = 0; c < T; c++)
+            g[r * T + c] = r < rows ? p[r * T + c] * (dp[r * T + c] - delta_bhi[r]) : 0.0f;
+}
+
+/* dst (T, T) = src^T */
+static void transpose_tile(const float *src, float *dst)
+{
+    for (size_t r = 0; r < T; r++)
+        for (size_t c = 0; c < T; c++) dst[c * T + r] = src[r * T + c];
+}
+
+/* The selector's gradient on one tile. On entry carry (T,) = sum of Gsum over the rows below this
+ * tile (i >= i0 + rows); walking rows upwards, dS[m] = -carry, then carry += Gsum[m]
+ * (the reverse cumsum of dF = -Gsum). dlsel = dS gated by the S constraints and relu.
+ * On return carry includes this tile's rows. */
+static void selector_grad_tile(const float *gsum, const float *ls, const tile_pos *tp,
+                               int protect_bos, float *carry, float *dlsel)
+{
+    for (size_t r = T; r-- > 0;) {
+        const size_t i = tp->i0 + r;
+        for (size_t c = 0; c < T; c++) {
+            const size_t j = tp->j0 + c;
+            const int allowed = r < tp->rows && c < tp->ncols && j < i &&
+                                !(protect_bos && j == 0) && ls[r * T + c] > 0.0f;
+            dlsel[r * T + c] = allowed ? -carry[c] : 0.0f;
+            if (r < tp->rows) carry[c] += gsum[r * T + c];
+        }
+    }
+}
+
+/* The problem every tile of the backward reads. */
+typedef struct {
+    const float *q, *k, *v, *lse, *dout, *delta, *fstart;
+    size_t H, N, D, nqb, s;
+    int protect_bos, selective;
+    float scale;
+    const selattn_kernels *kern;
+} problem;
+
+/* Per-thread scratch of the backward (nothing here grows with N). */
+typedef struct {
+    float *kt, *vt;      /* (H, D, T) key and value tiles, transposed */
+    float *ls, *sel;     /* (T, T) selector logits and S */
+    float *ftile;        /* (T, T) F */
+    float *p, *g;        /* (H, T, T) P and G of every head */
+    float *dp, *tr;      /* (T, T) dP of one head; a transposed tile */
+    float *gsum, *dlsel; /* (T, T) sum_h G_h; the selector logit gradient */
+    float *carry;        /* (T,) reverse cumsum carry */
+    float *acc_a, *acc_b;/* (H, T, D) dk or dq; dv */
+} scratch;
+
+static void scratch_free(scratch *w)
+{
+    free(w->kt); free(w->vt); free(w->ls); free(w->sel); free(w->ftile); free(w->p); free(w->g);
+    free(w->dp); free(w->tr); free(w->gsum); free(w->dlsel); free(w->carry); free(w->acc_a);
+    free(w->acc_b);
+}
+
+static int scratch_alloc(scratch *w, size_t H, size_t D)
+{
+    w->kt = malloc(H * D * T * sizeof(float));
+    w->vt = malloc(H * D * T * sizeof(float));
+    w->ls = malloc(T * T * sizeof(float));
+    w->sel = malloc(T * T * sizeof(float));
+    w->ftile = malloc(T * T * sizeof(float));
+    w->p = malloc(H * T * T * sizeof(float));
+    w->g = malloc(H * T * T * sizeof(float));
+    w->dp = malloc(T * T * sizeof(float));
+    w->tr = malloc(T * T * sizeof(float));
+    w->gsum = malloc(T * T * sizeof(float));
+    w->dlsel = malloc(T * T * sizeof(float));
+    w->carry = malloc(T * sizeof(float));
+    w->acc_a = malloc(H * T * D * sizeof(float));
+    w->acc_b = malloc(H * T * D * sizeof(float));
+    return w->kt && w->vt && w->ls && w->sel && w->ftile && w->p && w->g && w->dp && w->tr &&
+           w->gsum && w->dlsel && w->carry && w->acc_a && w->acc_b;
+}
+
+/* Transpose the key and value tiles of key block j0 for every head into w->kt, w->vt. */
+static void load_key_tiles(const problem *pr, size_t b, size_t j0, size_t ncols, scratch *w)
+{
+    for (size_t h = 0; h < pr->H; h++) {
+        const size_t off = ((b * pr->H + h) * pr->N + j0) * pr->D;
+        transpose_key_tile(pr->k + off, ncols, pr->D, w->kt + h * pr->D * T);
+        transpose_key_tile(pr->v + off, ncols, pr->D, w->vt + h * pr->D * T);
+    }
+}
+
+/* For one tile: the selector's logits, S and F (when selective), then P_h and G_h of every head,
+ * and gsum = sum_h G_h. Both passes call this, so they recompute exactly the same numbers. */
+static void tile_probs_and_grads(const problem *pr, size_t b, const tile_pos *tp, scratch *w)
+{
+    const size_t H = pr->H, N = pr->N, D = pr->D, s = pr->s;
+    if (pr->selective) {
+        const float *q_bsi = pr->q + ((b * H + s) * N + tp->i0) * D;       /* (rows, D) */
+        pr->kern->gemm_nt(q_bsi, tp->rows, w->kt + s * D * T, D, pr->scale, w->ls);
+        selection_tile(w->ls, tp->i0, tp->j0, tp->rows, tp->ncols, pr->protect_bos, w->sel);
+        mask_tile(w->sel, pr->fstart + (b * pr->nqb + tp->i0 / T) * N + tp->j0, tp->rows,
+                  w->ftile);
+    }
+    for (size_t h = 0; h < H; h++) {
+        const size_t row0 = (b * H + h) * N + tp->i0;                      /* row (b, h, i0) */
+        float *p_h = w->p + h * T * T;
+        if (pr->selective && h == s) memcpy(p_h, w->ls, T * T * sizeof(float));
+        else pr->kern->gemm_nt(pr->q + row0 * D, tp->rows, w->kt + h * D * T, D, pr->scale, p_h);
+        recompute_probs(p_h, tp, pr->lse + row0, pr->kern);                /* P = exp(L-F-lse) */
+        pr->kern->gemm_nt(pr->dout + row0 * D, tp->rows, w->vt + h * D * T, D, 1.0f, w->dp);
+        softmax_grad(p_h, w->dp, pr->delta + row0, tp->rows, w->g + h * T * T);
+    }
+    if (pr->selective) {
+        memcpy(w->gsum, w->g, T * T * sizeof(float));
+        for (size_t h = 1; h < H; h++)
+            for (size_t e = 0; e < T * T; e++) w->gsum[e] += w->g[h * T * T + e];
+    }
+}
+
+/* Pass 4 for one (b, key block): dk and dv of the block, and Rstart of every query block. */
+static void key_block_grads(const problem *pr, size_t b, size_t kb, float *rstart, scratch *w,
+                            float *dk, float *dv)
+{
+    const size_t H = pr->H, N = pr->N, D = pr->D, nqb = pr->nqb;
+    const size_t j0 = kb * T, ncols = N - j0 < T ? N - j0 : T;
+    load_key_tiles(pr, b, j0, ncols, w);
+    memset(w->acc_a, 0, H * T * D * sizeof(float));
+    memset(w->acc_b, 0, H * T * D * sizeof(float));
+    memset(w->carry, 0, T * sizeof(float));
+    for (size_t qb = nqb; qb-- > kb;) {                 /* bottom up: the reverse cumsum */
+        const size_t i0 = qb * T, rows = N - i0 < T ? N - i0 : T;
+        const tile_pos tp = {i0, j0, rows, ncols, pr->selective ? w->ftile : NULL};
+        tile_probs_and_grads(pr, b, &tp, w);
+        if (pr->selective) {
+            memcpy(rstart + (b * nqb + qb) * N + j0, w->carry, ncols * sizeof(float));
+            selector_grad_tile(w->gsum, w->ls, &tp, pr->protect_bos, w->carry, w->dlsel);
+            for (size_t e = 0; e < T * T; e++) w->g[pr->s * T * T + e] += w->dlsel[e];
+        }
+        for (size_t h = 0; h < H; h++) {
+            const float *q_bhi = pr->q + ((b * H + h) * N + i0) * D;       /* (rows, D) */
+            const float *dout_bhi = pr->dout + ((b * H + h) * N + i0) * D; /* (rows, D) */
+            transpose_tile(w->p + h * T * T, w->tr);                       /* dv += P^T dout */
+            pr->kern->gemm_acc(w->tr, ncols, dout_bhi, rows, D, w->acc_b + h * T * D);
+            transpose_tile(w->g + h * T * T, w->tr);                       /* dk += G^T q */
+            pr->kern->gemm_acc(w->tr, ncols, q_bhi, rows, D, w->acc_a + h * T * D);
+        }
+    }
+    for (size_t h = 0; h < H; h++) {
+        float *dk_bhj = dk + ((b * H + h) * N + j0) * D;                   /* (ncols, D) */
+        float *dv_bhj = dv + ((b * H + h) * N + j0) * D;                   /* (ncols, D) */
+        for (size_t e = 0; e < ncols * D; e++) {
+            dk_bhj[e] = pr->scale * w->acc_a[h * T * D + e];
+            dv_bhj[e] = w->acc_b[h * T * D + e];
+        }
+    }
+}
+
+/* Pass 5 for one (b, query block): dq of the block. */
+static void query_block_grads(const problem *pr, size_t b, size_t qb, const float *rstart,
+                              scratch *w, float *dq)
+{
+    const size_t H = pr->H, N = pr->N, D = pr->D, nqb = pr->nqb;
+    const size_t i0 = qb * T, rows = N - i0 < T ? N - i0 : T;
+    memset(w->acc_a, 0, H * T * D * sizeof(float));
+    for (size_t kb = 0; kb <= qb; kb++) {
+        const size_t j0 = kb * T, ncols = N - j0 < T ? N - j0 : T;
+        const tile_pos tp = {i0, j0, rows, ncols, pr->selective ? w->ftile : NULL};
+        load_key_tiles(pr, b, j0, ncols, w);
+        tile_probs_and_grads(pr, b, &tp, w);
+        if (pr->selective) {
+            memcpy(w->carry, rstart + (b * nqb + qb) * N + j0, ncols * sizeof(float));
+            for (size_t c = ncols; c < T; c++) w->carry[c] = 0.0f;
+            selector_grad_tile(w->gsum, w->ls, &tp, pr->protect_bos, w->carry, w->dlsel);
+            for (size_t e = 0; e < T * T; e++) w->g[pr->s * T * T + e] += w->dlsel[e];
+        }
+        for (size_t h = 0; h < H; h++) {                                   /* dq += G k */
+            const float *k_bhj = pr->k + ((b * H + h) * N + j0) * D;       /* (ncols, D) */
+            pr->kern->gemm_acc(w->g + h * T * T, rows, k_bhj, ncols, D, w->acc_a + h * T * D);
+        }
+    }
+    for (size_t h = 0; h < H; h++) {
+        float *dq_bhi = dq + ((b * H + h) * N + i0) * D;                   /* (rows, D) */
+        for (size_t e = 0; e < rows * D; e++) dq_bhi[e] = pr->scale * w->acc_a[h * T * D + e];
+    }
+}
+
+int selattn_backward(const float *q, const float *k, const float *v,
+                     const float *out, const float *lse, const float *dout,
+                     size_t B, size_t H, size_t N, size_t D,
+                     size_t selector_head, int protect_bos, int selective, float scale,
+                     float *dq, float *dk, float *dv, int nthreads)
+{
+    const selattn_kernels *kern = selattn_select_kernels();
+    const size_t nqb = num_blocks(N);
+    const int team = team_size(nthreads);
+    float *fstart = NULL, *rstart = NULL;              /* (B, nqb, N) each */
+    float *delta = malloc(B * H * N * sizeof(float));  /* (B, H, N) */
+    if (!delta) return SELATTN_ENOMEM;
+    if (selective) {
+        /* Pass 1-2: the mask entering each query block, as in the forward */
+        fstart = malloc(B * nqb * N * sizeof(float));
+        rstart = malloc(B * nqb * N * sizeof(float));
+        int rc = (!fstart || !rstart) ? SELATTN_ENOMEM
+                 : selector_block_prefix(q, k, B, H, N, D, selector_head, protect_bos, scale, kern,
+                                         fstart, nthreads);
+        if (rc != SELATTN_OK) { free(fstart); free(rstart); free(delta); return rc; }
+    }
+
+    /* Pass 3: delta = rowsum(dout * out) */
+    #pragma omp parallel for num_threads(team) schedule(static)
+    for (size_t row = 0; row < B * H * N; row++) {
+        float acc = 0.0f;
+        for (size_t d = 0; d < D; d++) acc += dout[row * D + d] * out[row * D + d];
+        delta[row] = acc;
+    }
+
+    const problem pr = {q, k, v, lse, dout, delta, fstart, H, N, D, nqb, selector_head,
+                        protect_bos, selective, scale, kern};
+    int failed = 0;
+    #pragma omp parallel num_threads(team)
+    {
+        scratch w;
+        if (!scratch_alloc(&w, H, D)) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp barrier /* every thread sees `failed` before the loops read it */
+        /* Pass 4: key blocks own dk and dv; kb = 0 has the most work, so it goes first */
+        #pragma omp for schedule(dynamic, 1)
+        for (size_t task = 0; task < B * nqb; task++)
+            if (!failed) key_block_grads(&pr, task / nqb, task % nqb, rstart, &w, dk, dv);
+        /* (the loop's implicit barrier: every Rstart value is written before pass 5 reads it) */
+
+        /* Pass 5: query blocks own dq; the last block has the most work, so it goes first */
+        #pragma omp for schedule(dynamic, 1)
+        for (size_t task = 0; task < B * nqb; task++)
+            if (!failed) query_block_grads(&pr, task / nqb, nqb - 1 - task % nqb, rstart, &w, dq);
+        scratch_free(&w);
+    }
+    free(fstart); free(rstart); free(delta);
+    return failed ? SELATTN_ENOMEM : SELATTN_OK;
+}

@@ -1,0 +1,58 @@
+/* The accumulated mask F (B, N, N), materialised for inspection (reference: accumulated_mask). */
+#include <stdlib.h>
+#include <string.h>
+
+#include "selattn.h"
+#include "selector_mask.h"
+#include "omp_compat.h"
+
+#define T SELATTN_TILE
+
+int selattn_accumulated_mask(const float *q, const float *k,
+                             size_t B, size_t H, size_t N, size_t D,
+                             size_t selector_head, int protect_bos, float scale,
+                             float *F, int nthreads)
+{
+    const selattn_kernels *kern = selattn_select_kernels();
+    const size_t nqb = num_blocks(N);
+    float *fstart = malloc(B * nqb * N * sizeof(float));     /* (B, nqb, N) */
+    if (!fstart) return SELATTN_ENOMEM;
+    int rc = selector_block_prefix(q, k, B, H, N, D, selector_head, protect_bos, scale, kern,
+                                   fstart, nthreads);
+    if (rc != SELATTN_OK) { free(fstart); return rc; }
+
+    int failed = 0;
+    #pragma omp parallel num_threads(team_size(nthreads))
+    {
+        float *kt = malloc(D * T * sizeof(float));
+        float *ls = malloc(T * T * sizeof(float));
+        float *sel = malloc(T * T * sizeof(float));
+        float *ftile = malloc(T * T * sizeof(float));
+        if (!kt || !ls || !sel || !ftile) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp barrier /* every thread sees `failed` before the loop reads it */
+        #pragma omp for schedule(dynamic, 1)
+        for (size_t task = 0; task < B * nqb; task++) {
+            if (failed) continue;
+            const size_t b = task / nqb, qb = task % nqb;
+            const size_t i0 = qb * T, rows = N - i0 < T ? N - i0 : T;
+            const float *q_bs = q + ((b * H + selector_head) * N + i0) * D;
+            for (size_t r = 0; r < rows; r++)                 /* zero above the diagonal */
+                memset(F + (b * N + i0 + r) * N, 0, N * sizeof(float));
+            for (size_t kb = 0; kb <= qb; kb++) {
+                const size_t j0 = kb * T, ncols = N - j0 < T ? N - j0 : T;
+                transpose_key_tile(k + ((b * H + selector_head) * N + j0) * D, ncols, D, kt);
+                kern->gemm_nt(q_bs, rows, kt, D, scale, ls);
+                selection_tile(ls, i0, j0, rows, ncols, protect_bos, sel);
+                mask_tile(sel, fstart + (b * nqb + qb) * N + j0, rows, ftile);
+                for (size_t r = 0; r < rows; r++)
+                    memcpy(F + (b * N + i0 + r) * N + j0, ftile + r * T, ncols * sizeof(float));
+            }
+        }
+        free(kt); free(ls); free(sel); free(ftile);
+    }
+    free(fstart);
+    return failed ? SELATTN_ENOMEM : SELATTN_OK;
+}

@@ -1,0 +1,17 @@
+/* Build facts: is OpenMP compiled in, how many threads by default, which kernels run. */
+#include "selattn.h"
+#include "tile_kernels.h"
+#include "omp_compat.h"
+
+int selattn_openmp_enabled(void)
+{
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+int selattn_max_threads(void) { return omp_get_max_threads(); }
+
+const char *selattn_kernel_name(void) { return selattn_select_kernels()->name; }

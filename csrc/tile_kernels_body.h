@@ -1,0 +1,156 @@
+/* Body of the tile kernels, included once per instruction set by tile_kernels_<isa>.c, which
+ * defines KERNEL_ISA (a name), ROW_BLOCK (query rows per register block) and the target pragma.
+ *
+ * GNU vector extensions (vf = 16 floats) express the register blocking portably: the compiler
+ * lowers a vf to one zmm (AVX-512), two ymm (AVX2) or four xmm (SSE2) registers.
+ */
+#include <math.h>
+#include <string.h>
+
+#include "tile_kernels.h"
+
+/* Every vf helper below is static and inlined, so the vector ABI note does not apply. */
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+#define CAT2(a, b) a##_##b
+#define CAT(a, b) CAT2(a, b)
+#define K(name) CAT(name, KERNEL_ISA)
+
+typedef float vf __attribute__((vector_size(64)));
+typedef int vi __attribute__((vector_size(64)));
+
+static inline __attribute__((always_inline)) vf K(load)(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline __attribute__((always_inline)) void K(store)(float *p, vf v) { memcpy(p, &v, sizeof v); }
+
+/* ---------------------------------------------------------------------------------------------
+ * gemm_nt: out (rows, 64) = scale * x (rows, D) @ yt (D, 64)
+ * Register block: ROW_BLOCK rows x 64 columns of accumulators, one pass over d. */
+static void K(gemm_nt)(const float *restrict x, size_t rows, const float *restrict yt, size_t D,
+                       float scale, float *restrict out)
+{
+    size_t i = 0;
+    for (; i + ROW_BLOCK <= rows; i += ROW_BLOCK) {
+        vf c[ROW_BLOCK][4];
+        for (int r = 0; r < ROW_BLOCK; r++)
+            for (int u = 0; u < 4; u++) c[r][u] = (vf){0};
+        for (size_t d = 0; d < D; d++) {
+            const float *yt_d = yt + d * SELATTN_TILE;
+            vf y0 = K(load)(yt_d), y1 = K(load)(yt_d + 16);
+            vf y2 = K(load)(yt_d + 32), y3 = K(load)(yt_d + 48);
+            for (int r = 0; r < ROW_BLOCK; r++) {
+                float a = x[(i + r) * D + d];
+                c[r][0] += a * y0; c[r][1] += a * y1; c[r][2] += a * y2; c[r][3] += a * y3;
+            }
+        }
+        for (int r = 0; r < ROW_BLOCK; r++)
+            for (int u = 0; u < 4; u++)
+                K(store)(out + (i + r) * SELATTN_TILE + 16 * u, scale * c[r][u]);
+    }
+    for (; i < rows; i++) { /* leftover rows, one at a time */
+        vf c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0};
+        for (size_t d = 0; d < D; d++) {
+            const float *yt_d = yt + d * SELATTN_TILE;
+            float a = x[i * D + d];
+            c0 += a * K(load)(yt_d);      c1 += a * K(load)(yt_d + 16);
+            c2 += a * K(load)(yt_d + 32); c3 += a * K(load)(yt_d + 48);
+        }
+        float *out_i = out + i * SELATTN_TILE;
+        K(store)(out_i, scale * c0);      K(store)(out_i + 16, scale * c1);
+        K(store)(out_i + 32, scale * c2); K(store)(out_i + 48, scale * c3);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * gemm_acc: acc (rows, D) += p (rows, 64)[:, :ncols] @ y (ncols, D)
+ * Register block: ROW_BLOCK rows x 64 values of d; then 16-wide, then scalar tails of D. */
+static void K(gemm_acc)(const float *restrict p, size_t rows, const float *restrict y,
+                        size_t ncols, size_t D, float *restrict acc)
+{
+    size_t i = 0;
+    for (; i < rows; i += ROW_BLOCK) {
+        const size_t nr = rows - i < ROW_BLOCK ? rows - i : ROW_BLOCK;
+        size_t d0 = 0;
+        if (nr == ROW_BLOCK) {
+            for (; d0 + 64 <= D; d0 += 64) {
+                vf c[ROW_BLOCK][4];
+                for (int r = 0; r < ROW_BLOCK; r++)
+                    for (int u = 0; u < 4; u++) c[r][u] = K(load)(acc + (i + r) * D + d0 + 16 * u);
+                for (size_t j = 0; j < ncols; j++) {
+                    const float *y_j = y + j * D + d0;
+                    vf y0 = K(load)(y_j), y1 = K(load)(y_j + 16);
+                    vf y2 = K(load)(y_j + 32), y3 = K(load)(y_j + 48);
+                    for (int r = 0; r < ROW_BLOCK; r++) {
+                        float a = p[(i + r) * SELATTN_TILE + j];
+                        c[r][0] += a * y0; c[r][1] += a * y1; c[r][2] += a * y2; c[r][3] += a * y3;
+                    }
+                }
+                for (int r = 0; r < ROW_BLOCK; r++)
+                    for (int u = 0; u < 4; u++) K(store)(acc + (i + r) * D + d0 + 16 * u, c[r][u]);
+            }
+        }
+        for (size_t r = 0; r < nr; r++) {
+            const float *p_i = p + (i + r) * SELATTN_TILE;
+            float *acc_i = acc + (i + r) * D;
+            size_t d = d0;
+            for (; d + 16 <= D; d += 16) {
+                vf c = K(load)(acc_i + d);
+                for (size_t j = 0; j < ncols; j++) c += p_i[j] * K(load)(y + j * D + d);
+                K(store)(acc_i + d, c);
+            }
+            for (; d < D; d++) {
+                float c = acc_i[d];
+                for (size_t j = 0; j < ncols; j++) c += p_i[j] * y[j * D + d];
+                acc_i[d] = c;
+            }
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * exp_inplace: Cody-Waite range reduction x = n ln2 + r, a degree-6 polynomial for e^r on
+ * |r| <= ln2/2 (about 1 ulp), and 2^n built in the exponent bits. Plain arithmetic, so it
+ * vectorises without -ffast-math and gives the same bits on every call. */
+static inline __attribute__((always_inline)) vf K(select)(vi mask, vf a, vf b) /* mask ? a : b, lane by lane */
+{
+    return (vf)(((vi)a & mask) | ((vi)b & ~mask));
+}
+
+static inline __attribute__((always_inline)) vf K(exp16)(vf x)
+{
+    const vf hi = (vf){0} + 88.0f, lo = (vf){0} - 87.0f, magic = (vf){0} + 12582912.0f;
+    const vi underflow = x < lo;                     /* e^x < 1.7e-38: flush to 0 (and -inf) */
+    vf xc = K(select)(x > hi, hi, x);
+    xc = K(select)(underflow, lo, xc);
+    vf t = xc * 1.44269504088896341f + magic;        /* magic = 1.5 * 2^23: round to nearest */
+    vf n = t - magic;
+    vi ni = (vi)t - (vi)magic;
+    vf r = xc - n * 0.693359375f;                    /* ln2 split in two: n * ln2_hi is exact */
+    r = r + n * 2.12194440e-4f;
+    vf poly = 1.9875691500e-4f * r + 1.3981999507e-3f;
+    poly = poly * r + 8.3334519073e-3f;
+    poly = poly * r + 4.1665795894e-2f;
+    poly = poly * r + 1.6666665459e-1f;
+    poly = poly * r + 5.0000001201e-1f;
+    vf e = poly * (r * r) + r + 1.0f;
+    vf two_n = (vf)((ni + 127) << 23);
+    return (vf)((vi)(e * two_n) & ~underflow);
+}
+
+static void K(exp_inplace)(float *restrict x, size_t n)
+{
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) K(store)(x + i, K(exp16)(K(load)(x + i)));
+    if (i < n) { /* tail: pad with -inf, which maps to 0 */
+        float tmp[16];
+        for (size_t u = 0; u < 16; u++) tmp[u] = i + u < n ? x[i + u] : -INFINITY;
+        K(store)(tmp, K(exp16)(K(load)(tmp)));
+        for (size_t u = 0; i + u < n; u++) x[i + u] = tmp[u];
+    }
+}
+
+const selattn_kernels CAT(selattn_kernels, KERNEL_ISA) = {
+    .name = KERNEL_NAME,
+    .gemm_nt = K(gemm_nt),
+    .gemm_acc = K(gemm_acc),
+    .exp_inplace = K(exp_inplace),
+};

@@ -1,0 +1,184 @@
+"""selattn_c: selective attention on the CPU, in C (cffi + OpenMP).
+
+The API mirrors ``selattn_reference.attention`` (the NumPy spec):
+
+- ``forward(q, k, v, ...) -> (out, ctx)`` and ``backward(dout, ctx) -> (dq, dk, dv)``,
+- ``accumulated_mask(q, k, ...) -> F`` (materialises (B, N, N): for inspection and plots only),
+- ``openmp_enabled()``, ``get_num_threads()``, ``set_num_threads(n)``, ``kernel_name()``.
+
+Inputs are (B, H, N, D) float32 or float64 arrays of any strides; the kernels compute in float32
+and return float32. The GIL is released while the C code runs (cffi does so for every call).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+
+from selattn_reference.validation import (
+    check_like,
+    check_qkv,
+    check_selector_head,
+    resolve_scale,
+)
+
+from ._selattn_cffi import ffi, lib
+
+__all__ = [
+    "Context",
+    "accumulated_mask",
+    "backward",
+    "forward",
+    "get_num_threads",
+    "kernel_name",
+    "openmp_enabled",
+    "set_num_threads",
+]
+
+_threads = {"n": 0}  # 0: the OpenMP default (OMP_NUM_THREADS, else all cores)
+
+
+def openmp_enabled() -> bool:
+    """True when the extension was built with OpenMP (False: a serial build)."""
+    return bool(lib.selattn_openmp_enabled())
+
+
+def get_num_threads() -> int:
+    """Threads each call uses: the value given to ``set_num_threads``, else the OpenMP default."""
+    if not openmp_enabled():
+        return 1
+    return _threads["n"] if _threads["n"] > 0 else int(lib.selattn_max_threads())
+
+
+def set_num_threads(n: int) -> None:
+    """Use ``n`` threads in later calls (``n >= 1``). A serial build accepts and ignores it."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"number of threads must be an int, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"number of threads must be >= 1, got {n}")
+    _threads["n"] = int(n)
+
+
+def kernel_name() -> str:
+    """Which tile kernels this CPU runs: 'avx512', 'avx2' or 'generic'."""
+    return ffi.string(lib.selattn_kernel_name()).decode()
+
+
+@dataclass
+class Context:
+    """What ``backward`` needs from ``forward``: the float32 inputs, the output and the per-row
+    log-sum-exp. Nothing of size N x N is kept."""
+
+    q: np.ndarray    # (B, H, N, D) float32, C-contiguous
+    k: np.ndarray    # (B, H, N, D)
+    v: np.ndarray    # (B, H, N, D)
+    out: np.ndarray  # (B, H, N, D)
+    lse: np.ndarray  # (B, H, N) log-sum-exp of each row of logits
+    scale: float
+    selector_head: int
+    protect_bos: bool
+    selective: bool
+
+
+def _f32(x: np.ndarray, name: str) -> np.ndarray:
+    """C-contiguous float32 copy (or view) of x, checked finite."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or infinity (after conversion to float32)")
+    return x
+
+
+def _ptr(x: np.ndarray):
+    return ffi.cast("float *", ffi.from_buffer(x, require_writable=False))
+
+
+def _check_rc(rc: int, what: str) -> None:
+    if rc != 0:
+        raise MemoryError(f"selattn_c.{what}: could not allocate the per-thread scratch memory")
+
+
+def _threads_arg() -> int:
+    return _threads["n"]
+
+
+def forward(q, k, v, *, selector_head: int = 0, protect_bos: bool = True, selective: bool = True,
+            scale: Optional[float] = None) -> Tuple[np.ndarray, Context]:
+    """Selective attention, forward, in float32 without any N x N buffer.
+
+    Parameters
+    ----------
+    q, k, v : (B, H, N, D) float32 or float64 arrays, any strides
+    selector_head : int, the head whose logits build the mask (default 0)
+    protect_bos : bool, never mask position 0
+    selective : bool, False gives standard causal attention
+    scale : float or None, logit scale (default ``1/sqrt(D)``)
+
+    Returns
+    -------
+    out : (B, H, N, D) float32
+    ctx : Context for ``backward``
+    """
+    q, k, v, (B, H, N, D) = check_qkv(q, k, v)
+    s = check_selector_head(selector_head, H)
+    scale = resolve_scale(scale, D)
+    q, k, v = _f32(q, "q"), _f32(k, "k"), _f32(v, "v")
+    out = np.empty((B, H, N, D), dtype=np.float32)
+    lse = np.empty((B, H, N), dtype=np.float32)
+    rc = lib.selattn_forward(_ptr(q), _ptr(k), _ptr(v), B, H, N, D, s, bool(protect_bos),
+                             bool(selective), scale, _ptr(out), _ptr(lse), _threads_arg())
+    _check_rc(rc, "forward")
+    ctx = Context(q=q, k=k, v=v, out=out, lse=lse, scale=scale, selector_head=s,
+                  protect_bos=bool(protect_bos), selective=bool(selective))
+    return out, ctx
+
+
+def backward(dout, ctx: Context) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Selective attention, backward, including the path through F into the selector head.
+
+    Parameters
+    ----------
+    dout : (B, H, N, D) float array, upstream gradient of ``out``
+    ctx : Context from ``forward``
+
+    Returns
+    -------
+    dq, dk, dv : (B, H, N, D) float32
+    """
+    if not isinstance(ctx, Context):
+        raise TypeError(f"ctx must be the Context returned by selattn_c.forward, got "
+                        f"{type(ctx).__name__}")
+    B, H, N, D = ctx.q.shape
+    dout = _f32(check_like(dout, "dout", (B, H, N, D)), "dout")
+    dq, dk, dv = (np.empty((B, H, N, D), dtype=np.float32) for _ in range(3))
+    rc = lib.selattn_backward(_ptr(ctx.q), _ptr(ctx.k), _ptr(ctx.v), _ptr(ctx.out),
+                              _ptr(ctx.lse), _ptr(dout), B, H, N, D, ctx.selector_head,
+                              ctx.protect_bos, ctx.selective, ctx.scale, _ptr(dq), _ptr(dk),
+                              _ptr(dv), _threads_arg())
+    _check_rc(rc, "backward")
+    return dq, dk, dv
+
+
+def accumulated_mask(q, k, *, selector_head: int = 0, protect_bos: bool = True,
+                     scale: Optional[float] = None) -> np.ndarray:
+    """The accumulated mask F (B, N, N) in float32, for inspection and plots only.
+
+    Parameters
+    ----------
+    q, k : (B, H, N, D) float arrays
+    selector_head, protect_bos, scale : as in ``forward``
+
+    Returns
+    -------
+    F : (B, N, N) float32, ``F[b, i, j] = sum_{m < i} S[b, m, j]``
+    """
+    q, k, (B, H, N, D) = check_qkv(q, k)
+    s = check_selector_head(selector_head, H)
+    scale = resolve_scale(scale, D)
+    q, k = _f32(q, "q"), _f32(k, "k")
+    F = np.empty((B, N, N), dtype=np.float32)
+    rc = lib.selattn_accumulated_mask(_ptr(q), _ptr(k), B, H, N, D, s, bool(protect_bos), scale,
+                                      _ptr(F), _threads_arg())
+    _check_rc(rc, "accumulated_mask")
+    return F

@@ -1,0 +1,110 @@
+"""cffi build script (API mode) for the C kernels in ``csrc/``.
+
+Used by ``setup.py`` through ``cffi_modules=["selattn_c/build_ffi.py:ffibuilder"]``; running this
+file directly builds the extension in place (handy while hacking on ``csrc/``).
+
+Compiler flags: ``-O3`` and C99 with GNU vector extensions; never ``-ffast-math``/``-Ofast`` (they
+would switch the whole Python process to flush-to-zero). No ``-march=native``: the AVX2/AVX-512
+tile kernels are compiled with target pragmas and chosen at run time (csrc/tile_kernels.c).
+
+OpenMP is probed by compiling and linking a tiny program with ``-fopenmp``. Where that fails the
+build is serial and says so; ``SELATTN_NO_OPENMP=1`` forces a serial build.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import warnings
+from pathlib import Path
+
+from cffi import FFI
+
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "csrc"
+
+CDEF = """
+int selattn_forward(const float *q, const float *k, const float *v,
+                    size_t B, size_t H, size_t N, size_t D,
+                    size_t selector_head, int protect_bos, int selective, float scale,
+                    float *out, float *lse, int nthreads);
+int selattn_backward(const float *q, const float *k, const float *v,
+                     const float *out, const float *lse, const float *dout,
+                     size_t B, size_t H, size_t N, size_t D,
+                     size_t selector_head, int protect_bos, int selective, float scale,
+                     float *dq, float *dk, float *dv, int nthreads);
+int selattn_accumulated_mask(const float *q, const float *k,
+                             size_t B, size_t H, size_t N, size_t D,
+                             size_t selector_head, int protect_bos, float scale,
+                             float *F, int nthreads);
+int selattn_openmp_enabled(void);
+int selattn_max_threads(void);
+const char *selattn_kernel_name(void);
+"""
+
+SOURCES = [
+    "selattn_forward.c",
+    "selattn_backward.c",
+    "selattn_mask.c",
+    "selector_mask.c",
+    "threads.c",
+    "tile_kernels.c",
+    "tile_kernels_generic.c",
+    "tile_kernels_avx2.c",
+    "tile_kernels_avx512.c",
+]
+
+BASE_FLAGS = ["-O3", "-std=gnu99", "-fno-strict-aliasing", "-Wall", "-Wno-psabi"]
+
+
+def _compiler() -> str:
+    cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
+    return cc.split()[0]
+
+
+def openmp_flags() -> tuple[list[str], list[str]]:
+    """Return (compile_args, link_args) for OpenMP, or ([], []) for a serial build."""
+    if os.environ.get("SELATTN_NO_OPENMP", "") not in ("", "0"):
+        warnings.warn("selattn: SELATTN_NO_OPENMP is set: building the serial (1-thread) kernels")
+        return [], []
+    cc = _compiler()
+    if shutil.which(cc) is None:
+        warnings.warn(f"selattn: compiler {cc!r} not found for the OpenMP probe; building serial")
+        return [], []
+    probe = "#include <omp.h>\nint main(void){int n=0;\n#pragma omp parallel reduction(+:n)\nn+=1;\nreturn omp_get_max_threads()>0?0:1;}\n"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "probe.c"
+        src.write_text(probe)
+        cmd = [cc, "-fopenmp", str(src), "-o", str(Path(tmp) / "probe")]
+        try:
+            ok = subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            ok = False
+    if not ok:
+        msg = ("selattn: WARNING: the compiler cannot build OpenMP programs (-fopenmp failed); "
+               "building the serial kernels: every call will use one thread")
+        warnings.warn(msg)
+        print(msg, file=sys.stderr)
+        return [], []
+    return ["-fopenmp"], ["-fopenmp"]
+
+
+ffibuilder = FFI()
+ffibuilder.cdef(CDEF)
+_omp_compile, _omp_link = openmp_flags()
+ffibuilder.set_source(
+    "selattn_c._selattn_cffi",
+    '#include "selattn.h"\n',
+    sources=[str((CSRC / s).relative_to(ROOT)) if Path.cwd() == ROOT else str(CSRC / s)
+             for s in SOURCES],
+    include_dirs=[str(CSRC)],
+    extra_compile_args=BASE_FLAGS + _omp_compile,
+    extra_link_args=_omp_link + ["-lm"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(tmpdir=str(ROOT), verbose=True)
