@@ -13,6 +13,7 @@
  *   dk_h  += scale * (G_h + [h == s] dLsel)^T q_h
  *
  * Passes:
+ *   0.   kt, vt (B, H, nqb, D, T): key and value tiles transposed once (transpose_blocks).
  *   1-2. Fstart (B, nqb, N), exactly as in the forward (selector_block_prefix).
  *   3.   delta (B, H, N) = rowsum(dout * out).
  *   4.   per (b, key block) in parallel, query blocks from the last one up: recompute P and G for
@@ -41,33 +42,16 @@ typedef struct {
     const float *ftile;        /* (T, T) F tile or NULL when not selective */
 } tile_pos;
 
-/* p (T, T) = exp(x - F - lse) on the visible keys, 0 elsewhere (all T rows are written).
- * x holds the logits L on entry. */
+/* p (rows, T) = exp(x - F - lse) on the visible keys, 0 elsewhere. x holds the logits L on
+ * entry. */
 static void recompute_probs(float *x, const tile_pos *tp, const float *lse_bhi,
                             const selattn_kernels *kern)
 {
-    for (size_t r = 0; r < T; r++) {
-        float *x_r = x + r * T;
-        const size_t i = tp->i0 + r;
-        size_t nvis = 0;
-        if (r < tp->rows && i >= tp->j0)
-            nvis = i - tp->j0 + 1 < tp->ncols ? i - tp->j0 + 1 : tp->ncols;
-        for (size_t c = 0; c < nvis; c++) {
-            const float logit = tp->ftile ? x_r[c] - tp->ftile[r * T + c] : x_r[c];
-            x_r[c] = logit - lse_bhi[r];
-        }
-        for (size_t c = nvis; c < T; c++) x_r[c] = -INFINITY;
-    }
-    kern->exp_inplace(x, T * T);
-}
-
-/* g (T, T) = p * (dp - delta) : the softmax backward, row by row. */
-static void softmax_grad(const float *p, const float *dp, const float *delta_bhi, size_t rows,
-                         float *g)
-{
-    for (size_t r = 0; r < T; r++)
-        for (size_t c = 0; c < T; c++)
-            g[r * T + c] = r < rows ? p[r * T + c] * (dp[r * T + c] - delta_bhi[r]) : 0.0f;
+    float rowmax[T];
+    size_t nvis[T];
+    visible_keys(tp->i0, tp->j0, tp->rows, tp->ncols, nvis);
+    kern->masked_logits(x, tp->ftile, nvis, tp->rows, rowmax);
+    kern->exp_rows(x, lse_bhi, tp->rows, NULL);
 }
 
 /* dst (T, T) = src^T */
@@ -79,19 +63,16 @@ static void transpose_tile(const float *src, float *dst)
 
 /* The selector's gradient on one tile. On entry carry (T,) = sum of Gsum over the rows below this
  * tile (i >= i0 + rows); walking rows upwards, dS[m] = -carry, then carry += Gsum[m]
- * (the reverse cumsum of dF = -Gsum). dlsel = dS gated by the S constraints and relu.
- * On return carry includes this tile's rows. */
-static void selector_grad_tile(const float *gsum, const float *ls, const tile_pos *tp,
-                               int protect_bos, float *carry, float *dlsel)
+ * (the reverse cumsum of dF = -Gsum). dlsel = dS where S > 0: S is zero exactly where the
+ * constraints (BOS, self, future) or the relu cut the gradient. On return carry includes this
+ * tile's rows. */
+static void selector_grad_tile(const float *gsum, const float *sel, size_t rows, float *carry,
+                               float *dlsel)
 {
-    for (size_t r = T; r-- > 0;) {
-        const size_t i = tp->i0 + r;
+    for (size_t r = rows; r-- > 0;) {
         for (size_t c = 0; c < T; c++) {
-            const size_t j = tp->j0 + c;
-            const int allowed = r < tp->rows && c < tp->ncols && j < i &&
-                                !(protect_bos && j == 0) && ls[r * T + c] > 0.0f;
-            dlsel[r * T + c] = allowed ? -carry[c] : 0.0f;
-            if (r < tp->rows) carry[c] += gsum[r * T + c];
+            dlsel[r * T + c] = sel[r * T + c] > 0.0f ? -carry[c] : 0.0f;
+            carry[c] += gsum[r * T + c];
         }
     }
 }
@@ -99,6 +80,7 @@ static void selector_grad_tile(const float *gsum, const float *ls, const tile_po
 /* The problem every tile of the backward reads. */
 typedef struct {
     const float *q, *k, *v, *lse, *dout, *delta, *fstart;
+    const float *kt, *vt;      /* (B, H, nqb, D, T) key and value tiles, transposed */
     size_t H, N, D, nqb, s;
     int protect_bos, selective;
     float scale;
@@ -107,7 +89,6 @@ typedef struct {
 
 /* Per-thread scratch of the backward (nothing here grows with N). */
 typedef struct {
-    float *kt, *vt;      /* (H, D, T) key and value tiles, transposed */
     float *ls, *sel;     /* (T, T) selector logits and S */
     float *ftile;        /* (T, T) F */
     float *p, *g;        /* (H, T, T) P and G of every head */
@@ -119,15 +100,13 @@ typedef struct {
 
 static void scratch_free(scratch *w)
 {
-    free(w->kt); free(w->vt); free(w->ls); free(w->sel); free(w->ftile); free(w->p); free(w->g);
+    free(w->ls); free(w->sel); free(w->ftile); free(w->p); free(w->g);
     free(w->dp); free(w->tr); free(w->gsum); free(w->dlsel); free(w->carry); free(w->acc_a);
     free(w->acc_b);
 }
 
 static int scratch_alloc(scratch *w, size_t H, size_t D)
 {
-    w->kt = malloc(H * D * T * sizeof(float));
-    w->vt = malloc(H * D * T * sizeof(float));
     w->ls = malloc(T * T * sizeof(float));
     w->sel = malloc(T * T * sizeof(float));
     w->ftile = malloc(T * T * sizeof(float));
@@ -140,29 +119,22 @@ static int scratch_alloc(scratch *w, size_t H, size_t D)
     w->carry = malloc(T * sizeof(float));
     w->acc_a = malloc(H * T * D * sizeof(float));
     w->acc_b = malloc(H * T * D * sizeof(float));
-    return w->kt && w->vt && w->ls && w->sel && w->ftile && w->p && w->g && w->dp && w->tr &&
+    return w->ls && w->sel && w->ftile && w->p && w->g && w->dp && w->tr &&
            w->gsum && w->dlsel && w->carry && w->acc_a && w->acc_b;
 }
 
-/* Transpose the key and value tiles of key block j0 for every head into w->kt, w->vt. */
-static void load_key_tiles(const problem *pr, size_t b, size_t j0, size_t ncols, scratch *w)
-{
-    for (size_t h = 0; h < pr->H; h++) {
-        const size_t off = ((b * pr->H + h) * pr->N + j0) * pr->D;
-        transpose_key_tile(pr->k + off, ncols, pr->D, w->kt + h * pr->D * T);
-        transpose_key_tile(pr->v + off, ncols, pr->D, w->vt + h * pr->D * T);
-    }
-}
-
 /* For one tile: the selector's logits, S and F (when selective), then P_h and G_h of every head,
- * and gsum = sum_h G_h. Both passes call this, so they recompute exactly the same numbers. */
+ * and gsum (rows, T) = sum_h G_h. Rows past tp->rows of these tiles are left undefined. Both passes call this, so they recompute exactly the same numbers. */
 static void tile_probs_and_grads(const problem *pr, size_t b, const tile_pos *tp, scratch *w)
 {
-    const size_t H = pr->H, N = pr->N, D = pr->D, s = pr->s;
+    const size_t H = pr->H, N = pr->N, D = pr->D, s = pr->s, kb = tp->j0 / T;
     if (pr->selective) {
+        memset(w->gsum, 0, T * T * sizeof(float));
         const float *q_bsi = pr->q + ((b * H + s) * N + tp->i0) * D;       /* (rows, D) */
-        pr->kern->gemm_nt(q_bsi, tp->rows, w->kt + s * D * T, D, pr->scale, w->ls);
-        selection_tile(w->ls, tp->i0, tp->j0, tp->rows, tp->ncols, pr->protect_bos, w->sel);
+        pr->kern->gemm_nt(q_bsi, tp->rows, block_tile(pr->kt, b, s, kb, H, pr->nqb, D), D,
+                          pr->scale, w->ls);
+        selection_tile(pr->kern, w->ls, tp->i0, tp->j0, tp->rows, tp->ncols, pr->protect_bos,
+                       w->sel);
         mask_tile(w->sel, pr->fstart + (b * pr->nqb + tp->i0 / T) * N + tp->j0, tp->rows,
                   w->ftile);
     }
@@ -170,15 +142,13 @@ static void tile_probs_and_grads(const problem *pr, size_t b, const tile_pos *tp
         const size_t row0 = (b * H + h) * N + tp->i0;                      /* row (b, h, i0) */
         float *p_h = w->p + h * T * T;
         if (pr->selective && h == s) memcpy(p_h, w->ls, T * T * sizeof(float));
-        else pr->kern->gemm_nt(pr->q + row0 * D, tp->rows, w->kt + h * D * T, D, pr->scale, p_h);
+        else pr->kern->gemm_nt(pr->q + row0 * D, tp->rows, block_tile(pr->kt, b, h, kb, H, pr->nqb, D),
+                               D, pr->scale, p_h);
         recompute_probs(p_h, tp, pr->lse + row0, pr->kern);                /* P = exp(L-F-lse) */
-        pr->kern->gemm_nt(pr->dout + row0 * D, tp->rows, w->vt + h * D * T, D, 1.0f, w->dp);
-        softmax_grad(p_h, w->dp, pr->delta + row0, tp->rows, w->g + h * T * T);
-    }
-    if (pr->selective) {
-        memcpy(w->gsum, w->g, T * T * sizeof(float));
-        for (size_t h = 1; h < H; h++)
-            for (size_t e = 0; e < T * T; e++) w->gsum[e] += w->g[h * T * T + e];
+        pr->kern->gemm_nt(pr->dout + row0 * D, tp->rows,
+                          block_tile(pr->vt, b, h, kb, H, pr->nqb, D), D, 1.0f, w->dp);
+        pr->kern->softmax_grad(p_h, w->dp, pr->delta + row0, tp->rows, w->g + h * T * T,
+                               pr->selective ? w->gsum : NULL);
     }
 }
 
@@ -188,7 +158,6 @@ static void key_block_grads(const problem *pr, size_t b, size_t kb, float *rstar
 {
     const size_t H = pr->H, N = pr->N, D = pr->D, nqb = pr->nqb;
     const size_t j0 = kb * T, ncols = N - j0 < T ? N - j0 : T;
-    load_key_tiles(pr, b, j0, ncols, w);
     memset(w->acc_a, 0, H * T * D * sizeof(float));
     memset(w->acc_b, 0, H * T * D * sizeof(float));
     memset(w->carry, 0, T * sizeof(float));
@@ -198,8 +167,8 @@ static void key_block_grads(const problem *pr, size_t b, size_t kb, float *rstar
         tile_probs_and_grads(pr, b, &tp, w);
         if (pr->selective) {
             memcpy(rstart + (b * nqb + qb) * N + j0, w->carry, ncols * sizeof(float));
-            selector_grad_tile(w->gsum, w->ls, &tp, pr->protect_bos, w->carry, w->dlsel);
-            for (size_t e = 0; e < T * T; e++) w->g[pr->s * T * T + e] += w->dlsel[e];
+            selector_grad_tile(w->gsum, w->sel, rows, w->carry, w->dlsel);
+            for (size_t e = 0; e < rows * T; e++) w->g[pr->s * T * T + e] += w->dlsel[e];
         }
         for (size_t h = 0; h < H; h++) {
             const float *q_bhi = pr->q + ((b * H + h) * N + i0) * D;       /* (rows, D) */
@@ -230,13 +199,12 @@ static void query_block_grads(const problem *pr, size_t b, size_t qb, const floa
     for (size_t kb = 0; kb <= qb; kb++) {
         const size_t j0 = kb * T, ncols = N - j0 < T ? N - j0 : T;
         const tile_pos tp = {i0, j0, rows, ncols, pr->selective ? w->ftile : NULL};
-        load_key_tiles(pr, b, j0, ncols, w);
         tile_probs_and_grads(pr, b, &tp, w);
         if (pr->selective) {
             memcpy(w->carry, rstart + (b * nqb + qb) * N + j0, ncols * sizeof(float));
             for (size_t c = ncols; c < T; c++) w->carry[c] = 0.0f;
-            selector_grad_tile(w->gsum, w->ls, &tp, pr->protect_bos, w->carry, w->dlsel);
-            for (size_t e = 0; e < T * T; e++) w->g[pr->s * T * T + e] += w->dlsel[e];
+            selector_grad_tile(w->gsum, w->sel, rows, w->carry, w->dlsel);
+            for (size_t e = 0; e < rows * T; e++) w->g[pr->s * T * T + e] += w->dlsel[e];
         }
         for (size_t h = 0; h < H; h++) {                                   /* dq += G k */
             const float *k_bhj = pr->k + ((b * H + h) * N + j0) * D;       /* (ncols, D) */
@@ -260,15 +228,25 @@ int selattn_backward(const float *q, const float *k, const float *v,
     const int team = team_size(nthreads);
     float *fstart = NULL, *rstart = NULL;              /* (B, nqb, N) each */
     float *delta = malloc(B * H * N * sizeof(float));  /* (B, H, N) */
-    if (!delta) return SELATTN_ENOMEM;
-    if (selective) {
+    float *kt = malloc(B * H * nqb * D * T * sizeof(float)); /* (B, H, nqb, D, T) */
+    float *vt = malloc(B * H * nqb * D * T * sizeof(float)); /* (B, H, nqb, D, T) */
+    int rc = (!delta || !kt || !vt) ? SELATTN_ENOMEM : SELATTN_OK;
+    if (rc == SELATTN_OK) {
+        /* Pass 0: transposed key and value tiles */
+        transpose_blocks(k, B, H, N, D, kt, nthreads);
+        transpose_blocks(v, B, H, N, D, vt, nthreads);
+    }
+    if (rc == SELATTN_OK && selective) {
         /* Pass 1-2: the mask entering each query block, as in the forward */
         fstart = malloc(B * nqb * N * sizeof(float));
         rstart = malloc(B * nqb * N * sizeof(float));
-        int rc = (!fstart || !rstart) ? SELATTN_ENOMEM
-                 : selector_block_prefix(q, k, B, H, N, D, selector_head, protect_bos, scale, kern,
-                                         fstart, nthreads);
-        if (rc != SELATTN_OK) { free(fstart); free(rstart); free(delta); return rc; }
+        rc = (!fstart || !rstart) ? SELATTN_ENOMEM
+             : selector_block_prefix(q, kt, B, H, N, D, selector_head, protect_bos, scale, kern,
+                                     fstart, nthreads);
+    }
+    if (rc != SELATTN_OK) {
+        free(fstart); free(rstart); free(delta); free(kt); free(vt);
+        return rc;
     }
 
     /* Pass 3: delta = rowsum(dout * out) */
@@ -279,7 +257,7 @@ int selattn_backward(const float *q, const float *k, const float *v,
         delta[row] = acc;
     }
 
-    const problem pr = {q, k, v, lse, dout, delta, fstart, H, N, D, nqb, selector_head,
+    const problem pr = {q, k, v, lse, dout, delta, fstart, kt, vt, H, N, D, nqb, selector_head,
                         protect_bos, selective, scale, kern};
     int failed = 0;
     #pragma omp parallel num_threads(team)
@@ -302,6 +280,6 @@ int selattn_backward(const float *q, const float *k, const float *v,
             if (!failed) query_block_grads(&pr, task / nqb, nqb - 1 - task % nqb, rstart, &w, dq);
         scratch_free(&w);
     }
-    free(fstart); free(rstart); free(delta);
+    free(fstart); free(rstart); free(delta); free(kt); free(vt);
     return failed ? SELATTN_ENOMEM : SELATTN_OK;
 }

@@ -2,6 +2,7 @@
  * over key tiles, with the accumulated mask F rebuilt tile by tile (selector_mask.h).
  * Reference: forward() in reference/attention.py; the design is in docs/kernel-design.md.
  *
+ * Pass 0 (transpose_blocks): every key tile transposed once, kt (B, H, nqb, D, T).
  * Pass 1-2 (selector_block_prefix): Fstart (B, nqb, N), the mask carried into each query block.
  * Pass 3 (here): for each (b, query block) in parallel, for each key tile left to right:
  *   3a. the selector head's logit tile -> S tile -> F tile (shared by all heads);
@@ -19,35 +20,21 @@
 #define T SELATTN_TILE
 
 /* One online-softmax step for `rows` query rows of one head on one key tile.
- * x (T, T) holds the logits L (minus F); on return it holds p = exp(x - m_new).
- * m, l (rows,) are the running max and sum; alpha (rows,) receives exp(m_old - m_new), the factor
- * by which the old accumulator must be rescaled. Keys j > i (causal) and c >= ncols are masked. */
-static void softmax_tile_step(float *x, const float *f, size_t i0, size_t j0, size_t rows,
-                              size_t ncols, const selattn_kernels *kern,
-                              float *m, float *l, float *alpha)
+ * x (T, T) holds the logits L on entry and p = exp(L - F - m_new) on return; m, l (rows,) are the
+ * running max and sum; alpha (rows,) receives exp(m_old - m_new), the factor by which the old
+ * accumulator must be rescaled. */
+static void softmax_tile_step(float *x, const float *f, const size_t *nvis, size_t rows,
+                              const selattn_kernels *kern, float *m, float *l, float *alpha)
 {
+    float m_new[T], sum[T];
+    kern->masked_logits(x, f, nvis, rows, m_new);              /* L - F, causal   (§ 5) */
     for (size_t r = 0; r < rows; r++) {
-        float *x_r = x + r * T;
-        const size_t i = i0 + r;
-        /* visible keys of row i in this tile: c < ncols and j0 + c <= i */
-        const size_t nvis = i < j0 ? 0 : (i - j0 + 1 < ncols ? i - j0 + 1 : ncols);
-        float m_new = m[r];
-        for (size_t c = 0; c < nvis; c++) {
-            const float logit = f ? x_r[c] - f[r * T + c] : x_r[c];   /* L - F   (§ 5) */
-            x_r[c] = logit;
-            m_new = logit > m_new ? logit : m_new;
-        }
-        for (size_t c = 0; c < nvis; c++) x_r[c] -= m_new;
-        for (size_t c = nvis; c < T; c++) x_r[c] = -INFINITY;
-        alpha[r] = expf(m[r] - m_new);
-        m[r] = m_new;
+        m_new[r] = m[r] > m_new[r] ? m[r] : m_new[r];
+        alpha[r] = expf(m[r] - m_new[r]);
+        m[r] = m_new[r];
     }
-    kern->exp_inplace(x, rows * T);
-    for (size_t r = 0; r < rows; r++) {
-        float sum = 0.0f;
-        for (size_t c = 0; c < T; c++) sum += x[r * T + c];
-        l[r] = l[r] * alpha[r] + sum;
-    }
+    kern->exp_rows(x, m_new, rows, sum);
+    for (size_t r = 0; r < rows; r++) l[r] = l[r] * alpha[r] + sum[r];
 }
 
 int selattn_forward(const float *q, const float *k, const float *v,
@@ -58,13 +45,16 @@ int selattn_forward(const float *q, const float *k, const float *v,
     const selattn_kernels *kern = selattn_select_kernels();
     const size_t nqb = num_blocks(N);
     const size_t s = selector_head;
+    float *kt = malloc(B * H * nqb * D * T * sizeof(float));   /* (B, H, nqb, D, T) */
     float *fstart = NULL;                            /* (B, nqb, N) mask entering each block */
+    if (!kt) return SELATTN_ENOMEM;
+    transpose_blocks(k, B, H, N, D, kt, nthreads);
     if (selective) {
         fstart = malloc(B * nqb * N * sizeof(float));
-        if (!fstart) return SELATTN_ENOMEM;
-        int rc = selector_block_prefix(q, k, B, H, N, D, s, protect_bos, scale, kern, fstart,
-                                       nthreads);
-        if (rc != SELATTN_OK) { free(fstart); return rc; }
+        int rc = !fstart ? SELATTN_ENOMEM
+                 : selector_block_prefix(q, kt, B, H, N, D, s, protect_bos, scale, kern, fstart,
+                                         nthreads);
+        if (rc != SELATTN_OK) { free(fstart); free(kt); return rc; }
     }
 
     const size_t ntasks = B * nqb;
@@ -72,7 +62,6 @@ int selattn_forward(const float *q, const float *k, const float *v,
     #pragma omp parallel num_threads(team_size(nthreads))
     {
         /* per-thread scratch; nothing here grows with N */
-        float *kt = malloc(D * T * sizeof(float));         /* (D, T) transposed key tile */
         float *ls = malloc(T * T * sizeof(float));         /* (T, T) selector-head logits */
         float *sel = malloc(T * T * sizeof(float));        /* (T, T) S tile */
         float *ftile = malloc(T * T * sizeof(float));      /* (T, T) F tile */
@@ -81,7 +70,7 @@ int selattn_forward(const float *q, const float *k, const float *v,
         float *l = malloc(H * T * sizeof(float));          /* (H, T) running row sum */
         float *alpha = malloc(T * sizeof(float));          /* (T,) rescale factors */
         float *acc = malloc(H * T * D * sizeof(float));    /* (H, T, D) unnormalised output */
-        if (!kt || !ls || !sel || !ftile || !x || !m || !l || !alpha || !acc) {
+        if (!ls || !sel || !ftile || !x || !m || !l || !alpha || !acc) {
             #pragma omp atomic write
             failed = 1;
         }
@@ -96,29 +85,27 @@ int selattn_forward(const float *q, const float *k, const float *v,
 
             for (size_t kb = 0; kb <= qb; kb++) {
                 const size_t j0 = kb * T, ncols = N - j0 < T ? N - j0 : T;
+                size_t nvis[T];
+                visible_keys(i0, j0, rows, ncols, nvis);
                 /* 3a. selector logits -> S -> F for this tile, once for all heads (§§ 2-4) */
                 if (selective) {
-                    const float *q_bs = q + ((b * H + s) * N + i0) * D;   /* (rows, D) */
-                    const float *k_bs = k + ((b * H + s) * N + j0) * D;   /* (ncols, D) */
-                    transpose_key_tile(k_bs, ncols, D, kt);
-                    kern->gemm_nt(q_bs, rows, kt, D, scale, ls);
-                    selection_tile(ls, i0, j0, rows, ncols, protect_bos, sel);
+                    const float *q_bsi = q + ((b * H + s) * N + i0) * D;  /* (rows, D) */
+                    kern->gemm_nt(q_bsi, rows, block_tile(kt, b, s, kb, H, nqb, D), D, scale, ls);
+                    selection_tile(kern, ls, i0, j0, rows, ncols, protect_bos, sel);
                     mask_tile(sel, fstart + (b * nqb + qb) * N + j0, rows, ftile);
                 }
                 /* 3b. every head: softmax(L - F) v, online over key tiles (§ 5) */
                 for (size_t h = 0; h < H; h++) {
                     const float *q_bhi = q + ((b * H + h) * N + i0) * D;  /* (rows, D) */
-                    const float *k_bhj = k + ((b * H + h) * N + j0) * D;  /* (ncols, D) */
                     const float *v_bhj = v + ((b * H + h) * N + j0) * D;  /* (ncols, D) */
                     if (selective && h == s) {
                         memcpy(x, ls, T * T * sizeof(float));
                     } else {
-                        transpose_key_tile(k_bhj, ncols, D, kt);
-                        kern->gemm_nt(q_bhi, rows, kt, D, scale, x);
+                        kern->gemm_nt(q_bhi, rows, block_tile(kt, b, h, kb, H, nqb, D), D, scale,
+                                      x);
                     }
                     float *m_h = m + h * T, *l_h = l + h * T, *acc_h = acc + h * T * D;
-                    softmax_tile_step(x, selective ? ftile : NULL, i0, j0, rows, ncols, kern,
-                                      m_h, l_h, alpha);
+                    softmax_tile_step(x, selective ? ftile : NULL, nvis, rows, kern, m_h, l_h, alpha);
                     for (size_t r = 0; r < rows; r++)
                         for (size_t d = 0; d < D; d++) acc_h[r * D + d] *= alpha[r];
                     kern->gemm_acc(x, rows, v_bhj, ncols, D, acc_h);
@@ -136,9 +123,9 @@ int selattn_forward(const float *q, const float *k, const float *v,
                 }
             }
         }
-        free(kt); free(ls); free(sel); free(ftile); free(x); free(m); free(l); free(alpha);
+        free(ls); free(sel); free(ftile); free(x); free(m); free(l); free(alpha);
         free(acc);
     }
-    free(fstart);
+    free(fstart); free(kt);
     return failed ? SELATTN_ENOMEM : SELATTN_OK;
 }

@@ -16,19 +16,20 @@ int selattn_accumulated_mask(const float *q, const float *k,
     const selattn_kernels *kern = selattn_select_kernels();
     const size_t nqb = num_blocks(N);
     float *fstart = malloc(B * nqb * N * sizeof(float));     /* (B, nqb, N) */
-    if (!fstart) return SELATTN_ENOMEM;
-    int rc = selector_block_prefix(q, k, B, H, N, D, selector_head, protect_bos, scale, kern,
+    float *kt = malloc(B * H * nqb * D * T * sizeof(float)); /* (B, H, nqb, D, T) */
+    if (!fstart || !kt) { free(fstart); free(kt); return SELATTN_ENOMEM; }
+    transpose_blocks(k, B, H, N, D, kt, nthreads);
+    int rc = selector_block_prefix(q, kt, B, H, N, D, selector_head, protect_bos, scale, kern,
                                    fstart, nthreads);
-    if (rc != SELATTN_OK) { free(fstart); return rc; }
+    if (rc != SELATTN_OK) { free(fstart); free(kt); return rc; }
 
     int failed = 0;
     #pragma omp parallel num_threads(team_size(nthreads))
     {
-        float *kt = malloc(D * T * sizeof(float));
         float *ls = malloc(T * T * sizeof(float));
         float *sel = malloc(T * T * sizeof(float));
         float *ftile = malloc(T * T * sizeof(float));
-        if (!kt || !ls || !sel || !ftile) {
+        if (!ls || !sel || !ftile) {
             #pragma omp atomic write
             failed = 1;
         }
@@ -43,16 +44,16 @@ int selattn_accumulated_mask(const float *q, const float *k,
                 memset(F + (b * N + i0 + r) * N, 0, N * sizeof(float));
             for (size_t kb = 0; kb <= qb; kb++) {
                 const size_t j0 = kb * T, ncols = N - j0 < T ? N - j0 : T;
-                transpose_key_tile(k + ((b * H + selector_head) * N + j0) * D, ncols, D, kt);
-                kern->gemm_nt(q_bs, rows, kt, D, scale, ls);
-                selection_tile(ls, i0, j0, rows, ncols, protect_bos, sel);
+                kern->gemm_nt(q_bs, rows, block_tile(kt, b, selector_head, kb, H, nqb, D), D, scale,
+                              ls);
+                selection_tile(kern, ls, i0, j0, rows, ncols, protect_bos, sel);
                 mask_tile(sel, fstart + (b * nqb + qb) * N + j0, rows, ftile);
                 for (size_t r = 0; r < rows; r++)
                     memcpy(F + (b * N + i0 + r) * N + j0, ftile + r * T, ncols * sizeof(float));
             }
         }
-        free(kt); free(ls); free(sel); free(ftile);
+        free(ls); free(sel); free(ftile);
     }
-    free(fstart);
+    free(fstart); free(kt);
     return failed ? SELATTN_ENOMEM : SELATTN_OK;
 }

@@ -1,4 +1,4 @@
-/* Building the accumulated mask F block by block (see selector_mask.h).
+/* Tiles, and the accumulated mask F built block by block (see selector_mask.h).
  * Reference: accumulated_mask_from_logits in reference/attention.py (docs §§ 2-4). */
 #include <stdlib.h>
 #include <string.h>
@@ -9,28 +9,33 @@
 
 #define T SELATTN_TILE
 
-void transpose_key_tile(const float *x, size_t ncols, size_t D, float *xt)
+void transpose_blocks(const float *x, size_t B, size_t H, size_t N, size_t D, float *xt,
+                      int nthreads)
 {
-    for (size_t d = 0; d < D; d++) {
-        float *xt_d = xt + d * T;
-        for (size_t c = 0; c < ncols; c++) xt_d[c] = x[c * D + d];
-        for (size_t c = ncols; c < T; c++) xt_d[c] = 0.0f;
+    const size_t nqb = num_blocks(N);
+    #pragma omp parallel for num_threads(team_size(nthreads)) schedule(static)
+    for (size_t task = 0; task < B * H * nqb; task++) {
+        const size_t bh = task / nqb, kb = task % nqb;
+        const size_t j0 = kb * T, ncols = N - j0 < T ? N - j0 : T;
+        const float *x_bhj = x + (bh * N + j0) * D;      /* (ncols, D) */
+        float *xt_bhj = xt + task * D * T;               /* (D, T) */
+        for (size_t d = 0; d < D; d++) {
+            for (size_t c = 0; c < ncols; c++) xt_bhj[d * T + c] = x_bhj[c * D + d];
+            for (size_t c = ncols; c < T; c++) xt_bhj[d * T + c] = 0.0f;
+        }
     }
 }
 
-void selection_tile(const float *ls, size_t i0, size_t j0, size_t rows, size_t ncols,
-                    int protect_bos, float *sel)
+void selection_tile(const selattn_kernels *kern, const float *ls, size_t i0, size_t j0,
+                    size_t rows, size_t ncols, int protect_bos, float *sel)
 {
-    for (size_t r = 0; r < T; r++) {
+    size_t nallow[T];                           /* row r may mask keys j < i = i0 + r */
+    for (size_t r = 0; r < rows; r++) {
         const size_t i = i0 + r;
-        for (size_t c = 0; c < T; c++) {
-            const size_t j = j0 + c;
-            /* S = relu(L[s]) (§ 2); zero on and above the diagonal and for BOS (§ 3) */
-            const int allowed = r < rows && c < ncols && j < i && !(protect_bos && j == 0);
-            const float x = ls[r * T + c];
-            sel[r * T + c] = (allowed && x > 0.0f) ? x : 0.0f;
-        }
+        nallow[r] = i <= j0 ? 0 : (i - j0 < ncols ? i - j0 : ncols);
     }
+    const size_t first = (protect_bos && j0 == 0) ? 1 : 0;   /* BOS is never masked */
+    kern->selection(ls, first, nallow, rows, sel);
 }
 
 void mask_tile(const float *sel, const float *fstart_cols, size_t rows, float *f)
@@ -45,8 +50,8 @@ void mask_tile(const float *sel, const float *fstart_cols, size_t rows, float *f
     }
 }
 
-int selector_block_prefix(const float *q, const float *k, size_t B, size_t H, size_t N, size_t D,
-                          size_t selector_head, int protect_bos, float scale,
+int selector_block_prefix(const float *q, const float *kt, size_t B, size_t H, size_t N,
+                          size_t D, size_t selector_head, int protect_bos, float scale,
                           const selattn_kernels *kern, float *fstart, int nthreads)
 {
     const size_t nqb = num_blocks(N);
@@ -57,10 +62,9 @@ int selector_block_prefix(const float *q, const float *k, size_t B, size_t H, si
      * Every (b, qb) writes only its own row of fstart, so the blocks run in parallel. */
     #pragma omp parallel num_threads(team_size(nthreads))
     {
-        float *kt = malloc(D * T * sizeof(float));   /* (D, T) transposed key tile */
         float *ls = malloc(T * T * sizeof(float));   /* (T, T) selector logits */
         float *sel = malloc(T * T * sizeof(float));  /* (T, T) S */
-        if (!kt || !ls || !sel) {
+        if (!ls || !sel) {
             #pragma omp atomic write
             failed = 1;
         }
@@ -70,20 +74,19 @@ int selector_block_prefix(const float *q, const float *k, size_t B, size_t H, si
             if (failed) continue;
             const size_t b = task / nqb, qb = nqb - 1 - task % nqb;   /* big blocks first */
             const size_t i0 = qb * T, rows = N - i0 < T ? N - i0 : T;
-            const float *q_bs = q + ((b * H + selector_head) * N) * D;  /* (N, D) */
-            const float *k_bs = k + ((b * H + selector_head) * N) * D;  /* (N, D) */
-            float *colsum = fstart + (b * nqb + qb) * N;                /* (N,) */
+            const float *q_bsi = q + ((b * H + selector_head) * N + i0) * D;  /* (rows, D) */
+            float *colsum = fstart + (b * nqb + qb) * N;                      /* (N,) */
             memset(colsum, 0, N * sizeof(float));
             for (size_t kb = 0; kb <= qb; kb++) {
                 const size_t j0 = kb * T, ncols = N - j0 < T ? N - j0 : T;
-                transpose_key_tile(k_bs + j0 * D, ncols, D, kt);
-                kern->gemm_nt(q_bs + i0 * D, rows, kt, D, scale, ls);
-                selection_tile(ls, i0, j0, rows, ncols, protect_bos, sel);
+                kern->gemm_nt(q_bsi, rows, block_tile(kt, b, selector_head, kb, H, nqb, D), D,
+                              scale, ls);
+                selection_tile(kern, ls, i0, j0, rows, ncols, protect_bos, sel);
                 for (size_t r = 0; r < rows; r++)
                     for (size_t c = 0; c < ncols; c++) colsum[j0 + c] += sel[r * T + c];
             }
         }
-        free(kt); free(ls); free(sel);
+        free(ls); free(sel);
     }
     if (failed) return SELATTN_ENOMEM;
 

@@ -1,10 +1,11 @@
-/* The accumulated mask F, built tile by tile without ever holding an N x N matrix.
+/* Tiles, and the accumulated mask F built tile by tile without ever holding an N x N matrix.
  *
- * F[i, j] = sum_{m < i} S[m, j] is a cumulative sum down the query axis. Split the queries into
- * blocks of SELATTN_TILE rows: then F[i, j] = Fstart[qb, j] + (sum of S[m, j] over the rows m of
- * block qb above i), where Fstart[qb, j] is the sum of S over all earlier blocks. Fstart is
- * (B, nqb, N): N x N / 64 per batch element, shared by all heads. The in-block part is recomputed
- * next to every use from the selector head's logit tile.
+ * Queries and keys are cut into blocks of T = SELATTN_TILE rows. F[i, j] = sum_{m < i} S[m, j] is a
+ * cumulative sum down the query axis, so for i in query block qb:
+ *   F[i, j] = Fstart[qb, j] + (sum of S[m, j] over the rows m of block qb above i),
+ * where Fstart[qb, j] sums S over all earlier blocks. Fstart is (B, nqb, N): N x N / 64 values per
+ * batch element, shared by all heads. The in-block part is rebuilt next to every use from the
+ * selector head's logit tile (mask_tile).
  */
 #ifndef SELATTN_SELECTOR_MASK_H
 #define SELATTN_SELECTOR_MASK_H
@@ -13,24 +14,43 @@
 
 #include "tile_kernels.h"
 
-/* Pass 1 + 2 of the forward: fstart (B, nqb, N) = exclusive prefix over query blocks of the
- * column sums of S. Returns SELATTN_OK or SELATTN_ENOMEM. */
-int selector_block_prefix(const float *q, const float *k, size_t B, size_t H, size_t N, size_t D,
-                          size_t selector_head, int protect_bos, float scale,
-                          const selattn_kernels *kern, float *fstart, int nthreads);
+/* Number of blocks: ceil(N / TILE). */
+static inline size_t num_blocks(size_t N) { return (N + SELATTN_TILE - 1) / SELATTN_TILE; }
 
-/* xt (D, TILE) = x (ncols, D) transposed, zero-padded in columns ncols..TILE-1. */
-void transpose_key_tile(const float *x, size_t ncols, size_t D, float *xt);
+/* xt (B, H, nqb, D, TILE) = every key block of x (B, H, N, D) transposed, zero-padded past N.
+ * The tile kernels read keys (and, in the backward, values) in this layout. */
+void transpose_blocks(const float *x, size_t B, size_t H, size_t N, size_t D, float *xt,
+                      int nthreads);
 
-/* sel (TILE, TILE) = S for the tile at query i0, key j0 from the selector logits ls:
- * relu(ls) where j < i and (j != 0 or !protect_bos), else 0 (also outside rows/ncols). */
-void selection_tile(const float *ls, size_t i0, size_t j0, size_t rows, size_t ncols,
-                    int protect_bos, float *sel);
+/* The transposed tile of block kb of head (b, h) inside transpose_blocks' output: (D, TILE). */
+static inline const float *block_tile(const float *xt, size_t b, size_t h, size_t kb, size_t H,
+                                      size_t nqb, size_t D)
+{
+    return xt + ((b * H + h) * nqb + kb) * D * SELATTN_TILE;
+}
 
-/* f (TILE, TILE): f[r, c] = fstart_cols[c] + sum_{r' < r} sel[r', c]. */
+/* nvis (TILE,): how many keys of the tile at (i0, j0) each query row sees (causal: j <= i, and
+ * only the ncols keys that exist); 0 for rows past `rows`. */
+static inline void visible_keys(size_t i0, size_t j0, size_t rows, size_t ncols, size_t *nvis)
+{
+    for (size_t r = 0; r < SELATTN_TILE; r++) {
+        const size_t i = i0 + r;
+        nvis[r] = (r >= rows || i < j0) ? 0 : (i - j0 + 1 < ncols ? i - j0 + 1 : ncols);
+    }
+}
+
+/* sel (rows, TILE) = S for the tile at (i0, j0) from the selector logits ls: relu(ls) where
+ * j < i and (j != 0 or !protect_bos), else 0.  (§§ 2-3) */
+void selection_tile(const selattn_kernels *kern, const float *ls, size_t i0, size_t j0,
+                    size_t rows, size_t ncols, int protect_bos, float *sel);
+
+/* f (rows, TILE): f[r, c] = fstart_cols[c] + sum_{r' < r} sel[r', c].  (§ 4) */
 void mask_tile(const float *sel, const float *fstart_cols, size_t rows, float *f);
 
-/* Number of query blocks: ceil(N / TILE). */
-static inline size_t num_blocks(size_t N) { return (N + SELATTN_TILE - 1) / SELATTN_TILE; }
+/* Fstart (B, nqb, N): the exclusive prefix over query blocks of the column sums of S.
+ * kt is transpose_blocks(k). Returns SELATTN_OK or SELATTN_ENOMEM. */
+int selector_block_prefix(const float *q, const float *kt, size_t B, size_t H, size_t N,
+                          size_t D, size_t selector_head, int protect_bos, float scale,
+                          const selattn_kernels *kern, float *fstart, int nthreads);
 
 #endif /* SELATTN_SELECTOR_MASK_H */

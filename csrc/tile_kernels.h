@@ -1,4 +1,4 @@
-/* The three hot inner loops of selective attention, on tiles of SELATTN_TILE keys.
+/* The hot inner loops of selective attention, on tiles of SELATTN_TILE keys.
  *
  * Each is compiled three times (tile_kernels_{generic,avx2,avx512}.c include tile_kernels_body.h
  * with a different instruction set) and picked at run time from what the CPU supports, so a plain
@@ -22,8 +22,20 @@ typedef struct {
      * This is out += P v (and dq += G k, dv += P^T dout, dk += G^T q in the backward). */
     void (*gemm_acc)(const float *p, size_t rows, const float *y, size_t ncols, size_t D,
                      float *acc);
-    /* x[i] = exp(x[i]) for n values; exp(-inf) = 0. Results below ~1e-38 are flushed to 0. */
-    void (*exp_inplace)(float *x, size_t n);
+    /* x (rows, TILE) <- x - f on the first nvis[r] keys of row r and -inf on the rest (the
+     * causal mask and the tile's edge); f may be NULL (F = 0). rowmax (rows,) gets each row's max. */
+    void (*masked_logits)(float *x, const float *f, const size_t *nvis, size_t rows,
+                          float *rowmax);
+    /* x (rows, TILE) <- exp(x - shift[r]) (exp(-inf) = 0; results below ~1e-38 become 0);
+     * rowsum (rows,) gets each row's sum when not NULL. */
+    void (*exp_rows)(float *x, const float *shift, size_t rows, float *rowsum);
+    /* sel (rows, TILE) = relu(ls) on the keys first <= c < nallow[r] of row r, 0 elsewhere:
+     * the selection S under its constraints (only earlier tokens, not BOS when protected). */
+    void (*selection)(const float *ls, size_t first, const size_t *nallow, size_t rows,
+                      float *sel);
+    /* g (rows, TILE) = p * (dp - delta[r]), the softmax backward; gsum += g when not NULL. */
+    void (*softmax_grad)(const float *p, const float *dp, const float *delta, size_t rows,
+                         float *g, float *gsum);
 } selattn_kernels;
 
 /* The kernel set for this CPU (a pointer to a constant table; no state is kept).

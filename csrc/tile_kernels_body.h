@@ -107,7 +107,7 @@ static void K(gemm_acc)(const float *restrict p, size_t rows, const float *restr
 }
 
 /* ---------------------------------------------------------------------------------------------
- * exp_inplace: Cody-Waite range reduction x = n ln2 + r, a degree-6 polynomial for e^r on
+ * exp16: Cody-Waite range reduction x = n ln2 + r, a degree-6 polynomial for e^r on
  * |r| <= ln2/2 (about 1 ulp), and 2^n built in the exponent bits. Plain arithmetic, so it
  * vectorises without -ffast-math and gives the same bits on every call. */
 static inline __attribute__((always_inline)) vf K(select)(vi mask, vf a, vf b) /* mask ? a : b, lane by lane */
@@ -136,15 +136,84 @@ static inline __attribute__((always_inline)) vf K(exp16)(vf x)
     return (vf)((vi)(e * two_n) & ~underflow);
 }
 
-static void K(exp_inplace)(float *restrict x, size_t n)
+/* ---------------------------------------------------------------------------------------------
+ * masked_logits: x (rows, 64) <- x - f on the first nvis[r] keys of row r, -inf on the others
+ * (f may be NULL: F = 0); rowmax[r] = max of the row. Max is exact, so lane order is irrelevant. */
+static void K(masked_logits)(float *restrict x, const float *restrict f,
+                             const size_t *restrict nvis, size_t rows, float *restrict rowmax)
 {
-    size_t i = 0;
-    for (; i + 16 <= n; i += 16) K(store)(x + i, K(exp16)(K(load)(x + i)));
-    if (i < n) { /* tail: pad with -inf, which maps to 0 */
-        float tmp[16];
-        for (size_t u = 0; u < 16; u++) tmp[u] = i + u < n ? x[i + u] : -INFINITY;
-        K(store)(tmp, K(exp16)(K(load)(tmp)));
-        for (size_t u = 0; i + u < n; u++) x[i + u] = tmp[u];
+    const vf neg_inf = (vf){0} - INFINITY;
+    vi lane;
+    for (int u = 0; u < 16; u++) lane[u] = u;
+    for (size_t r = 0; r < rows; r++) {
+        float *x_r = x + r * SELATTN_TILE;
+        vf mx = neg_inf;
+        for (int u = 0; u < 4; u++) {
+            vf xv = K(load)(x_r + 16 * u);
+            if (f) xv -= K(load)(f + r * SELATTN_TILE + 16 * u);
+            xv = K(select)(lane + 16 * u < (int)nvis[r], xv, neg_inf);
+            K(store)(x_r + 16 * u, xv);
+            mx = K(select)(xv > mx, xv, mx);
+        }
+        float m = mx[0];
+        for (int u = 1; u < 16; u++) m = mx[u] > m ? mx[u] : m;
+        rowmax[r] = m;
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * exp_rows: x (rows, 64) <- exp(x - shift[r]); rowsum[r] = the row's sum (if rowsum != NULL),
+ * summed in 16 lanes and then across them in a fixed order, so every call gives the same bits. */
+static void K(exp_rows)(float *restrict x, const float *restrict shift, size_t rows,
+                        float *restrict rowsum)
+{
+    for (size_t r = 0; r < rows; r++) {
+        float *x_r = x + r * SELATTN_TILE;
+        vf acc = {0};
+        for (int u = 0; u < 4; u++) {
+            vf e = K(exp16)(K(load)(x_r + 16 * u) - shift[r]);
+            K(store)(x_r + 16 * u, e);
+            acc += e;
+        }
+        if (rowsum) {
+            float sum = 0.0f;
+            for (int u = 0; u < 16; u++) sum += acc[u];
+            rowsum[r] = sum;
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * selection: sel (rows, 64) = relu(ls) on keys first <= c < nallow[r] of row r, 0 elsewhere. */
+static void K(selection)(const float *restrict ls, size_t first, const size_t *restrict nallow,
+                         size_t rows, float *restrict sel)
+{
+    vi lane;
+    for (int u = 0; u < 16; u++) lane[u] = u;
+    const vf zero = {0};
+    for (size_t r = 0; r < rows; r++) {
+        for (int u = 0; u < 4; u++) {
+            vi c = lane + 16 * u;
+            vf x = K(load)(ls + r * SELATTN_TILE + 16 * u);
+            vi keep = (c >= (int)first) & (c < (int)nallow[r]) & (x > zero);
+            K(store)(sel + r * SELATTN_TILE + 16 * u, K(select)(keep, x, zero));
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * softmax_grad: g (rows, 64) = p * (dp - delta[r]); gsum (rows, 64) += g when gsum != NULL. */
+static void K(softmax_grad)(const float *restrict p, const float *restrict dp,
+                            const float *restrict delta, size_t rows, float *restrict g,
+                            float *restrict gsum)
+{
+    for (size_t r = 0; r < rows; r++) {
+        for (int u = 0; u < 4; u++) {
+            const size_t e = r * SELATTN_TILE + 16 * u;
+            vf gv = K(load)(p + e) * (K(load)(dp + e) - delta[r]);
+            K(store)(g + e, gv);
+            if (gsum) K(store)(gsum + e, K(load)(gsum + e) + gv);
+        }
     }
 }
 
@@ -152,5 +221,8 @@ const selattn_kernels CAT(selattn_kernels, KERNEL_ISA) = {
     .name = KERNEL_NAME,
     .gemm_nt = K(gemm_nt),
     .gemm_acc = K(gemm_acc),
-    .exp_inplace = K(exp_inplace),
+    .masked_logits = K(masked_logits),
+    .exp_rows = K(exp_rows),
+    .selection = K(selection),
+    .softmax_grad = K(softmax_grad),
 };
