@@ -26,7 +26,7 @@ typedef struct {
      * causal mask and the tile's edge); f may be NULL (F = 0). rowmax (rows,) gets each row's max. */
     void (*masked_logits)(float *x, const float *f, const size_t *nvis, size_t rows,
                           float *rowmax);
-    /* x (rows, TILE) <- exp(x - shift[r]) (exp(-inf) = 0; results below ~1e-38 become 0);
+    /* x (rows, TILE) <- exp(x - shift[r]) for x - shift <= 88 (exp(-inf) = 0; results below ~1e-38 become 0);
      * rowsum (rows,) gets each row's sum when not NULL. */
     void (*exp_rows)(float *x, const float *shift, size_t rows, float *rowsum);
     /* sel (rows, TILE) = relu(ls) on the keys first <= c < nallow[r] of row r, 0 elsewhere:

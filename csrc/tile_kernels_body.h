@@ -18,6 +18,10 @@
 
 typedef float vf __attribute__((vector_size(64)));
 typedef int vi __attribute__((vector_size(64)));
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf4 __attribute__((vector_size(16)));
+typedef int vi8 __attribute__((vector_size(32)));
+typedef int vi4 __attribute__((vector_size(16)));
 
 static inline __attribute__((always_inline)) vf K(load)(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 static inline __attribute__((always_inline)) void K(store)(float *p, vf v) { memcpy(p, &v, sizeof v); }
@@ -110,6 +114,29 @@ static void K(gemm_acc)(const float *restrict p, size_t rows, const float *restr
  * exp16: Cody-Waite range reduction x = n ln2 + r, a degree-6 polynomial for e^r on
  * |r| <= ln2/2 (about 1 ulp), and 2^n built in the exponent bits. Plain arithmetic, so it
  * vectorises without -ffast-math and gives the same bits on every call. */
+/* Sum and max of the 16 lanes, as a tree (8 + 8, 4 + 4, then 4 scalars): a fixed order, so the
+ * same bits every time, and four steps instead of a 16-long dependency chain. */
+static inline __attribute__((always_inline)) float K(hsum)(vf v)
+{
+    vf8 a, b; memcpy(&a, &v, 32); memcpy(&b, (char *)&v + 32, 32);
+    vf8 s8 = a + b;
+    vf4 c, d; memcpy(&c, &s8, 16); memcpy(&d, (char *)&s8 + 16, 16);
+    vf4 s4 = c + d;
+    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+static inline __attribute__((always_inline)) float K(hmax)(vf v)
+{
+    vf8 a, b; memcpy(&a, &v, 32); memcpy(&b, (char *)&v + 32, 32);
+    vi8 a_gt_b = a > b;
+    vf8 m8 = (vf8)(((vi8)a & a_gt_b) | ((vi8)b & ~a_gt_b));
+    vf4 c, d; memcpy(&c, &m8, 16); memcpy(&d, (char *)&m8 + 16, 16);
+    vi4 c_gt_d = c > d;
+    vf4 m4 = (vf4)(((vi4)c & c_gt_d) | ((vi4)d & ~c_gt_d));
+    float x = m4[0] > m4[1] ? m4[0] : m4[1], y = m4[2] > m4[3] ? m4[2] : m4[3];
+    return x > y ? x : y;
+}
+
 static inline __attribute__((always_inline)) vf K(select)(vi mask, vf a, vf b) /* mask ? a : b, lane by lane */
 {
     return (vf)(((vi)a & mask) | ((vi)b & ~mask));
@@ -117,10 +144,11 @@ static inline __attribute__((always_inline)) vf K(select)(vi mask, vf a, vf b) /
 
 static inline __attribute__((always_inline)) vf K(exp16)(vf x)
 {
-    const vf hi = (vf){0} + 88.0f, lo = (vf){0} - 87.0f, magic = (vf){0} + 12582912.0f;
+    /* Precondition: x <= 88 (callers pass logits minus their row max or log-sum-exp, so x <= 0
+     * up to rounding); no overflow clamp is spent on it. */
+    const vf lo = (vf){0} - 87.0f, magic = (vf){0} + 12582912.0f;
     const vi underflow = x < lo;                     /* e^x < 1.7e-38: flush to 0 (and -inf) */
-    vf xc = K(select)(x > hi, hi, x);
-    xc = K(select)(underflow, lo, xc);
+    vf xc = K(select)(underflow, lo, x);
     vf t = xc * 1.44269504088896341f + magic;        /* magic = 1.5 * 2^23: round to nearest */
     vf n = t - magic;
     vi ni = (vi)t - (vi)magic;
@@ -155,9 +183,7 @@ static void K(masked_logits)(float *restrict x, const float *restrict f,
             K(store)(x_r + 16 * u, xv);
             mx = K(select)(xv > mx, xv, mx);
         }
-        float m = mx[0];
-        for (int u = 1; u < 16; u++) m = mx[u] > m ? mx[u] : m;
-        rowmax[r] = m;
+        rowmax[r] = K(hmax)(mx);
     }
 }
 
@@ -175,11 +201,7 @@ static void K(exp_rows)(float *restrict x, const float *restrict shift, size_t r
             K(store)(x_r + 16 * u, e);
             acc += e;
         }
-        if (rowsum) {
-            float sum = 0.0f;
-            for (int u = 0; u < 16; u++) sum += acc[u];
-            rowsum[r] = sum;
-        }
+        if (rowsum) rowsum[r] = K(hsum)(acc);
     }
 }
 
