@@ -4,13 +4,17 @@ Two import packages: ``selattn_reference`` (the NumPy spec, from ``reference/``)
 ``selattn_c`` (the C extension and its wrappers).
 """
 
+from pathlib import Path
+
 from setuptools import setup
+
+README = Path(__file__).with_name("README.md")
 
 setup(
     name="selattn",
     version="0.1.0",
     description="Selective attention (Leviathan et al. 2024): NumPy reference and fast C kernels",
-    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description=README.read_text(encoding="utf-8") if README.exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=["selattn_reference", "selattn_c"],
@@ -20,5 +24,7 @@ setup(
     install_requires=["numpy>=1.22", "cffi>=1.15"],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6.50"],
+        # Only for `python -m selattn_c.bench` (PyTorch baselines); nothing else imports torch.
+        "bench": ["torch>=2.1"],
     },
 )

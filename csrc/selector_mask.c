@@ -40,12 +40,15 @@ void selection_tile(const selattn_kernels *kern, const float *ls, size_t i0, siz
 
 void mask_tile(const float *sel, const float *fstart_cols, size_t rows, float *f)
 {
-    float running[T];                       /* F of the current row, one value per key */
-    memcpy(running, fstart_cols, sizeof running);
+    /* part[c] = sum of S over the rows of this block above row r, summed from the block's first
+     * row in the same order as pass 1's column sums. So F = fstart + part is non-decreasing down
+     * each column exactly (rounding is monotone), across block boundaries too: the next block
+     * starts at fstart + (part after the last row), the very same sum. */
+    float part[T] = {0};
     for (size_t r = 0; r < rows; r++) {     /* roll by one: row r sees the rows above it (§ 4) */
         for (size_t c = 0; c < T; c++) {
-            f[r * T + c] = running[c];
-            running[c] += sel[r * T + c];
+            f[r * T + c] = fstart_cols[c] + part[c];
+            part[c] += sel[r * T + c];
         }
     }
 }

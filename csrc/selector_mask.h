@@ -44,7 +44,8 @@ static inline void visible_keys(size_t i0, size_t j0, size_t rows, size_t ncols,
 void selection_tile(const selattn_kernels *kern, const float *ls, size_t i0, size_t j0,
                     size_t rows, size_t ncols, int protect_bos, float *sel);
 
-/* f (rows, TILE): f[r, c] = fstart_cols[c] + sum_{r' < r} sel[r', c].  (§ 4) */
+/* f (rows, TILE): f[r, c] = fstart_cols[c] + sum_{r' < r} sel[r', c], exactly non-decreasing
+ * in r and across blocks (see selector_mask.c).  (§ 4) */
 void mask_tile(const float *sel, const float *fstart_cols, size_t rows, float *f);
 
 /* Fstart (B, nqb, N): the exclusive prefix over query blocks of the column sums of S.

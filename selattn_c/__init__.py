@@ -84,7 +84,8 @@ class Context:
 
 def _f32(x: np.ndarray, name: str) -> np.ndarray:
     """C-contiguous float32 copy (or view) of x, checked finite."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    with np.errstate(over="ignore"):      # overflow to inf is reported just below
+        x = np.ascontiguousarray(x, dtype=np.float32)
     if not np.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or infinity (after conversion to float32)")
     return x

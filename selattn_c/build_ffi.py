@@ -99,8 +99,8 @@ _omp_compile, _omp_link = openmp_flags()
 ffibuilder.set_source(
     "selattn_c._selattn_cffi",
     '#include "selattn.h"\n',
-    sources=[str((CSRC / s).relative_to(ROOT)) if Path.cwd() == ROOT else str(CSRC / s)
-             for s in SOURCES],
+    # relative to the working directory: setuptools rejects absolute source paths in some versions
+    sources=[os.path.relpath(CSRC / s) for s in SOURCES],
     include_dirs=[str(CSRC)],
     extra_compile_args=BASE_FLAGS + _omp_compile,
     extra_link_args=_omp_link + ["-lm"],

@@ -1,0 +1,219 @@
+"""The C extension's Python API: input handling, errors, threads, determinism, the GIL."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import selattn_c
+
+from helpers import qkv_cases, random_qkv
+
+
+def forward_backward(q, k, v, dout, **options):
+    out, ctx = selattn_c.forward(q, k, v, **options)
+    return (out, *selattn_c.backward(dout, ctx))
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs: dtypes and strides
+
+
+@given(case=qkv_cases(max_N=80, max_D=24), layout=st.sampled_from(["transposed", "strided",
+                                                                   "fortran", "float64"]))
+def test_any_strides_and_float64_equal_contiguous_float32(case, layout):
+    """Views with any strides, and float64 arrays, give bitwise the same results as the same
+    values passed as contiguous float32 (the wrapper converts; the kernels see identical data)."""
+    q32, k32, v32 = (x.astype(np.float32) for x in (case.q, case.k, case.v))
+    dout32 = np.random.default_rng(case.seed).standard_normal(q32.shape).astype(np.float32)
+    expected = forward_backward(q32, k32, v32, dout32, **case.options())
+
+    def relayout(x):
+        if layout == "float64":
+            return x.astype(np.float64)
+        if layout == "fortran":
+            return np.asfortranarray(x)
+        if layout == "transposed":        # stored as (B, N, H, D), viewed as (B, H, N, D)
+            return np.ascontiguousarray(x.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+        padded = np.zeros(x.shape[:-1] + (2 * x.shape[-1],), dtype=np.float32)
+        padded[..., ::2] = x              # every other element of the last axis
+        return padded[..., ::2]
+
+    got = forward_backward(*(relayout(x) for x in (q32, k32, v32, dout32)), **case.options())
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
+        assert a.dtype == np.float32 and a.flags.c_contiguous, name
+        np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors
+
+
+def small_qkv():
+    return random_qkv(0, (1, 2, 5, 4), dtype=np.float32)
+
+
+@pytest.mark.parametrize("function", ["forward", "accumulated_mask"])
+def test_bad_inputs_raise_clear_errors(function):
+    q, k, v = small_qkv()
+    call = (lambda *a, **kw: selattn_c.forward(*a, **kw)) if function == "forward" else \
+        (lambda q, k, v, **kw: selattn_c.accumulated_mask(q, k, **kw))
+    with pytest.raises(ValueError, match="4 dimensions"):
+        call(q[0], k[0], v[0])
+    with pytest.raises(ValueError, match="shape mismatch"):
+        call(q, k[:, :, :4], v)
+    with pytest.raises(TypeError, match="floating-point"):
+        call(q.astype(np.int32), k.astype(np.int32), v.astype(np.int32))
+    with pytest.raises(ValueError, match="out of range"):
+        call(q, k, v, selector_head=2)
+    with pytest.raises(ValueError, match="out of range"):
+        call(q, k, v, selector_head=-1)
+    with pytest.raises(TypeError, match="selector_head must be an int"):
+        call(q, k, v, selector_head=0.0)
+    with pytest.raises(ValueError, match=">= 1"):
+        call(q[:, :, :0], k[:, :, :0], v[:, :, :0])
+    with pytest.raises(ValueError, match="finite"):
+        call(q, k, v, scale=float("nan"))
+    bad = q.copy()
+    bad[0, 0, 1, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        call(bad, k, v)
+    with pytest.raises(ValueError, match="NaN or infinity"):   # finite in float64, inf in float32
+        call(*(x.astype(np.float64) * 1e300 for x in (q, k, v)))
+
+
+def test_backward_checks_its_arguments():
+    q, k, v = small_qkv()
+    out, ctx = selattn_c.forward(q, k, v)
+    with pytest.raises(ValueError, match="dout must have shape"):
+        selattn_c.backward(out[:, :1], ctx)
+    with pytest.raises(TypeError, match="Context"):
+        selattn_c.backward(out, {"q": q})
+    with pytest.raises(TypeError, match="floating-point"):
+        selattn_c.backward(out.astype(np.int64), ctx)
+
+
+def test_thread_setting_is_validated():
+    with pytest.raises(ValueError, match=">= 1"):
+        selattn_c.set_num_threads(0)
+    with pytest.raises(TypeError):
+        selattn_c.set_num_threads(2.0)
+    assert isinstance(selattn_c.openmp_enabled(), bool)
+    assert selattn_c.kernel_name() in ("avx512", "avx2", "generic")
+    before = selattn_c.get_num_threads()
+    try:
+        selattn_c.set_num_threads(3)
+        assert selattn_c.get_num_threads() == (3 if selattn_c.openmp_enabled() else 1)
+    finally:
+        selattn_c.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------------------------
+# Determinism
+
+
+@given(case=qkv_cases(max_N=200, max_D=40, min_N=60))
+def test_one_and_two_threads_give_identical_bits(case):
+    """Every value has a single owner task with a fixed order of operations, so the thread count
+    cannot change a bit (N >= 60 gives several query blocks to share)."""
+    dout = np.random.default_rng(case.seed).standard_normal(case.q.shape)
+    before = selattn_c.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 2):
+            selattn_c.set_num_threads(threads)
+            results.append(forward_backward(case.q, case.k, case.v, dout, **case.options()))
+    finally:
+        selattn_c.set_num_threads(before)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)
+
+
+DETERMINISM_SCRIPT = r"""
+import hashlib, json, sys
+import numpy as np
+import selattn_c
+selattn_c.set_num_threads(int(sys.argv[1]))
+rng = np.random.default_rng(7)
+digests = {}
+for selective in (True, False):
+    q, k, v, dout = (rng.standard_normal((2, 3, 333, 40)).astype(np.float32) for _ in range(4))
+    out, ctx = selattn_c.forward(q, k, v, selector_head=1, selective=selective)
+    dq, dk, dv = selattn_c.backward(dout, ctx)
+    F = selattn_c.accumulated_mask(q, k, selector_head=1)
+    for name, x in zip(("out", "dq", "dk", "dv", "F"), (out, dq, dk, dv, F)):
+        digests[f"{name}-{selective}"] = hashlib.sha256(x.tobytes()).hexdigest()
+print(json.dumps({"openmp": selattn_c.openmp_enabled(), "digests": digests}))
+"""
+
+
+def run_determinism_script(threads: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    done = subprocess.run([sys.executable, "-c", DETERMINISM_SCRIPT, str(threads)], env=env,
+                          capture_output=True, text=True, timeout=600, check=True)
+    return json.loads(done.stdout)
+
+
+def test_thread_counts_and_runs_agree_bitwise_in_fresh_processes():
+    """1 thread, 2 threads, and 2 threads again, each in its own interpreter."""
+    one, two, again = (run_determinism_script(n) for n in (1, 2, 2))
+    assert one["digests"] == two["digests"] == again["digests"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The GIL
+
+
+def test_gil_is_released_during_c_calls():
+    """While a long backward runs in a worker thread, the main thread keeps executing Python.
+
+    The check is about concurrency, not speed: the main thread records when each of its loop
+    iterations ran, and some must fall strictly inside the C call (which lasts ~0.1 s or more).
+    With the GIL held for the whole call, none could.
+    """
+    q, k, v = random_qkv(3, (1, 4, 1024, 64), dtype=np.float32)
+    out, ctx = selattn_c.forward(q, k, v)
+    window = {}
+    before = selattn_c.get_num_threads()
+    selattn_c.set_num_threads(1)
+
+    def worker():
+        window["start"] = time.perf_counter()
+        selattn_c.backward(out, ctx)
+        window["end"] = time.perf_counter()
+
+    thread = threading.Thread(target=worker)
+    stamps = []
+    try:
+        thread.start()
+        while thread.is_alive():
+            stamps.append(time.perf_counter())
+        thread.join()
+    finally:
+        selattn_c.set_num_threads(before)
+    start, end = window["start"], window["end"]
+    assert end - start > 0.02, "the call was too short to tell"
+    margin = 0.25 * (end - start)
+    inside = [t for t in stamps if start + margin < t < end - margin]
+    assert len(inside) > 100, f"main thread ran {len(inside)} iterations during the C call"
+
+
+def test_float32_outputs_and_context_keep_no_n_by_n_arrays():
+    q, k, v = random_qkv(0, (2, 3, 70, 8), dtype=np.float64)
+    out, ctx = selattn_c.forward(q, k, v)
+    assert out.dtype == np.float32
+    N = q.shape[2]
+    for name, value in vars(ctx).items():
+        if isinstance(value, np.ndarray):
+            assert value.size <= q.size, f"ctx.{name} has {value.size} values"
+    assert ctx.lse.shape == (2, 3, N)

@@ -1,0 +1,103 @@
+"""Every numerical tolerance the tests use, in one place, each with the reason for its value.
+
+A test that needs a tolerance imports it from here; no test hard-codes its own. When a tolerance
+has to be loosened, the reason goes next to it, so the cost of the change is visible in review.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# ----------------------------------------------------------------------------------------------
+# Reference (NumPy, float64)
+
+# The golden vectors come from an independent PyTorch float64 implementation. Both compute the same
+# formulas with different summation orders (BLAS blocking, torch vs numpy cumsum and softmax), so
+# they differ by a few ulps times the condition of the computation; the largest case (N = 40,
+# logits of order 10, F of order 100) agrees to ~1e-15. 1e-10 leaves five orders of margin for
+# other BLAS builds while still catching any real formula error (which shows up at 1e-3 or worse).
+# Used as an absolute and a relative tolerance: |actual - golden| <= 1e-10 * (1 + |golden|).
+GOLDEN_FLOAT64 = 1e-10
+
+# Centred finite differences in float64 with step FD_STEP: the truncation error is O(h^2 f''') ~
+# 1e-10 and the rounding error O(eps |f| / h) ~ 1e-11, so a correct gradient shows relative errors
+# around 1e-9..1e-7; a wrong term in the backward pass shows up as 1e-3 or worse.
+FD_MAX_REL_ERROR = 1e-6
+
+# Step of the centred differences. 1e-5 balances truncation (grows as h^2) against rounding
+# (grows as 1/h) for inputs of order 1; measured errors are lowest around this value.
+FD_STEP = 1e-5
+
+# rel_error is CS231n's max_i |a_i - n_i| / max(floor, |a_i| + |n_i|). A gradient component that is
+# tiny (e.g. of a key with softmax weight 1e-6) carries the same *absolute* rounding noise as
+# the others, ~ eps * (1 + max|L| + max F) * sum|loss terms| / h, which makes its own relative
+# error meaningless. The tests set floor = noise / FD_MAX_REL_ERROR, i.e. a component passes when
+# |a - n| <= max(FD_MAX_REL_ERROR * (|a| + |n|), noise). The estimate is an upper bound on the
+# measured noise (factor 1); the absolute slack it grants (~1e-9 for O(1) inputs) is six orders
+# below what a wrong term in the backward pass produces.
+FD_NOISE_FACTOR = 1.0
+
+# Safety factor on the kink margins of the finite-difference test: an input is skipped when a relu
+# argument, a memory-loss row-sum gap or |F - tau| is within this many times the largest change
+# one finite-difference step can cause. 10 makes straddling a kink impossible, not just unlikely.
+FD_KINK_SAFETY = 10.0
+
+# Two float64 computations of the same quantity that differ only in the order of operations
+# (e.g. the spec vs. a naive causal softmax written in the test, or sum(P) vs 1): N <= 96 terms,
+# so the rounding error is at most ~N * eps * magnitude ~ 2e-14 * magnitude; 1e-12 is ample and
+# still far below any formula error.
+REORDERED_FLOAT64 = 1e-12
+
+# float32 inputs vs the same inputs in float64. Every result is a sum of at most
+# N + D + (terms in L and F) roundings of relative size eps32, and the softmax is 1-Lipschitz in its
+# logits, so |x32 - x64| <= c * eps32 * (N + D + max|L| + max F) * (natural scale of x), where the
+# natural scale is max|v| for out, 1 for F, and the product of the upstream magnitudes for the
+# gradients. Measured c is below 3 on 3000 random cases of every input scale; 8 is the margin.
+FLOAT32_EPS = float(np.finfo(np.float32).eps)
+FLOAT32_ERROR_FACTOR = 8.0
+
+# ----------------------------------------------------------------------------------------------
+# Documentation
+
+# docs/selective-attention.md prints attention weights with 3 decimals (and the explain command
+# prints the same text), so a printed weight is within half a unit in the last place of the
+# computed one: 5e-4, plus a hair for the binary/decimal conversion.
+DOC_WEIGHT_DECIMALS = 3
+DOC_PRINTED_ATOL = 0.5 * 10.0 ** -DOC_WEIGHT_DECIMALS + 1e-12
+
+# ----------------------------------------------------------------------------------------------
+# C kernels (float32) vs the reference (float64)
+
+# The C kernels compute in float32. A logit carries a rounding error of a few eps32 times the
+# magnitudes it is made of (max|L|, max F), each softmax row and matrix product adds about N + D
+# more, and the softmax turns a logit error d into a weight error of at most d. So every C result
+# is compared with the float64 reference (run on the same float32-rounded inputs) within
+#     C_FLOAT32_FACTOR * eps32 * (max|L| + max F + N + D) * magnitude,
+# where magnitude is the larger of the reference array's largest entry and the natural size of the
+# quantity built from the inputs (max|v| for out; 1 for F; max|dout| for dv; scale * max|k| *
+# max|dout| * max|v| for dq, likewise with q for dk), so that an array that is zero in exact
+# arithmetic (e.g. dq at N = 1) is not held to a tolerance of zero. Measured over 600 random cases
+# of every option and input scale (0.1 .. 30, i.e. logits up to ~1e3 and F up to ~1e5), the worst
+# error is 0.28 of this bound with factor 1; 4 leaves a margin of 14. A wrong term in a kernel
+# produces errors of the order of the magnitude itself, i.e. 1/(eps32 * cond) times the bound.
+C_FLOAT32_FACTOR = 4.0
+
+
+def c_float32_atol(magnitude: float, *, logit_max: float, mask_max: float, N: int, D: int) -> float:
+    """Absolute tolerance of a float32 C result against the float64 reference (see above)."""
+    return C_FLOAT32_FACTOR * FLOAT32_EPS * (logit_max + mask_max + N + D) * magnitude
+
+
+# The relu of the selector's logits has a kink at 0, where the gradient through F switches on or
+# off. A logit whose float32 and float64 values have different signs gets a different gate, and the
+# gradients then differ by a whole term: the forward agrees, the gradient legitimately does not.
+# A float32 dot product of length D is off by at most about D * eps32 * scale * sum_d |q_d k_d|
+# (Higham's gamma_D bound), so gradient comparisons skip inputs with a selector logit within
+# SELECTOR_KINK_FACTOR times that of zero; 4 is the margin on a worst-case bound (typical errors
+# are sqrt(D) times smaller). The golden files' closest logit is 16 times this bound away.
+SELECTOR_KINK_FACTOR = 4.0
+
+
+def selector_kink_margin(D: int) -> float:
+    """Relative distance from 0 below which a selector logit's float32 sign is not trusted."""
+    return SELECTOR_KINK_FACTOR * D * FLOAT32_EPS
