@@ -18,10 +18,6 @@
 
 typedef float vf __attribute__((vector_size(64)));
 typedef int vi __attribute__((vector_size(64)));
-typedef float vf8 __attribute__((vector_size(32)));
-typedef float vf4 __attribute__((vector_size(16)));
-typedef int vi8 __attribute__((vector_size(32)));
-typedef int vi4 __attribute__((vector_size(16)));
 
 static inline __attribute__((always_inline)) vf K(load)(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 static inline __attribute__((always_inline)) void K(store)(float *p, vf v) { memcpy(p, &v, sizeof v); }
@@ -110,38 +106,40 @@ static void K(gemm_acc)(const float *restrict p, size_t rows, const float *restr
     }
 }
 
-/* ---------------------------------------------------------------------------------------------
- * exp16: Cody-Waite range reduction x = n ln2 + r, a degree-6 polynomial for e^r on
- * |r| <= ln2/2 (about 1 ulp), and 2^n built in the exponent bits. Plain arithmetic, so it
- * vectorises without -ffast-math and gives the same bits on every call. */
-/* Sum and max of the 16 lanes, as a tree (8 + 8, 4 + 4, then 4 scalars): a fixed order, so the
- * same bits every time, and four steps instead of a 16-long dependency chain. */
-static inline __attribute__((always_inline)) float K(hsum)(vf v)
-{
-    vf8 a, b; memcpy(&a, &v, 32); memcpy(&b, (char *)&v + 32, 32);
-    vf8 s8 = a + b;
-    vf4 c, d; memcpy(&c, &s8, 16); memcpy(&d, (char *)&s8 + 16, 16);
-    vf4 s4 = c + d;
-    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
-}
-
-static inline __attribute__((always_inline)) float K(hmax)(vf v)
-{
-    vf8 a, b; memcpy(&a, &v, 32); memcpy(&b, (char *)&v + 32, 32);
-    vi8 a_gt_b = a > b;
-    vf8 m8 = (vf8)(((vi8)a & a_gt_b) | ((vi8)b & ~a_gt_b));
-    vf4 c, d; memcpy(&c, &m8, 16); memcpy(&d, (char *)&m8 + 16, 16);
-    vi4 c_gt_d = c > d;
-    vf4 m4 = (vf4)(((vi4)c & c_gt_d) | ((vi4)d & ~c_gt_d));
-    float x = m4[0] > m4[1] ? m4[0] : m4[1], y = m4[2] > m4[3] ? m4[2] : m4[3];
-    return x > y ? x : y;
-}
-
-static inline __attribute__((always_inline)) vf K(select)(vi mask, vf a, vf b) /* mask ? a : b, lane by lane */
+static inline __attribute__((always_inline)) vf K(select)(vi mask, vf a, vf b) /* mask ? a : b */
 {
     return (vf)(((vi)a & mask) | ((vi)b & ~mask));
 }
 
+/* Sum and max of the 16 lanes, as a tree of lane shuffles (8 + 8, 4 + 4, 2 + 2, 1 + 1): a fixed
+ * order, so the same bits every time, in registers, four steps instead of a 16-long chain. */
+#define SWAP8 (vi){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7}
+#define SWAP4 (vi){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11}
+#define SWAP2 (vi){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13}
+#define SWAP1 (vi){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14}
+
+static inline __attribute__((always_inline)) float K(hsum)(vf v)
+{
+    v += __builtin_shuffle(v, SWAP8);
+    v += __builtin_shuffle(v, SWAP4);
+    v += __builtin_shuffle(v, SWAP2);
+    v += __builtin_shuffle(v, SWAP1);
+    return v[0];
+}
+
+static inline __attribute__((always_inline)) float K(hmax)(vf v)
+{
+    vf w = __builtin_shuffle(v, SWAP8); v = K(select)(v > w, v, w);
+    w = __builtin_shuffle(v, SWAP4);    v = K(select)(v > w, v, w);
+    w = __builtin_shuffle(v, SWAP2);    v = K(select)(v > w, v, w);
+    w = __builtin_shuffle(v, SWAP1);    v = K(select)(v > w, v, w);
+    return v[0];
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * exp16: Cody-Waite range reduction x = n ln2 + r, a degree-6 polynomial for e^r on
+ * |r| <= ln2/2 (about 1 ulp), and 2^n built in the exponent bits. Plain arithmetic, so it
+ * vectorises without -ffast-math and gives the same bits on every call. */
 static inline __attribute__((always_inline)) vf K(exp16)(vf x)
 {
     /* Precondition: x <= 88 (callers pass logits minus their row max or log-sum-exp, so x <= 0
@@ -195,13 +193,12 @@ static void K(exp_rows)(float *restrict x, const float *restrict shift, size_t r
 {
     for (size_t r = 0; r < rows; r++) {
         float *x_r = x + r * SELATTN_TILE;
-        vf acc = {0};
+        vf e[4];
         for (int u = 0; u < 4; u++) {
-            vf e = K(exp16)(K(load)(x_r + 16 * u) - shift[r]);
-            K(store)(x_r + 16 * u, e);
-            acc += e;
+            e[u] = K(exp16)(K(load)(x_r + 16 * u) - shift[r]);
+            K(store)(x_r + 16 * u, e[u]);
         }
-        if (rowsum) rowsum[r] = K(hsum)(acc);
+        if (rowsum) rowsum[r] = K(hsum)((e[0] + e[1]) + (e[2] + e[3]));
     }
 }
 
