@@ -45,6 +45,9 @@ def check_qkv(q, k, v=None):
             raise TypeError(f"dtype mismatch: q is {arrays[0].dtype} but {name} is {a.dtype}")
     if min(shape) < 1:
         raise ValueError(f"every dimension of (B, H, N, D) must be >= 1, got {shape}")
+    for name, a in zip(names, arrays):
+        if not np.isfinite(a).all():
+            raise ValueError(f"{name} contains NaN or infinity")
     return (*arrays, shape)
 
 
@@ -102,7 +105,7 @@ def check_mask(F, name: str = "F") -> np.ndarray:
     return F
 
 
-def check_like(x, name: str, shape, dtype=None) -> np.ndarray:
+def check_like(x, name: str, shape) -> np.ndarray:
     """Check that an upstream gradient has the expected shape."""
     x = as_float_array(x, name)
     if x.shape != tuple(shape):

@@ -1,0 +1,175 @@
+"""Shared test helpers: Hypothesis strategies for attention inputs, golden-vector loading, and
+finite-difference gradient checking.
+
+The reference tests and the C-kernel tests both import from here, so both are driven by the same
+input distribution and read the golden files the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, NamedTuple, Optional
+
+import numpy as np
+from hypothesis import strategies as st
+
+GOLDEN_DIR = Path(__file__).parent / "data" / "golden"
+
+# Multipliers on standard-normal q, k, v. At 0.1 every logit is ~0 (soft, nearly uniform
+# attention); at 1 logits are O(1); at 10 and 30 logits reach 1e2..1e3, so relu(selector logit)
+# and F are huge and the masks are hard (softmax weights exactly 0 or 1 in float64).
+INPUT_SCALES = (0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Random inputs
+
+
+def random_qkv(seed: int, shape, input_scale: float = 1.0, dtype=np.float64):
+    """Standard-normal q, k, v times ``input_scale``.
+
+    Parameters
+    ----------
+    seed : int, seed of ``np.random.default_rng``
+    shape : (B, H, N, D)
+    input_scale : float, multiplier on all three arrays
+    dtype : NumPy float dtype of the result (the draw is always float64, then cast)
+
+    Returns
+    -------
+    q, k, v : (B, H, N, D) arrays of ``dtype``
+    """
+    rng = np.random.default_rng(seed)
+    return tuple((input_scale * rng.standard_normal(shape)).astype(dtype) for _ in range(3))
+
+
+@dataclass(frozen=True)
+class QKVCase:
+    """One drawn input: arrays plus the layer options. ``repr`` is short so that Hypothesis'
+    falsifying-example report stays readable (the arrays are reproducible from ``seed``)."""
+
+    q: np.ndarray  # (B, H, N, D)
+    k: np.ndarray  # (B, H, N, D)
+    v: np.ndarray  # (B, H, N, D)
+    selector_head: int
+    protect_bos: bool
+    selective: bool
+    input_scale: float
+    seed: int
+
+    @property
+    def shape(self):
+        """(B, H, N, D)"""
+        return self.q.shape
+
+    def options(self) -> Dict[str, object]:
+        """Keyword arguments for ``forward``: selector_head, protect_bos, selective."""
+        return dict(selector_head=self.selector_head, protect_bos=self.protect_bos,
+                    selective=self.selective)
+
+    def __repr__(self) -> str:
+        return (f"QKVCase(shape={self.shape}, dtype={self.q.dtype}, "
+                f"selector_head={self.selector_head}, protect_bos={self.protect_bos}, "
+                f"selective={self.selective}, input_scale={self.input_scale}, seed={self.seed})")
+
+    def _repr_pretty_(self, printer, cycle) -> None:
+        # Hypothesis prints dataclasses field by field (arrays in full) unless told otherwise.
+        printer.text(repr(self))
+
+
+def sizes(smallest: int, largest: int) -> st.SearchStrategy[int]:
+    """Integers in [smallest, largest] that hit both ends often: N = 1 and D = 1 are the edge
+    cases that break kernels (empty strictly-lower triangle, length-1 dot products)."""
+    return st.one_of(st.sampled_from(sorted({smallest, largest})),
+                     st.integers(smallest, largest))
+
+
+@st.composite
+def qkv_cases(draw, max_B: int = 3, max_H: int = 4, max_N: int = 96, max_D: int = 48,
+              dtype=np.float64, input_scales=INPUT_SCALES, min_H: int = 1, min_N: int = 1,
+              selective: Optional[bool] = None, protect_bos: Optional[bool] = None) -> QKVCase:
+    """Strategy for ``QKVCase``: shapes from (1, min_H, min_N, 1) to (max_B, max_H, max_N, max_D),
+    any selector head, BOS protection on/off, selective on/off (unless fixed by the arguments),
+    and an input scale from ``input_scales`` (large ones give large logits, i.e. hard masks)."""
+    B, H = draw(sizes(1, max_B)), draw(sizes(min_H, max_H))
+    N, D = draw(sizes(min_N, max_N)), draw(sizes(1, max_D))
+    input_scale = draw(st.sampled_from(input_scales))
+    seed = draw(st.integers(0, 2**32 - 1))
+    q, k, v = random_qkv(seed, (B, H, N, D), input_scale, dtype)
+    return QKVCase(
+        q=q, k=k, v=v,
+        selector_head=draw(st.integers(0, H - 1)),
+        protect_bos=draw(st.booleans()) if protect_bos is None else protect_bos,
+        selective=draw(st.booleans()) if selective is None else selective,
+        input_scale=input_scale,
+        seed=seed,
+    )
+
+
+def budgets(N: int, protect_bos: bool) -> st.SearchStrategy[int]:
+    """A KV budget from the smallest legal one (2 with BOS protection, 1 without) to N + 2."""
+    smallest = 2 if protect_bos else 1
+    return st.integers(smallest, max(smallest, N + 2))
+
+
+# ----------------------------------------------------------------------------------------------
+# Golden vectors
+
+
+class GoldenCase(NamedTuple):
+    """One golden file: ``name`` (file stem), ``meta`` (dict: B, H, N, D, selector_head,
+    protect_bos, scale, tau, budgets) and ``arrays`` (every other array in the file, by name)."""
+
+    name: str
+    meta: dict
+    arrays: Dict[str, np.ndarray]
+
+
+def load_golden(directory: Path = GOLDEN_DIR) -> List[GoldenCase]:
+    """All golden files in ``directory``, sorted by name (see tests/data/golden/README.md)."""
+    cases = []
+    for path in sorted(directory.glob("*.npz")):
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            arrays = {name: z[name] for name in z.files if name != "meta"}
+        cases.append(GoldenCase(path.stem, meta, arrays))
+    if not cases:
+        raise FileNotFoundError(f"no golden .npz files in {directory}")
+    return cases
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradient checking
+
+
+def rel_error(analytic: np.ndarray, numeric: np.ndarray, floor: float = 1e-8) -> float:
+    """CS231n relative error ``max_i |a_i - n_i| / max(floor, |a_i| + |n_i|)``.
+
+    The floor keeps components that are (numerically) zero from dividing by zero; the
+    finite-difference tests set it from the rounding noise of the difference quotient.
+    """
+    size = np.abs(analytic) + np.abs(numeric)
+    floor = max(float(floor), np.finfo(np.float64).tiny)
+    return float((np.abs(analytic - numeric) / np.maximum(floor, size)).max(initial=0.0))
+
+
+def numerical_gradient(f: Callable[[], np.ndarray], x: np.ndarray, h: float) -> np.ndarray:
+    """Centred differences ``(f(x + h e_i) - f(x - h e_i)) / 2h``, summed, for every entry of x.
+
+    ``f`` takes no arguments and reads ``x`` (which is perturbed in place and restored). It returns
+    the *terms* of the scalar loss, not their sum: subtracting term by term before summing cancels
+    the terms an entry does not affect exactly, which keeps the rounding error of the difference
+    proportional to the affected terms only.
+    """
+    grad = np.zeros_like(x)
+    for index in np.ndindex(x.shape):
+        old = x[index]
+        x[index] = old + h
+        plus = f()
+        x[index] = old - h
+        minus = f()
+        x[index] = old
+        grad[index] = np.sum(plus - minus) / (2.0 * h)
+    return grad
