@@ -174,9 +174,11 @@ static void key_block_grads(const problem *pr, size_t b, size_t kb, float *rstar
             const float *q_bhi = pr->q + ((b * H + h) * N + i0) * D;       /* (rows, D) */
             const float *dout_bhi = pr->dout + ((b * H + h) * N + i0) * D; /* (rows, D) */
             transpose_tile(w->p + h * T * T, w->tr);                       /* dv += P^T dout */
-            pr->kern->gemm_acc(w->tr, ncols, dout_bhi, rows, D, w->acc_b + h * T * D);
+            pr->kern->gemm_acc(w->tr, ncols, dout_bhi, rows, D, NULL,
+                               w->acc_b + h * T * D);
             transpose_tile(w->g + h * T * T, w->tr);                       /* dk += G^T q */
-            pr->kern->gemm_acc(w->tr, ncols, q_bhi, rows, D, w->acc_a + h * T * D);
+            pr->kern->gemm_acc(w->tr, ncols, q_bhi, rows, D, NULL,
+                               w->acc_a + h * T * D);
         }
     }
     for (size_t h = 0; h < H; h++) {
@@ -208,7 +210,8 @@ static void query_block_grads(const problem *pr, size_t b, size_t qb, const floa
         }
         for (size_t h = 0; h < H; h++) {                                   /* dq += G k */
             const float *k_bhj = pr->k + ((b * H + h) * N + j0) * D;       /* (ncols, D) */
-            pr->kern->gemm_acc(w->g + h * T * T, rows, k_bhj, ncols, D, w->acc_a + h * T * D);
+            pr->kern->gemm_acc(w->g + h * T * T, rows, k_bhj, ncols, D, NULL,
+                               w->acc_a + h * T * D);
         }
     }
     for (size_t h = 0; h < H; h++) {

@@ -106,9 +106,7 @@ int selattn_forward(const float *q, const float *k, const float *v,
                     }
                     float *m_h = m + h * T, *l_h = l + h * T, *acc_h = acc + h * T * D;
                     softmax_tile_step(x, selective ? ftile : NULL, nvis, rows, kern, m_h, l_h, alpha);
-                    for (size_t r = 0; r < rows; r++)
-                        for (size_t d = 0; d < D; d++) acc_h[r * D + d] *= alpha[r];
-                    kern->gemm_acc(x, rows, v_bhj, ncols, D, acc_h);
+                    kern->gemm_acc(x, rows, v_bhj, ncols, D, alpha, acc_h);   /* alpha acc + P v */
                 }
             }
             /* normalise and keep the log-sum-exp for the backward */

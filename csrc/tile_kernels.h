@@ -18,10 +18,11 @@ typedef struct {
      * key tile. This is L = scale * q k^T for one tile (and dP = dout v^T in the backward). */
     void (*gemm_nt)(const float *x, size_t rows, const float *yt, size_t D, float scale,
                     float *out);
-    /* acc (rows, D) += p (rows, TILE) @ y (ncols, D), using the first ncols columns of p.
-     * This is out += P v (and dq += G k, dv += P^T dout, dk += G^T q in the backward). */
+    /* acc (rows, D) = alpha[r] * acc + p (rows, TILE) @ y (ncols, D), using the first ncols
+     * columns of p; alpha may be NULL (1). This is acc = alpha acc + P v, the online softmax's
+     * rescale and accumulate (and dq += G k, dv += P^T dout, dk += G^T q in the backward). */
     void (*gemm_acc)(const float *p, size_t rows, const float *y, size_t ncols, size_t D,
-                     float *acc);
+                     const float *alpha, float *acc);
     /* x (rows, TILE) <- x - f on the first nvis[r] keys of row r and -inf on the rest (the
      * causal mask and the tile's edge); f may be NULL (F = 0). rowmax (rows,) gets each row's max. */
     void (*masked_logits)(float *x, const float *f, const size_t *nvis, size_t rows,

@@ -61,10 +61,11 @@ static void K(gemm_nt)(const float *restrict x, size_t rows, const float *restri
 }
 
 /* ---------------------------------------------------------------------------------------------
- * gemm_acc: acc (rows, D) += p (rows, 64)[:, :ncols] @ y (ncols, D)
+ * gemm_acc: acc (rows, D) = alpha[r] * acc + p (rows, 64)[:, :ncols] @ y (ncols, D)
+ * (alpha may be NULL: 1). The rescale of the online softmax is applied while acc is loaded.
  * Register block: ROW_BLOCK rows x 64 values of d; then 16-wide, then scalar tails of D. */
 static void K(gemm_acc)(const float *restrict p, size_t rows, const float *restrict y,
-                        size_t ncols, size_t D, float *restrict acc)
+                        size_t ncols, size_t D, const float *restrict alpha, float *restrict acc)
 {
     size_t i = 0;
     for (; i < rows; i += ROW_BLOCK) {
@@ -73,8 +74,11 @@ static void K(gemm_acc)(const float *restrict p, size_t rows, const float *restr
         if (nr == ROW_BLOCK) {
             for (; d0 + 64 <= D; d0 += 64) {
                 vf c[ROW_BLOCK][4];
-                for (int r = 0; r < ROW_BLOCK; r++)
-                    for (int u = 0; u < 4; u++) c[r][u] = K(load)(acc + (i + r) * D + d0 + 16 * u);
+                for (int r = 0; r < ROW_BLOCK; r++) {
+                    const float a_r = alpha ? alpha[i + r] : 1.0f;
+                    for (int u = 0; u < 4; u++)
+                        c[r][u] = a_r * K(load)(acc + (i + r) * D + d0 + 16 * u);
+                }
                 for (size_t j = 0; j < ncols; j++) {
                     const float *y_j = y + j * D + d0;
                     vf y0 = K(load)(y_j), y1 = K(load)(y_j + 16);
@@ -91,14 +95,15 @@ static void K(gemm_acc)(const float *restrict p, size_t rows, const float *restr
         for (size_t r = 0; r < nr; r++) {
             const float *p_i = p + (i + r) * SELATTN_TILE;
             float *acc_i = acc + (i + r) * D;
+            const float a_r = alpha ? alpha[i + r] : 1.0f;
             size_t d = d0;
             for (; d + 16 <= D; d += 16) {
-                vf c = K(load)(acc_i + d);
+                vf c = a_r * K(load)(acc_i + d);
                 for (size_t j = 0; j < ncols; j++) c += p_i[j] * K(load)(y + j * D + d);
                 K(store)(acc_i + d, c);
             }
             for (; d < D; d++) {
-                float c = acc_i[d];
+                float c = a_r * acc_i[d];
                 for (size_t j = 0; j < ncols; j++) c += p_i[j] * y[j * D + d];
                 acc_i[d] = c;
             }

@@ -217,3 +217,61 @@ def test_float32_outputs_and_context_keep_no_n_by_n_arrays():
         if isinstance(value, np.ndarray):
             assert value.size <= q.size, f"ctx.{name} has {value.size} values"
     assert ctx.lse.shape == (2, 3, N)
+
+
+# ----------------------------------------------------------------------------------------------
+# Every kernel set, not only the one this CPU picks
+
+
+KERNEL_SET_SCRIPT = r"""
+import sys
+import numpy as np
+import selattn_c
+out_path = sys.argv[1]
+rng = np.random.default_rng(11)
+results = {"kernels": np.array(selattn_c.kernel_name())}
+for name, (B, H, N, D, s, bos, sel) in {
+    "a": (2, 3, 150, 40, 1, True, True),      # partial last tile, D not a multiple of 16
+    "b": (1, 2, 64, 64, 0, False, True),      # exactly one tile
+    "c": (1, 2, 97, 5, 1, True, False),       # standard attention, tiny D
+}.items():
+    q, k, v, dout = (rng.standard_normal((B, H, N, D)) for _ in range(4))
+    out, ctx = selattn_c.forward(q, k, v, selector_head=s, protect_bos=bos, selective=sel)
+    dq, dk, dv = selattn_c.backward(dout, ctx)
+    F = selattn_c.accumulated_mask(q, k, selector_head=s, protect_bos=bos)
+    for key, x in zip(("q", "k", "v", "dout", "out", "dq", "dk", "dv", "F"),
+                      (q, k, v, dout, out, dq, dk, dv, F)):
+        results[f"{name}_{key}"] = x
+results["options"] = np.array([[2, 3, 150, 40, 1, 1, 1], [1, 2, 64, 64, 0, 0, 1],
+                               [1, 2, 97, 5, 1, 1, 0]])
+np.savez(out_path, **results)
+"""
+
+
+@pytest.mark.parametrize("kernels", ["generic", "avx2", "avx512"])
+def test_every_kernel_set_matches_the_reference(kernels, tmp_path):
+    """SELATTN_KERNELS forces a kernel set (when the CPU has it; otherwise the best it has runs,
+    and the test checks that instead)."""
+    from selattn_reference import attention as ref
+    from test_c_against_reference import Bounds, as_float32_values, near_relu_kink
+
+    path = tmp_path / "results.npz"
+    env = dict(os.environ, SELATTN_KERNELS=kernels)
+    subprocess.run([sys.executable, "-c", KERNEL_SET_SCRIPT, str(path)], env=env, check=True,
+                   timeout=600)
+    z = np.load(path)
+    if kernels == "generic":
+        assert str(z["kernels"]) == "generic"
+    for name, (B, H, N, D, s, bos, sel) in zip("abc", z["options"]):
+        q, k, v, dout = as_float32_values(*(z[f"{name}_{key}"] for key in ("q", "k", "v", "dout")))
+        options = dict(selector_head=int(s), protect_bos=bool(bos), selective=bool(sel))
+        out_ref, cache = ref.forward(q, k, v, **options)
+        dq_ref, dk_ref, dv_ref = ref.backward(dout, cache)
+        F_ref = ref.accumulated_mask(q, k, selector_head=int(s), protect_bos=bool(bos))
+        bounds = Bounds(cache, q, k, v, dout)
+        bounds.assert_close("out", z[f"{name}_out"], out_ref)
+        bounds.assert_close("F", z[f"{name}_F"], F_ref)
+        if not (sel and near_relu_kink(q, k, int(s), 1.0 / np.sqrt(int(D)))):
+            bounds.assert_close("dq", z[f"{name}_dq"], dq_ref)
+            bounds.assert_close("dk", z[f"{name}_dk"], dk_ref)
+            bounds.assert_close("dv", z[f"{name}_dv"], dv_ref)
