@@ -40,5 +40,7 @@ int selattn_openmp_enabled(void);
 int selattn_max_threads(void);
 /* Which tile kernels run on this CPU: "avx512", "avx2" or "generic". */
 const char *selattn_kernel_name(void);
+/* "" for an OpenMP build, else why it is serial. */
+const char *selattn_serial_reason(void);
 
 #endif /* SELATTN_H */

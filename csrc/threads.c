@@ -15,3 +15,16 @@ int selattn_openmp_enabled(void)
 int selattn_max_threads(void) { return omp_get_max_threads(); }
 
 const char *selattn_kernel_name(void) { return selattn_select_kernels()->name; }
+
+/* Why the build is serial ("" when OpenMP is compiled in); set by the build script. */
+#ifndef SELATTN_SERIAL_REASON
+#define SELATTN_SERIAL_REASON ""
+#endif
+const char *selattn_serial_reason(void)
+{
+#ifdef _OPENMP
+    return "";
+#else
+    return SELATTN_SERIAL_REASON[0] ? SELATTN_SERIAL_REASON : "built without OpenMP";
+#endif
+}

@@ -12,8 +12,9 @@ and return float32. The GIL is released while the C code runs (cffi does so for 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -30,6 +31,7 @@ __all__ = [
     "Context",
     "accumulated_mask",
     "backward",
+    "build_info",
     "forward",
     "get_num_threads",
     "kernel_name",
@@ -61,9 +63,27 @@ def set_num_threads(n: int) -> None:
     _threads["n"] = int(n)
 
 
+def build_info() -> Dict[str, object]:
+    """How this extension was built and what it runs: ``openmp`` (bool), ``serial_reason`` ("" for
+    an OpenMP build), ``kernels`` (the tile kernels this CPU runs), ``default_threads``."""
+    return {
+        "openmp": openmp_enabled(),
+        "serial_reason": ffi.string(lib.selattn_serial_reason()).decode(),
+        "kernels": kernel_name(),
+        "default_threads": int(lib.selattn_max_threads()),
+    }
+
+
 def kernel_name() -> str:
     """Which tile kernels this CPU runs: 'avx512', 'avx2' or 'generic'."""
     return ffi.string(lib.selattn_kernel_name()).decode()
+
+
+_reason = ffi.string(lib.selattn_serial_reason()).decode()
+if _reason and _reason != "SELATTN_NO_OPENMP":
+    warnings.warn(f"selattn_c was built without OpenMP ({_reason}): every call uses one thread. "
+                  "Install a compiler with OpenMP support and reinstall for parallel kernels.",
+                  RuntimeWarning, stacklevel=2)
 
 
 @dataclass

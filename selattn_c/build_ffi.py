@@ -44,6 +44,7 @@ int selattn_accumulated_mask(const float *q, const float *k,
 int selattn_openmp_enabled(void);
 int selattn_max_threads(void);
 const char *selattn_kernel_name(void);
+const char *selattn_serial_reason(void);
 """
 
 SOURCES = [
@@ -66,42 +67,53 @@ def _compiler() -> str:
     return cc.split()[0]
 
 
-def openmp_flags() -> tuple[list[str], list[str]]:
-    """Return (compile_args, link_args) for OpenMP, or ([], []) for a serial build."""
+def openmp_flags(cc: str | None = None) -> tuple[list[str], list[str], str]:
+    """Return (compile_args, link_args, serial_reason) for OpenMP.
+
+    serial_reason is "" for an OpenMP build, else why the build is serial: "SELATTN_NO_OPENMP" or
+    "no OpenMP in <compiler>". The extension reports it at run time (``selattn_c.build_info``)
+    and warns on import when OpenMP was wanted but missing, since pip hides build output.
+    """
     if os.environ.get("SELATTN_NO_OPENMP", "") not in ("", "0"):
-        warnings.warn("selattn: SELATTN_NO_OPENMP is set: building the serial (1-thread) kernels")
-        return [], []
-    cc = _compiler()
-    if shutil.which(cc) is None:
-        warnings.warn(f"selattn: compiler {cc!r} not found for the OpenMP probe; building serial")
-        return [], []
-    probe = "#include <omp.h>\nint main(void){int n=0;\n#pragma omp parallel reduction(+:n)\nn+=1;\nreturn omp_get_max_threads()>0?0:1;}\n"
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "probe.c"
-        src.write_text(probe)
-        cmd = [cc, "-fopenmp", str(src), "-o", str(Path(tmp) / "probe")]
-        try:
-            ok = subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0
-        except (OSError, subprocess.SubprocessError):
-            ok = False
+        print("selattn: SELATTN_NO_OPENMP is set: building the serial (1-thread) kernels",
+              file=sys.stderr)
+        return [], [], "SELATTN_NO_OPENMP"
+    cc = cc or _compiler()
+    probe = ("#include <omp.h>\nint main(void){int n=0;\n#pragma omp parallel reduction(+:n)\n"
+             "n+=1;\nreturn omp_get_max_threads()>0?0:1;}\n")
+    ok = False
+    if shutil.which(cc) is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            src = Path(tmp) / "probe.c"
+            src.write_text(probe)
+            cmd = [cc, "-fopenmp", str(src), "-o", str(Path(tmp) / "probe")]
+            try:
+                ok = subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0
+            except (OSError, subprocess.SubprocessError):
+                ok = False
     if not ok:
-        msg = ("selattn: WARNING: the compiler cannot build OpenMP programs (-fopenmp failed); "
+        msg = (f"selattn: WARNING: {cc} cannot build OpenMP programs (-fopenmp failed); "
                "building the serial kernels: every call will use one thread")
         warnings.warn(msg)
         print(msg, file=sys.stderr)
-        return [], []
-    return ["-fopenmp"], ["-fopenmp"]
+        return [], [], f"no OpenMP in {cc}"
+    return ["-fopenmp"], ["-fopenmp"], ""
+
+
+def _c_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
-_omp_compile, _omp_link = openmp_flags()
+_omp_compile, _omp_link, _serial_reason = openmp_flags()
 ffibuilder.set_source(
     "selattn_c._selattn_cffi",
     '#include "selattn.h"\n',
     # relative to the working directory: setuptools rejects absolute source paths in some versions
     sources=[os.path.relpath(CSRC / s) for s in SOURCES],
     include_dirs=[str(CSRC)],
+    define_macros=[("SELATTN_SERIAL_REASON", _c_string(_serial_reason))],
     extra_compile_args=BASE_FLAGS + _omp_compile,
     extra_link_args=_omp_link + ["-lm"],
 )

@@ -275,3 +275,26 @@ def test_every_kernel_set_matches_the_reference(kernels, tmp_path):
             bounds.assert_close("dq", z[f"{name}_dq"], dq_ref)
             bounds.assert_close("dk", z[f"{name}_dk"], dk_ref)
             bounds.assert_close("dv", z[f"{name}_dv"], dv_ref)
+
+
+# ----------------------------------------------------------------------------------------------
+# The build
+
+
+def test_openmp_probe_falls_back_to_a_serial_build(monkeypatch):
+    from selattn_c import build_ffi
+
+    monkeypatch.delenv("SELATTN_NO_OPENMP", raising=False)
+    with pytest.warns(UserWarning, match="cannot build OpenMP programs"):
+        flags = build_ffi.openmp_flags(cc="selattn-no-such-compiler")
+    assert flags == ([], [], "no OpenMP in selattn-no-such-compiler")
+    monkeypatch.setenv("SELATTN_NO_OPENMP", "1")
+    assert build_ffi.openmp_flags() == ([], [], "SELATTN_NO_OPENMP")
+
+
+def test_build_info_describes_this_build():
+    info = selattn_c.build_info()
+    assert info["openmp"] == selattn_c.openmp_enabled()
+    assert (info["serial_reason"] == "") == info["openmp"]
+    assert info["kernels"] == selattn_c.kernel_name()
+    assert info["default_threads"] >= 1
