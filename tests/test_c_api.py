@@ -157,16 +157,23 @@ print(json.dumps({"openmp": selattn_c.openmp_enabled(), "digests": digests}))
 """
 
 
-def run_determinism_script(threads: int) -> dict:
+def run_python(args, cwd, env=None, **kwargs):
+    """Run a fresh interpreter in ``cwd``: a directory outside the source tree, so that
+    ``import selattn_c`` finds the installed package, not the uncompiled source folder."""
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, timeout=600, check=True,
+                          **kwargs)
+
+
+def run_determinism_script(threads: int, cwd) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    done = subprocess.run([sys.executable, "-c", DETERMINISM_SCRIPT, str(threads)], env=env,
-                          capture_output=True, text=True, timeout=600, check=True)
+    done = run_python(["-c", DETERMINISM_SCRIPT, str(threads)], cwd, env=env,
+                      capture_output=True, text=True)
     return json.loads(done.stdout)
 
 
-def test_thread_counts_and_runs_agree_bitwise_in_fresh_processes():
+def test_thread_counts_and_runs_agree_bitwise_in_fresh_processes(tmp_path):
     """1 thread, 2 threads, and 2 threads again, each in its own interpreter."""
-    one, two, again = (run_determinism_script(n) for n in (1, 2, 2))
+    one, two, again = (run_determinism_script(n, tmp_path) for n in (1, 2, 2))
     assert one["digests"] == two["digests"] == again["digests"]
 
 
@@ -257,8 +264,7 @@ def test_every_kernel_set_matches_the_reference(kernels, tmp_path):
 
     path = tmp_path / "results.npz"
     env = dict(os.environ, SELATTN_KERNELS=kernels)
-    subprocess.run([sys.executable, "-c", KERNEL_SET_SCRIPT, str(path)], env=env, check=True,
-                   timeout=600)
+    run_python(["-c", KERNEL_SET_SCRIPT, str(path)], tmp_path, env=env)
     z = np.load(path)
     if kernels == "generic":
         assert str(z["kernels"]) == "generic"
