@@ -11,6 +11,8 @@
 
 #include <stddef.h>
 
+/* cdef begin: selattn_c/build_ffi.py hands the declarations from here to the "cdef end" mark to
+ * cffi, so this header is the one description of the C API. */
 #define SELATTN_OK 0
 #define SELATTN_ENOMEM 1
 
@@ -42,5 +44,6 @@ int selattn_max_threads(void);
 const char *selattn_kernel_name(void);
 /* "" for an OpenMP build, else why it is serial. */
 const char *selattn_serial_reason(void);
+/* cdef end */
 
 #endif /* SELATTN_H */

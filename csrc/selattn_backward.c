@@ -157,12 +157,12 @@ static void key_block_grads(const problem *pr, size_t b, size_t kb, float *rstar
                             float *dk, float *dv)
 {
     const size_t H = pr->H, N = pr->N, D = pr->D, nqb = pr->nqb;
-    const size_t j0 = kb * T, ncols = N - j0 < T ? N - j0 : T;
+    const size_t j0 = kb * T, ncols = block_len(N, j0);
     memset(w->acc_a, 0, H * T * D * sizeof(float));
     memset(w->acc_b, 0, H * T * D * sizeof(float));
     memset(w->carry, 0, T * sizeof(float));
     for (size_t qb = nqb; qb-- > kb;) {                 /* bottom up: the reverse cumsum */
-        const size_t i0 = qb * T, rows = N - i0 < T ? N - i0 : T;
+        const size_t i0 = qb * T, rows = block_len(N, i0);
         const tile_pos tp = {i0, j0, rows, ncols, pr->selective ? w->ftile : NULL};
         tile_probs_and_grads(pr, b, &tp, w);
         if (pr->selective) {
@@ -196,10 +196,10 @@ static void query_block_grads(const problem *pr, size_t b, size_t qb, const floa
                               scratch *w, float *dq)
 {
     const size_t H = pr->H, N = pr->N, D = pr->D, nqb = pr->nqb;
-    const size_t i0 = qb * T, rows = N - i0 < T ? N - i0 : T;
+    const size_t i0 = qb * T, rows = block_len(N, i0);
     memset(w->acc_a, 0, H * T * D * sizeof(float));
     for (size_t kb = 0; kb <= qb; kb++) {
-        const size_t j0 = kb * T, ncols = N - j0 < T ? N - j0 : T;
+        const size_t j0 = kb * T, ncols = block_len(N, j0);
         const tile_pos tp = {i0, j0, rows, ncols, pr->selective ? w->ftile : NULL};
         tile_probs_and_grads(pr, b, &tp, w);
         if (pr->selective) {

@@ -79,12 +79,12 @@ int selattn_forward(const float *q, const float *k, const float *v,
         for (size_t task = 0; task < ntasks; task++) {
             if (failed) continue;
             const size_t b = task / nqb, qb = nqb - 1 - task % nqb;   /* big blocks first */
-            const size_t i0 = qb * T, rows = N - i0 < T ? N - i0 : T;
+            const size_t i0 = qb * T, rows = block_len(N, i0);
             for (size_t hr = 0; hr < H * T; hr++) { m[hr] = -INFINITY; l[hr] = 0.0f; }
             memset(acc, 0, H * T * D * sizeof(float));
 
             for (size_t kb = 0; kb <= qb; kb++) {
-                const size_t j0 = kb * T, ncols = N - j0 < T ? N - j0 : T;
+                const size_t j0 = kb * T, ncols = block_len(N, j0);
                 size_t nvis[T];
                 visible_keys(i0, j0, rows, ncols, nvis);
                 /* 3a. selector logits -> S -> F for this tile, once for all heads (§§ 2-4) */

@@ -38,12 +38,12 @@ int selattn_accumulated_mask(const float *q, const float *k,
         for (size_t task = 0; task < B * nqb; task++) {
             if (failed) continue;
             const size_t b = task / nqb, qb = task % nqb;
-            const size_t i0 = qb * T, rows = N - i0 < T ? N - i0 : T;
+            const size_t i0 = qb * T, rows = block_len(N, i0);
             const float *q_bs = q + ((b * H + selector_head) * N + i0) * D;
             for (size_t r = 0; r < rows; r++)                 /* zero above the diagonal */
                 memset(F + (b * N + i0 + r) * N, 0, N * sizeof(float));
             for (size_t kb = 0; kb <= qb; kb++) {
-                const size_t j0 = kb * T, ncols = N - j0 < T ? N - j0 : T;
+                const size_t j0 = kb * T, ncols = block_len(N, j0);
                 kern->gemm_nt(q_bs, rows, block_tile(kt, b, selector_head, kb, H, nqb, D), D, scale,
                               ls);
                 selection_tile(kern, ls, i0, j0, rows, ncols, protect_bos, sel);

@@ -16,7 +16,7 @@ void transpose_blocks(const float *x, size_t B, size_t H, size_t N, size_t D, fl
     #pragma omp parallel for num_threads(team_size(nthreads)) schedule(static)
     for (size_t task = 0; task < B * H * nqb; task++) {
         const size_t bh = task / nqb, kb = task % nqb;
-        const size_t j0 = kb * T, ncols = N - j0 < T ? N - j0 : T;
+        const size_t j0 = kb * T, ncols = block_len(N, j0);
         const float *x_bhj = x + (bh * N + j0) * D;      /* (ncols, D) */
         float *xt_bhj = xt + task * D * T;               /* (D, T) */
         for (size_t d = 0; d < D; d++) {
@@ -76,12 +76,12 @@ int selector_block_prefix(const float *q, const float *kt, size_t B, size_t H, s
         for (size_t task = 0; task < ntasks; task++) {
             if (failed) continue;
             const size_t b = task / nqb, qb = nqb - 1 - task % nqb;   /* big blocks first */
-            const size_t i0 = qb * T, rows = N - i0 < T ? N - i0 : T;
+            const size_t i0 = qb * T, rows = block_len(N, i0);
             const float *q_bsi = q + ((b * H + selector_head) * N + i0) * D;  /* (rows, D) */
             float *colsum = fstart + (b * nqb + qb) * N;                      /* (N,) */
             memset(colsum, 0, N * sizeof(float));
             for (size_t kb = 0; kb <= qb; kb++) {
-                const size_t j0 = kb * T, ncols = N - j0 < T ? N - j0 : T;
+                const size_t j0 = kb * T, ncols = block_len(N, j0);
                 kern->gemm_nt(q_bsi, rows, block_tile(kt, b, selector_head, kb, H, nqb, D), D,
                               scale, ls);
                 selection_tile(kern, ls, i0, j0, rows, ncols, protect_bos, sel);

@@ -17,6 +17,12 @@
 /* Number of blocks: ceil(N / TILE). */
 static inline size_t num_blocks(size_t N) { return (N + SELATTN_TILE - 1) / SELATTN_TILE; }
 
+/* Length of the block starting at position `start`: TILE, or what is left of N. */
+static inline size_t block_len(size_t N, size_t start)
+{
+    return N - start < SELATTN_TILE ? N - start : SELATTN_TILE;
+}
+
 /* xt (B, H, nqb, D, TILE) = every key block of x (B, H, N, D) transposed, zero-padded past N.
  * The tile kernels read keys (and, in the backward, values) in this layout. */
 void transpose_blocks(const float *x, size_t B, size_t H, size_t N, size_t D, float *xt,

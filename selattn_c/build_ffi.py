@@ -27,25 +27,14 @@ from cffi import FFI
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
 
-CDEF = """
-int selattn_forward(const float *q, const float *k, const float *v,
-                    size_t B, size_t H, size_t N, size_t D,
-                    size_t selector_head, int protect_bos, int selective, float scale,
-                    float *out, float *lse, int nthreads);
-int selattn_backward(const float *q, const float *k, const float *v,
-                     const float *out, const float *lse, const float *dout,
-                     size_t B, size_t H, size_t N, size_t D,
-                     size_t selector_head, int protect_bos, int selective, float scale,
-                     float *dq, float *dk, float *dv, int nthreads);
-int selattn_accumulated_mask(const float *q, const float *k,
-                             size_t B, size_t H, size_t N, size_t D,
-                             size_t selector_head, int protect_bos, float scale,
-                             float *F, int nthreads);
-int selattn_openmp_enabled(void);
-int selattn_max_threads(void);
-const char *selattn_kernel_name(void);
-const char *selattn_serial_reason(void);
-"""
+def public_declarations(header: Path = CSRC / "selattn.h") -> str:
+    """The C API for cffi's cdef: the part of selattn.h between its "cdef begin" and "cdef end"
+    marks (comments and #defines of integer constants are fine in a cdef)."""
+    text = header.read_text(encoding="utf-8")
+    begin = text.index("*/", text.index("/* cdef begin")) + 2
+    end = text.index("/* cdef end */")
+    return text[begin:end]
+
 
 SOURCES = [
     "selattn_forward.c",
@@ -105,7 +94,7 @@ def _c_string(text: str) -> str:
 
 
 ffibuilder = FFI()
-ffibuilder.cdef(CDEF)
+ffibuilder.cdef(public_declarations())
 _omp_compile, _omp_link, _serial_reason = openmp_flags()
 ffibuilder.set_source(
     "selattn_c._selattn_cffi",
