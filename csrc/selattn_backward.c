@@ -54,13 +54,6 @@ static void recompute_probs(float *x, const tile_pos *tp, const float *lse_bhi,
     kern->exp_rows(x, lse_bhi, tp->rows, NULL);
 }
 
-/* dst (T, T) = src^T */
-static void transpose_tile(const float *src, float *dst)
-{
-    for (size_t r = 0; r < T; r++)
-        for (size_t c = 0; c < T; c++) dst[c * T + r] = src[r * T + c];
-}
-
 /* The selector's gradient on one tile. On entry carry (T,) = sum of Gsum over the rows below this
  * tile (i >= i0 + rows); walking rows upwards, dS[m] = -carry, then carry += Gsum[m]
  * (the reverse cumsum of dF = -Gsum). dlsel = dS where S > 0: S is zero exactly where the
@@ -92,7 +85,7 @@ typedef struct {
     float *ls, *sel;     /* (T, T) selector logits and S */
     float *ftile;        /* (T, T) F */
     float *p, *g;        /* (H, T, T) P and G of every head */
-    float *dp, *tr;      /* (T, T) dP of one head; a transposed tile */
+    float *dp;           /* (T, T) dP of one head */
     float *gsum, *dlsel; /* (T, T) sum_h G_h; the selector logit gradient */
     float *carry;        /* (T,) reverse cumsum carry */
     float *acc_a, *acc_b;/* (H, T, D) dk or dq; dv */
@@ -101,7 +94,7 @@ typedef struct {
 static void scratch_free(scratch *w)
 {
     free(w->ls); free(w->sel); free(w->ftile); free(w->p); free(w->g);
-    free(w->dp); free(w->tr); free(w->gsum); free(w->dlsel); free(w->carry); free(w->acc_a);
+    free(w->dp); free(w->gsum); free(w->dlsel); free(w->carry); free(w->acc_a);
     free(w->acc_b);
 }
 
@@ -113,13 +106,12 @@ static int scratch_alloc(scratch *w, size_t H, size_t D)
     w->p = malloc(H * T * T * sizeof(float));
     w->g = malloc(H * T * T * sizeof(float));
     w->dp = malloc(T * T * sizeof(float));
-    w->tr = malloc(T * T * sizeof(float));
     w->gsum = malloc(T * T * sizeof(float));
     w->dlsel = malloc(T * T * sizeof(float));
     w->carry = malloc(T * sizeof(float));
     w->acc_a = malloc(H * T * D * sizeof(float));
     w->acc_b = malloc(H * T * D * sizeof(float));
-    return w->ls && w->sel && w->ftile && w->p && w->g && w->dp && w->tr &&
+    return w->ls && w->sel && w->ftile && w->p && w->g && w->dp &&
            w->gsum && w->dlsel && w->carry && w->acc_a && w->acc_b;
 }
 
@@ -173,12 +165,10 @@ static void key_block_grads(const problem *pr, size_t b, size_t kb, float *rstar
         for (size_t h = 0; h < H; h++) {
             const float *q_bhi = pr->q + ((b * H + h) * N + i0) * D;       /* (rows, D) */
             const float *dout_bhi = pr->dout + ((b * H + h) * N + i0) * D; /* (rows, D) */
-            transpose_tile(w->p + h * T * T, w->tr);                       /* dv += P^T dout */
-            pr->kern->gemm_acc(w->tr, ncols, dout_bhi, rows, D, NULL,
-                               w->acc_b + h * T * D);
-            transpose_tile(w->g + h * T * T, w->tr);                       /* dk += G^T q */
-            pr->kern->gemm_acc(w->tr, ncols, q_bhi, rows, D, NULL,
-                               w->acc_a + h * T * D);
+            pr->kern->gemm_acc_t(w->p + h * T * T, ncols, dout_bhi, rows, D,  /* dv += P^T dout */
+                                 w->acc_b + h * T * D);
+            pr->kern->gemm_acc_t(w->g + h * T * T, ncols, q_bhi, rows, D,     /* dk += G^T q */
+                                 w->acc_a + h * T * D);
         }
     }
     for (size_t h = 0; h < H; h++) {

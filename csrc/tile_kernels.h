@@ -20,9 +20,13 @@ typedef struct {
                     float *out);
     /* acc (rows, D) = alpha[r] * acc + p (rows, TILE) @ y (ncols, D), using the first ncols
      * columns of p; alpha may be NULL (1). This is acc = alpha acc + P v, the online softmax's
-     * rescale and accumulate (and dq += G k, dv += P^T dout, dk += G^T q in the backward). */
+     * rescale and accumulate (and dq += G k in the backward). */
     void (*gemm_acc)(const float *p, size_t rows, const float *y, size_t ncols, size_t D,
                      const float *alpha, float *acc);
+    /* acc (rows, D) += p^T @ y (ncols, D), where p is (ncols, TILE) and its first `rows` columns
+     * are used: dv += P^T dout and dk += G^T q without transposing the tile first. */
+    void (*gemm_acc_t)(const float *p, size_t rows, const float *y, size_t ncols, size_t D,
+                       float *acc);
     /* x (rows, TILE) <- x - f on the first nvis[r] keys of row r and -inf on the rest (the
      * causal mask and the tile's edge); f may be NULL (F = 0). rowmax (rows,) gets each row's max. */
     void (*masked_logits)(float *x, const float *f, const size_t *nvis, size_t rows,

@@ -63,10 +63,15 @@ static void K(gemm_nt)(const float *restrict x, size_t rows, const float *restri
 /* ---------------------------------------------------------------------------------------------
  * gemm_acc: acc (rows, D) = alpha[r] * acc + p (rows, 64)[:, :ncols] @ y (ncols, D)
  * (alpha may be NULL: 1). The rescale of the online softmax is applied while acc is loaded.
- * Register block: ROW_BLOCK rows x 64 values of d; then 16-wide, then scalar tails of D. */
-static void K(gemm_acc)(const float *restrict p, size_t rows, const float *restrict y,
-                        size_t ncols, size_t D, const float *restrict alpha, float *restrict acc)
+ * gemm_acc_t: acc (rows, D) += p^T @ y, where p is (ncols, 64) and its first `rows` columns are
+ * used: the products with a transposed tile (dv += P^T dout, dk += G^T q), without transposing.
+ * Register block: ROW_BLOCK rows x 64 values of d; then 16-wide, then scalar tails of D.
+ * `p_at(i, j)` is the coefficient of y row j in acc row i. */
+static inline __attribute__((always_inline)) void K(gemm_acc_impl)(
+    const float *restrict p, size_t rows, const float *restrict y, size_t ncols, size_t D,
+    const float *restrict alpha, float *restrict acc, const int p_transposed)
 {
+#define P_AT(i, j) (p_transposed ? p[(j) * SELATTN_TILE + (i)] : p[(i) * SELATTN_TILE + (j)])
     size_t i = 0;
     for (; i < rows; i += ROW_BLOCK) {
         const size_t nr = rows - i < ROW_BLOCK ? rows - i : ROW_BLOCK;
@@ -84,7 +89,7 @@ static void K(gemm_acc)(const float *restrict p, size_t rows, const float *restr
                     vf y0 = K(load)(y_j), y1 = K(load)(y_j + 16);
                     vf y2 = K(load)(y_j + 32), y3 = K(load)(y_j + 48);
                     for (int r = 0; r < ROW_BLOCK; r++) {
-                        float a = p[(i + r) * SELATTN_TILE + j];
+                        float a = P_AT(i + r, j);
                         c[r][0] += a * y0; c[r][1] += a * y1; c[r][2] += a * y2; c[r][3] += a * y3;
                     }
                 }
@@ -93,22 +98,34 @@ static void K(gemm_acc)(const float *restrict p, size_t rows, const float *restr
             }
         }
         for (size_t r = 0; r < nr; r++) {
-            const float *p_i = p + (i + r) * SELATTN_TILE;
             float *acc_i = acc + (i + r) * D;
             const float a_r = alpha ? alpha[i + r] : 1.0f;
             size_t d = d0;
             for (; d + 16 <= D; d += 16) {
                 vf c = a_r * K(load)(acc_i + d);
-                for (size_t j = 0; j < ncols; j++) c += p_i[j] * K(load)(y + j * D + d);
+                for (size_t j = 0; j < ncols; j++) c += P_AT(i + r, j) * K(load)(y + j * D + d);
                 K(store)(acc_i + d, c);
             }
             for (; d < D; d++) {
                 float c = a_r * acc_i[d];
-                for (size_t j = 0; j < ncols; j++) c += p_i[j] * y[j * D + d];
+                for (size_t j = 0; j < ncols; j++) c += P_AT(i + r, j) * y[j * D + d];
                 acc_i[d] = c;
             }
         }
     }
+#undef P_AT
+}
+
+static void K(gemm_acc)(const float *restrict p, size_t rows, const float *restrict y,
+                        size_t ncols, size_t D, const float *restrict alpha, float *restrict acc)
+{
+    K(gemm_acc_impl)(p, rows, y, ncols, D, alpha, acc, 0);
+}
+
+static void K(gemm_acc_t)(const float *restrict p, size_t rows, const float *restrict y,
+                          size_t ncols, size_t D, float *restrict acc)
+{
+    K(gemm_acc_impl)(p, rows, y, ncols, D, NULL, acc, 1);
 }
 
 static inline __attribute__((always_inline)) vf K(select)(vi mask, vf a, vf b) /* mask ? a : b */
@@ -245,6 +262,7 @@ const selattn_kernels CAT(selattn_kernels, KERNEL_ISA) = {
     .name = KERNEL_NAME,
     .gemm_nt = K(gemm_nt),
     .gemm_acc = K(gemm_acc),
+    .gemm_acc_t = K(gemm_acc_t),
     .masked_logits = K(masked_logits),
     .exp_rows = K(exp_rows),
     .selection = K(selection),
