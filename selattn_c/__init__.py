@@ -102,8 +102,12 @@ class Context:
     selective: bool
 
 
-def _f32(x: np.ndarray, name: str) -> np.ndarray:
-    """C-contiguous float32 copy (or view) of x, checked finite."""
+def _f32(x: np.ndarray, name: str, checked: bool = True) -> np.ndarray:
+    """C-contiguous float32 copy (or view) of x. Values outside float32's range become inf in the
+    conversion, so converted arrays are checked for finiteness again; ``checked`` says whether x
+    itself was already found finite (check_qkv does that for q, k, v)."""
+    if x.dtype == np.float32 and checked:
+        return np.ascontiguousarray(x)
     with np.errstate(over="ignore"):      # overflow to inf is reported just below
         x = np.ascontiguousarray(x, dtype=np.float32)
     if not np.isfinite(x).all():
@@ -171,7 +175,7 @@ def backward(dout, ctx: Context) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise TypeError(f"ctx must be the Context returned by selattn_c.forward, got "
                         f"{type(ctx).__name__}")
     B, H, N, D = ctx.q.shape
-    dout = _f32(check_like(dout, "dout", (B, H, N, D)), "dout")
+    dout = _f32(check_like(dout, "dout", (B, H, N, D)), "dout", checked=False)
     dq, dk, dv = (np.empty((B, H, N, D), dtype=np.float32) for _ in range(3))
     rc = lib.selattn_backward(_ptr(ctx.q), _ptr(ctx.k), _ptr(ctx.v), _ptr(ctx.out),
                               _ptr(ctx.lse), _ptr(dout), B, H, N, D, ctx.selector_head,

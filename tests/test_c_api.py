@@ -100,6 +100,8 @@ def test_backward_checks_its_arguments():
         selattn_c.backward(out, {"q": q})
     with pytest.raises(TypeError, match="floating-point"):
         selattn_c.backward(out.astype(np.int64), ctx)
+    with pytest.raises(ValueError, match="dout contains NaN or infinity"):
+        selattn_c.backward(np.full_like(out, np.inf), ctx)
 
 
 def test_thread_setting_is_validated():
