@@ -267,10 +267,13 @@ int selattn_backward(const float *q, const float *k, const float *v,
             if (!failed) key_block_grads(&pr, task / nqb, task % nqb, rstart, &w, dk, dv);
         /* (the loop's implicit barrier: every Rstart value is written before pass 5 reads it) */
 
-        /* Pass 5: query blocks own dq; the last block has the most work, so it goes first */
+        /* Pass 5: query blocks own dq, biggest first */
         #pragma omp for schedule(dynamic, 1)
-        for (size_t task = 0; task < B * nqb; task++)
-            if (!failed) query_block_grads(&pr, task / nqb, nqb - 1 - task % nqb, rstart, &w, dq);
+        for (size_t task = 0; task < B * nqb; task++) {
+            size_t b, qb;
+            query_block_task(task, nqb, &b, &qb);
+            if (!failed) query_block_grads(&pr, b, qb, rstart, &w, dq);
+        }
         scratch_free(&w);
     }
     free(fstart); free(rstart); free(delta); free(kt); free(vt);

@@ -78,7 +78,8 @@ int selattn_forward(const float *q, const float *k, const float *v,
         #pragma omp for schedule(dynamic, 1)
         for (size_t task = 0; task < ntasks; task++) {
             if (failed) continue;
-            const size_t b = task / nqb, qb = nqb - 1 - task % nqb;   /* big blocks first */
+            size_t b, qb;
+            query_block_task(task, nqb, &b, &qb);
             const size_t i0 = qb * T, rows = block_len(N, i0);
             for (size_t hr = 0; hr < H * T; hr++) { m[hr] = -INFINITY; l[hr] = 0.0f; }
             memset(acc, 0, H * T * D * sizeof(float));

@@ -75,7 +75,8 @@ int selector_block_prefix(const float *q, const float *kt, size_t B, size_t H, s
         #pragma omp for schedule(dynamic, 1)
         for (size_t task = 0; task < ntasks; task++) {
             if (failed) continue;
-            const size_t b = task / nqb, qb = nqb - 1 - task % nqb;   /* big blocks first */
+            size_t b, qb;
+            query_block_task(task, nqb, &b, &qb);
             const size_t i0 = qb * T, rows = block_len(N, i0);
             const float *q_bsi = q + ((b * H + selector_head) * N + i0) * D;  /* (rows, D) */
             float *colsum = fstart + (b * nqb + qb) * N;                      /* (N,) */

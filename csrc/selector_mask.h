@@ -17,6 +17,15 @@
 /* Number of blocks: ceil(N / TILE). */
 static inline size_t num_blocks(size_t N) { return (N + SELATTN_TILE - 1) / SELATTN_TILE; }
 
+/* Task `task` of the B x nqb (batch element, query block) tasks, biggest first: query block qb
+ * has qb + 1 key tiles, so handing out the last blocks first lets dynamic scheduling keep every
+ * core busy to the end. */
+static inline void query_block_task(size_t task, size_t nqb, size_t *b, size_t *qb)
+{
+    *b = task / nqb;
+    *qb = nqb - 1 - task % nqb;
+}
+
 /* Length of the block starting at position `start`: TILE, or what is left of N. */
 static inline size_t block_len(size_t N, size_t start)
 {
