@@ -89,7 +89,8 @@ if _reason and _reason != "SELATTN_NO_OPENMP":
 @dataclass
 class Context:
     """What ``backward`` needs from ``forward``: the float32 inputs, the output and the per-row
-    log-sum-exp. Nothing of size N x N is kept."""
+    log-sum-exp. Nothing of size N x N is kept. Inputs that already are C-contiguous float32 are
+    kept by reference, not copied: do not modify them between ``forward`` and ``backward``."""
 
     q: np.ndarray    # (B, H, N, D) float32, C-contiguous
     k: np.ndarray    # (B, H, N, D)
