@@ -99,6 +99,19 @@ def test_c_matches_reference(case, seed, check_grads):
     check_against_reference(q, k, v, dout, **case.options(), check_grads=check_grads)
 
 
+@given(case=qkv_cases(max_B=2, max_H=3, min_N=129, max_N=330, max_D=20),
+       seed=st.integers(0, 2**32 - 1))
+def test_c_matches_reference_over_many_query_blocks(case, seed):
+    """N from 129 to 330 spans 3 to 6 blocks of 64: the mask carried into each query block
+    (Fstart) and the reverse cumulative sum carried out of it (Rstart) cross several block
+    boundaries, which N <= 96 never reaches."""
+    q, k, v = as_float32_values(case.q, case.k, case.v)
+    grads = not (case.selective and near_relu_kink(q, k, case.selector_head,
+                                                   1.0 / np.sqrt(q.shape[-1])))
+    dout = np.random.default_rng(seed).standard_normal(q.shape)
+    check_against_reference(q, k, v, dout, **case.options(), check_grads=grads)
+
+
 @given(case=qkv_cases(max_N=70, max_D=16), scale=st.sampled_from([0.05, 0.3, 1.0, 3.0]))
 def test_c_matches_reference_with_explicit_scale(case, scale):
     q, k, v = as_float32_values(case.q, case.k, case.v)
