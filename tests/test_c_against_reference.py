@@ -15,7 +15,7 @@ import selattn_c
 from selattn_reference import attention as ref
 
 from helpers import load_golden, qkv_cases
-from tolerances import c_float32_atol, selector_kink_margin
+from tolerances import C_SOFTMAX_ULPS, FLOAT32_EPS, c_float32_atol, selector_kink_margin
 
 GOLDEN = load_golden()
 
@@ -178,3 +178,23 @@ def test_c_mask_invariants(case):
     if case.protect_bos:
         assert (F[:, :, 0] == 0).all()
     assert (np.diff(F, axis=1) >= 0).all()
+
+
+def test_softmax_weights_are_accurate_to_a_few_ulp():
+    """Two keys, one dimension, standard attention, v = (1, 0): out[1] is exactly the softmax weight
+    of key 0, p = 1 / (1 + exp(L11 - L10)). The general tolerance above scales with N + D + |L| and
+    would let a 1e-5 relative error in the exponential through; this one would not."""
+    rng = np.random.default_rng(5)
+    B = 4000
+    q = np.zeros((B, 1, 2, 1), dtype=np.float32)
+    k = np.zeros((B, 1, 2, 1), dtype=np.float32)
+    q[:, 0, 1, 0] = rng.uniform(-4, 4, B)
+    k[:, 0, :, 0] = rng.uniform(-4, 4, (B, 2))
+    v = np.zeros((B, 1, 2, 1), dtype=np.float32)
+    v[:, 0, 0, 0] = 1.0
+    out, _ = selattn_c.forward(q, k, v, selective=False, scale=1.0)
+    logits = q[:, 0, 1, 0].astype(np.float64)[:, None] * k[:, 0, :, 0].astype(np.float64)
+    p = 1.0 / (1.0 + np.exp(logits[:, 1] - logits[:, 0]))                  # (B,)
+    bound = C_SOFTMAX_ULPS * FLOAT32_EPS * (1.0 + np.abs(logits).max(axis=1)) * p
+    err = np.abs(out[:, 0, 1, 0].astype(np.float64) - p)
+    assert (err <= bound).all(), f"worst error {(err / bound).max():.2f} x the bound"

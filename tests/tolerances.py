@@ -101,3 +101,11 @@ SELECTOR_KINK_FACTOR = 4.0
 def selector_kink_margin(D: int) -> float:
     """Relative distance from 0 below which a selector logit's float32 sign is not trusted."""
     return SELECTOR_KINK_FACTOR * D * FLOAT32_EPS
+
+# The C kernels' own exponential (Cody-Waite reduction and a degree-6 polynomial) is accurate to
+# about 1 ulp. With one key against another (N = 2, D = 1, so each logit is one float32 product
+# with a relative rounding of eps32 / 2), a softmax weight p is off by at most about
+# eps32 * (1 + |L|) * p from rounding the logits plus a few ulp from exp, the sum and the division.
+# 4 leaves a margin of about 2 over that. Checked: an exponential with a relative error of 1e-5
+# (one polynomial coefficient off by 1e-4) fails this test, while it passes c_float32_atol.
+C_SOFTMAX_ULPS = 4.0
