@@ -72,10 +72,11 @@ static void selector_grad_tile(const float *gsum, const float *sel, size_t rows,
 
 /* The problem every tile of the backward reads. */
 typedef struct {
-    const float *q, *k, *v, *lse, *dout, *delta, *fstart;
+    const float *q, *k, *v, *lse, *dout, *delta;
     const float *kt, *vt;      /* (B, H, nqb, D, T) key and value tiles, transposed */
+    selector sel;              /* the selector's tiles (mask_of_tile) */
     size_t H, N, D, nqb, s;
-    int protect_bos, selective;
+    int selective;
     float scale;
     const selattn_kernels *kern;
 } problem;
@@ -116,19 +117,14 @@ static int scratch_alloc(scratch *w, size_t H, size_t D)
 }
 
 /* For one tile: the selector's logits, S and F (when selective), then P_h and G_h of every head,
- * and gsum (rows, T) = sum_h G_h. Rows past tp->rows of these tiles are left undefined. Both passes call this, so they recompute exactly the same numbers. */
+ * and gsum (rows, T) = sum_h G_h. Rows past tp->rows of these tiles are left undefined. Both
+ * passes call this, so they recompute exactly the same numbers. */
 static void tile_probs_and_grads(const problem *pr, size_t b, const tile_pos *tp, scratch *w)
 {
     const size_t H = pr->H, N = pr->N, D = pr->D, s = pr->s, kb = tp->j0 / T;
     if (pr->selective) {
         memset(w->gsum, 0, T * T * sizeof(float));
-        const float *q_bsi = pr->q + ((b * H + s) * N + tp->i0) * D;       /* (rows, D) */
-        pr->kern->gemm_nt(q_bsi, tp->rows, block_tile(pr->kt, b, s, kb, H, pr->nqb, D), D,
-                          pr->scale, w->ls);
-        selection_tile(pr->kern, w->ls, tp->i0, tp->j0, tp->rows, tp->ncols, pr->protect_bos,
-                       w->sel);
-        mask_tile(w->sel, pr->fstart + (b * pr->nqb + tp->i0 / T) * N + tp->j0, tp->rows,
-                  w->ftile);
+        mask_of_tile(&pr->sel, b, tp->i0 / T, kb, w->ls, w->sel, w->ftile);
     }
     for (size_t h = 0; h < H; h++) {
         const size_t row0 = (b * H + h) * N + tp->i0;                      /* row (b, h, i0) */
@@ -250,8 +246,9 @@ int selattn_backward(const float *q, const float *k, const float *v,
         delta[row] = acc;
     }
 
-    const problem pr = {q, k, v, lse, dout, delta, fstart, kt, vt, H, N, D, nqb, selector_head,
-                        protect_bos, selective, scale, kern};
+    const problem pr = {q, k, v, lse, dout, delta, kt, vt,
+                        {kern, q, kt, fstart, H, N, D, nqb, selector_head, protect_bos, scale},
+                        H, N, D, nqb, selector_head, selective, scale, kern};
     int failed = 0;
     #pragma omp parallel num_threads(team)
     {

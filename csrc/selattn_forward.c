@@ -58,6 +58,7 @@ int selattn_forward(const float *q, const float *k, const float *v,
     }
 
     const size_t ntasks = B * nqb;
+    const selector sp = {kern, q, kt, fstart, H, N, D, nqb, s, protect_bos, scale};
     int failed = 0;
     #pragma omp parallel num_threads(team_size(nthreads))
     {
@@ -89,12 +90,7 @@ int selattn_forward(const float *q, const float *k, const float *v,
                 size_t nvis[T];
                 visible_keys(i0, j0, rows, ncols, nvis);
                 /* 3a. selector logits -> S -> F for this tile, once for all heads (§§ 2-4) */
-                if (selective) {
-                    const float *q_bsi = q + ((b * H + s) * N + i0) * D;  /* (rows, D) */
-                    kern->gemm_nt(q_bsi, rows, block_tile(kt, b, s, kb, H, nqb, D), D, scale, ls);
-                    selection_tile(kern, ls, i0, j0, rows, ncols, protect_bos, sel);
-                    mask_tile(sel, fstart + (b * nqb + qb) * N + j0, rows, ftile);
-                }
+                if (selective) mask_of_tile(&sp, b, qb, kb, ls, sel, ftile);
                 /* 3b. every head: softmax(L - F) v, online over key tiles (§ 5) */
                 for (size_t h = 0; h < H; h++) {
                     const float *q_bhi = q + ((b * H + h) * N + i0) * D;  /* (rows, D) */

@@ -23,6 +23,7 @@ int selattn_accumulated_mask(const float *q, const float *k,
                                    fstart, nthreads);
     if (rc != SELATTN_OK) { free(fstart); free(kt); return rc; }
 
+    const selector sp = {kern, q, kt, fstart, H, N, D, nqb, selector_head, protect_bos, scale};
     int failed = 0;
     #pragma omp parallel num_threads(team_size(nthreads))
     {
@@ -39,15 +40,11 @@ int selattn_accumulated_mask(const float *q, const float *k,
             if (failed) continue;
             const size_t b = task / nqb, qb = task % nqb;
             const size_t i0 = qb * T, rows = block_len(N, i0);
-            const float *q_bs = q + ((b * H + selector_head) * N + i0) * D;
             for (size_t r = 0; r < rows; r++)                 /* zero above the diagonal */
                 memset(F + (b * N + i0 + r) * N, 0, N * sizeof(float));
             for (size_t kb = 0; kb <= qb; kb++) {
                 const size_t j0 = kb * T, ncols = block_len(N, j0);
-                kern->gemm_nt(q_bs, rows, block_tile(kt, b, selector_head, kb, H, nqb, D), D, scale,
-                              ls);
-                selection_tile(kern, ls, i0, j0, rows, ncols, protect_bos, sel);
-                mask_tile(sel, fstart + (b * nqb + qb) * N + j0, rows, ftile);
+                mask_of_tile(&sp, b, qb, kb, ls, sel, ftile);
                 for (size_t r = 0; r < rows; r++)
                     memcpy(F + (b * N + i0 + r) * N + j0, ftile + r * T, ncols * sizeof(float));
             }

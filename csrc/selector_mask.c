@@ -53,12 +53,29 @@ void mask_tile(const float *sel, const float *fstart_cols, size_t rows, float *f
     }
 }
 
+void selection_of_tile(const selector *sp, size_t b, size_t qb, size_t kb, float *ls, float *sel)
+{
+    const size_t i0 = qb * T, j0 = kb * T, rows = block_len(sp->N, i0);
+    const float *q_bsi = sp->q + ((b * sp->H + sp->s) * sp->N + i0) * sp->D;    /* (rows, D) */
+    sp->kern->gemm_nt(q_bsi, rows, block_tile(sp->kt, b, sp->s, kb, sp->H, sp->nqb, sp->D),
+                      sp->D, sp->scale, ls);
+    selection_tile(sp->kern, ls, i0, j0, rows, block_len(sp->N, j0), sp->protect_bos, sel);
+}
+
+void mask_of_tile(const selector *sp, size_t b, size_t qb, size_t kb, float *ls, float *sel,
+                  float *f)
+{
+    selection_of_tile(sp, b, qb, kb, ls, sel);
+    mask_tile(sel, sp->fstart + (b * sp->nqb + qb) * sp->N + kb * T, block_len(sp->N, qb * T), f);
+}
+
 int selector_block_prefix(const float *q, const float *kt, size_t B, size_t H, size_t N,
                           size_t D, size_t selector_head, int protect_bos, float scale,
                           const selattn_kernels *kern, float *fstart, int nthreads)
 {
     const size_t nqb = num_blocks(N);
     const size_t ntasks = B * nqb;
+    const selector sp = {kern, q, kt, NULL, H, N, D, nqb, selector_head, protect_bos, scale};
     int failed = 0;
 
     /* Pass 1: each query block's column sums of S, fstart[b, qb, j] = sum_{m in qb} S[m, j].
@@ -78,14 +95,11 @@ int selector_block_prefix(const float *q, const float *kt, size_t B, size_t H, s
             size_t b, qb;
             query_block_task(task, nqb, &b, &qb);
             const size_t i0 = qb * T, rows = block_len(N, i0);
-            const float *q_bsi = q + ((b * H + selector_head) * N + i0) * D;  /* (rows, D) */
             float *colsum = fstart + (b * nqb + qb) * N;                      /* (N,) */
             memset(colsum, 0, N * sizeof(float));
             for (size_t kb = 0; kb <= qb; kb++) {
                 const size_t j0 = kb * T, ncols = block_len(N, j0);
-                kern->gemm_nt(q_bsi, rows, block_tile(kt, b, selector_head, kb, H, nqb, D), D,
-                              scale, ls);
-                selection_tile(kern, ls, i0, j0, rows, ncols, protect_bos, sel);
+                selection_of_tile(&sp, b, qb, kb, ls, sel);
                 for (size_t r = 0; r < rows; r++)
                     for (size_t c = 0; c < ncols; c++) colsum[j0 + c] += sel[r * T + c];
             }

@@ -63,6 +63,24 @@ void selection_tile(const selattn_kernels *kern, const float *ls, size_t i0, siz
  * in r and across blocks (see selector_mask.c).  (§ 4) */
 void mask_tile(const float *sel, const float *fstart_cols, size_t rows, float *f);
 
+/* What building the selector's tiles reads: q (B, H, N, D), the transposed key tiles kt, and
+ * fstart (B, nqb, N) (not read by selection_of_tile). */
+typedef struct {
+    const selattn_kernels *kern;
+    const float *q, *kt, *fstart;
+    size_t H, N, D, nqb, s;     /* s: the selector head */
+    int protect_bos;
+    float scale;
+} selector;
+
+/* For the tile at (query block qb, key block kb) of batch element b: ls (T, T) = the selector's
+ * scaled logits and sel (T, T) = S.  (§§ 1-3) */
+void selection_of_tile(const selector *sp, size_t b, size_t qb, size_t kb, float *ls, float *sel);
+
+/* selection_of_tile, then f (T, T) = F of the tile from fstart and S.  (§§ 1-4) */
+void mask_of_tile(const selector *sp, size_t b, size_t qb, size_t kb, float *ls, float *sel,
+                  float *f);
+
 /* Fstart (B, nqb, N): the exclusive prefix over query blocks of the column sums of S.
  * kt is transpose_blocks(k). Returns SELATTN_OK or SELATTN_ENOMEM. */
 int selector_block_prefix(const float *q, const float *kt, size_t B, size_t H, size_t N,
