@@ -10,11 +10,13 @@
 #define SELATTN_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 /* cdef begin: selattn_c/build_ffi.py hands the declarations from here to the "cdef end" mark to
  * cffi, so this header is the one description of the C API. */
 #define SELATTN_OK 0
 #define SELATTN_ENOMEM 1
+#define SELATTN_EFULL 2   /* KV cache without a budget: no free slot (the caller grows it) */
 
 /* Forward: out = softmax(L - F) v, and lse = the per-row log-sum-exp that backward needs.
  * selector_head in [0, H); protect_bos, selective are 0/1. */
@@ -36,6 +38,49 @@ int selattn_accumulated_mask(const float *q, const float *k,
                              size_t B, size_t H, size_t N, size_t D,
                              size_t selector_head, int protect_bos, float scale,
                              float *F, int nthreads);
+
+/* Budgeted forward (pruned prefill): each query attends only to the keys a `budget`-slot KV cache
+ * still holds when it arrives (the rule of kv_cache.c). No N x N memory: the eviction schedule is
+ * (B, N). Same arguments as selattn_forward, without lse (there is no budgeted backward). */
+int selattn_forward_budget(const float *q, const float *k, const float *v,
+                           size_t B, size_t H, size_t N, size_t D,
+                           size_t selector_head, int protect_bos, int selective, float scale,
+                           size_t budget, float *out, int nthreads);
+
+/* A pruned KV cache for one attention layer. The caller owns every array (zero-initialised, pos
+ * filled with -1) and this struct; the functions below keep no other state.
+ * capacity is a multiple of 64 (the tile width) and >= budget. Keys are stored as transposed
+ * tiles of 64 slots, like the forward's key tiles, so one step is a row of tile products. */
+typedef struct {
+    size_t B, H, D, capacity;
+    float *kt;            /* (B, H, capacity / 64, D, 64) keys: slot c of tile t at [t][d][c] */
+    float *v;             /* (B, H, capacity, D) values */
+    int64_t *pos;         /* (B, capacity) absolute position held by each slot, -1 = free */
+    float *F;             /* (B, capacity) running accumulated mask of each slot, 0 when free */
+    int64_t *size;        /* (B,) tokens held */
+    int64_t *evictions;   /* (B,) tokens evicted so far */
+    int64_t *newest;      /* (B,) slot of the last token inserted */
+    int64_t *extent;      /* (B,) one past the highest slot in use (0 when empty) */
+    float *scratch;       /* (B, H, capacity) logits of one step */
+    float *sel;           /* (B, capacity) the selector head's logits of one step */
+    int64_t length;       /* tokens seen so far (the next token's position) */
+    size_t budget;        /* most tokens held; 0 = no budget (grow when full) */
+    float evict_threshold;  /* drop held tokens whose F exceeds it; +inf = never */
+    size_t selector_head;
+    int protect_bos, selective;
+    float scale;
+} selattn_kv_cache;
+
+/* One token: q, k, v, out are (B, H, D). Returns SELATTN_EFULL, leaving the cache untouched,
+ * when a cache without budget has no free slot. */
+int selattn_kv_step(selattn_kv_cache *c, const float *q, const float *k, const float *v,
+                    float *out, int nthreads);
+
+/* N tokens: q, k, v, out are (B, H, N, D); the same result and state as N steps. From an empty
+ * cache it runs the eviction rule on the selector head, then the blocked forward with that
+ * eviction schedule; on a cache that already holds tokens it runs N steps. */
+int selattn_kv_prefill(selattn_kv_cache *c, const float *q, const float *k, const float *v,
+                       size_t N, float *out, int nthreads);
 
 /* Threads and build facts. */
 int selattn_openmp_enabled(void);

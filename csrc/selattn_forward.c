@@ -7,12 +7,19 @@
  * Pass 3 (here): for each (b, query block) in parallel, for each key tile left to right:
  *   3a. the selector head's logit tile -> S tile -> F tile (shared by all heads);
  *   3b. for each head: logits - F, causal mask, online softmax, acc += P v.
+ *
+ * Pruned prefill (forward_with_evictions): key j is visible to query i only while i < evict_at[j]
+ * (the KV cache's eviction schedule, kv_cache.c). Evicted keys get F = +inf in the F tile, and key
+ * tiles whose every key was evicted before the query block starts are skipped, so a small budget
+ * also saves time.
  */
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "selattn.h"
+#include "forward_internal.h"
 #include "selector_mask.h"
 #include "tile_kernels.h"
 #include "omp_compat.h"
@@ -26,21 +33,61 @@
 static void softmax_tile_step(float *x, const float *f, const size_t *nvis, size_t rows,
                               const selattn_kernels *kern, float *m, float *l, float *alpha)
 {
-    float m_new[T], sum[T];
+    float m_new[T], shift[T], sum[T];
     kern->masked_logits(x, f, nvis, rows, m_new);              /* L - F, causal   (§ 5) */
     for (size_t r = 0; r < rows; r++) {
         m_new[r] = m[r] > m_new[r] ? m[r] : m_new[r];
-        alpha[r] = expf(m[r] - m_new[r]);
+        /* A row that has seen only evicted keys so far (max -inf) keeps acc = l = 0: shift by 0
+         * so exp(-inf - shift) is 0, not NaN. Without evictions every row sees a key per tile. */
+        shift[r] = m_new[r] == -INFINITY ? 0.0f : m_new[r];
+        alpha[r] = m_new[r] == -INFINITY ? 1.0f : expf(m[r] - m_new[r]);
         m[r] = m_new[r];
     }
-    kern->exp_rows(x, m_new, rows, sum);
+    kern->exp_rows(x, shift, rows, sum);
     for (size_t r = 0; r < rows; r++) l[r] = l[r] * alpha[r] + sum[r];
+}
+
+/* Extremes of evict_at over each key tile: tmin/tmax (B, nqb). A tile whose tmax <= i0 is
+ * invisible to every query from i0 on; one whose tmin >= the block's end needs no marking. */
+static void evicted_tile_bounds(const int64_t *evict_at, size_t B, size_t N, int64_t *tmin,
+                                int64_t *tmax)
+{
+    const size_t nqb = num_blocks(N);
+    for (size_t b = 0; b < B; b++)
+        for (size_t kb = 0; kb < nqb; kb++) {
+            const int64_t *e = evict_at + b * N + kb * T;
+            int64_t lo = INT64_MAX, hi = INT64_MIN;
+            for (size_t c = 0; c < block_len(N, kb * T); c++) {
+                lo = e[c] < lo ? e[c] : lo;
+                hi = e[c] > hi ? e[c] : hi;
+            }
+            tmin[b * nqb + kb] = lo;
+            tmax[b * nqb + kb] = hi;
+        }
+}
+
+/* f (rows, T) <- +inf where key j0 + c was evicted before query i0 + r attends. */
+static void mark_evicted(float *f, const int64_t *evict_at_j, size_t i0, size_t rows,
+                         size_t ncols)
+{
+    for (size_t r = 0; r < rows; r++)
+        for (size_t c = 0; c < ncols; c++)
+            if ((int64_t)(i0 + r) >= evict_at_j[c]) f[r * T + c] = INFINITY;
 }
 
 int selattn_forward(const float *q, const float *k, const float *v,
                     size_t B, size_t H, size_t N, size_t D,
                     size_t selector_head, int protect_bos, int selective, float scale,
                     float *out, float *lse, int nthreads)
+{
+    return forward_with_evictions(q, k, v, B, H, N, D, selector_head, protect_bos, selective,
+                                  scale, NULL, out, lse, nthreads);
+}
+
+int forward_with_evictions(const float *q, const float *k, const float *v,
+                           size_t B, size_t H, size_t N, size_t D,
+                           size_t selector_head, int protect_bos, int selective, float scale,
+                           const int64_t *evict_at, float *out, float *lse, int nthreads)
 {
     const selattn_kernels *kern = selattn_select_kernels();
     const size_t nqb = num_blocks(N);
@@ -56,6 +103,15 @@ int selattn_forward(const float *q, const float *k, const float *v,
                                          nthreads);
         if (rc != SELATTN_OK) { free(fstart); free(kt); return rc; }
     }
+
+    int64_t *tmin = NULL, *tmax = NULL;              /* (B, nqb) evict_at per key tile */
+    if (evict_at) {
+        tmin = malloc(B * nqb * sizeof(int64_t));
+        tmax = malloc(B * nqb * sizeof(int64_t));
+        if (!tmin || !tmax) { free(tmin); free(tmax); free(fstart); free(kt); return SELATTN_ENOMEM; }
+        evicted_tile_bounds(evict_at, B, N, tmin, tmax);
+    }
+    const int masked = selective || evict_at;        /* is there an F tile to subtract? */
 
     const size_t ntasks = B * nqb;
     const selector sp = {kern, q, kt, fstart, H, N, D, nqb, s, protect_bos, scale};
@@ -87,10 +143,14 @@ int selattn_forward(const float *q, const float *k, const float *v,
 
             for (size_t kb = 0; kb <= qb; kb++) {
                 const size_t j0 = kb * T, ncols = block_len(N, j0);
+                if (evict_at && tmax[b * nqb + kb] <= (int64_t)i0) continue;  /* all evicted */
                 size_t nvis[T];
                 visible_keys(i0, j0, rows, ncols, nvis);
                 /* 3a. selector logits -> S -> F for this tile, once for all heads (§§ 2-4) */
                 if (selective) mask_of_tile(&sp, b, qb, kb, ls, sel, ftile);
+                else if (evict_at) memset(ftile, 0, T * T * sizeof(float));
+                if (evict_at && tmin[b * nqb + kb] < (int64_t)(i0 + rows))
+                    mark_evicted(ftile, evict_at + b * N + j0, i0, rows, ncols);
                 /* 3b. every head: softmax(L - F) v, online over key tiles (§ 5) */
                 for (size_t h = 0; h < H; h++) {
                     const float *q_bhi = q + ((b * H + h) * N + i0) * D;  /* (rows, D) */
@@ -102,25 +162,25 @@ int selattn_forward(const float *q, const float *k, const float *v,
                                       x);
                     }
                     float *m_h = m + h * T, *l_h = l + h * T, *acc_h = acc + h * T * D;
-                    softmax_tile_step(x, selective ? ftile : NULL, nvis, rows, kern, m_h, l_h, alpha);
+                    softmax_tile_step(x, masked ? ftile : NULL, nvis, rows, kern, m_h, l_h, alpha);
                     kern->gemm_acc(x, rows, v_bhj, ncols, D, alpha, acc_h);   /* alpha acc + P v */
                 }
             }
             /* normalise and keep the log-sum-exp for the backward */
             for (size_t h = 0; h < H; h++) {
                 float *out_bhi = out + ((b * H + h) * N + i0) * D;        /* (rows, D) */
-                float *lse_bhi = lse + (b * H + h) * N + i0;             /* (rows,) */
+                float *lse_bhi = lse ? lse + (b * H + h) * N + i0 : NULL;  /* (rows,) */
                 for (size_t r = 0; r < rows; r++) {
                     const float inv = 1.0f / l[h * T + r];
                     for (size_t d = 0; d < D; d++)
                         out_bhi[r * D + d] = acc[(h * T + r) * D + d] * inv;
-                    lse_bhi[r] = m[h * T + r] + logf(l[h * T + r]);
+                    if (lse) lse_bhi[r] = m[h * T + r] + logf(l[h * T + r]);
                 }
             }
         }
         free(ls); free(sel); free(ftile); free(x); free(m); free(l); free(alpha);
         free(acc);
     }
-    free(fstart); free(kt);
+    free(tmin); free(tmax); free(fstart); free(kt);
     return failed ? SELATTN_ENOMEM : SELATTN_OK;
 }

@@ -4,6 +4,7 @@ See ``selattn_reference.attention`` for the layer and ``docs/selective-attention
 line-by-line explanation.
 """
 
+from .cache import KVCache
 from .attention import (
     Cache,
     accumulated_mask,
@@ -16,6 +17,7 @@ from .attention import (
 
 __all__ = [
     "Cache",
+    "KVCache",
     "accumulated_mask",
     "backward",
     "eviction_mask",

@@ -26,6 +26,7 @@ from .validation import (
     check_qkv,
     check_selector_head,
     check_tau,
+    check_threshold,
     resolve_scale,
 )
 
@@ -97,17 +98,21 @@ def accumulated_mask(q, k, *, selector_head: int = 0, protect_bos: bool = True,
 # Pruning: which keys a K-slot buffer still holds when query i attends
 
 
-def eviction_mask(F, budget: int, *, protect_bos: bool = True) -> np.ndarray:
+def eviction_mask(F, budget: Optional[int], *, protect_bos: bool = True,
+                  evict_threshold: Optional[float] = None) -> np.ndarray:
     """Which keys a ``budget``-slot KV buffer holds when each query attends.  § 6
 
     Walk i = 0..N-1: insert token i; while more than ``budget`` tokens are held, drop the held
     token with the largest ``F[i, j]`` (never i itself, never BOS when protected; on equal F the
     oldest). Because F never decreases down a column, a dropped token would never have come back.
+    With ``evict_threshold=t``, first drop every held token with ``F[i, j] > t`` (BOS excepted
+    when protected): the KV cache's optional threshold rule (§ 9).
 
     Parameters
     ----------
     F : (B, N, N) accumulated mask
-    budget : int, slots; >= 2 with BOS protection, >= 1 without
+    budget : int or None, slots; >= 2 with BOS protection, >= 1 without (None: no limit)
+    evict_threshold : float >= 0 or None
 
     Returns
     -------
@@ -115,11 +120,18 @@ def eviction_mask(F, budget: int, *, protect_bos: bool = True) -> np.ndarray:
     """
     F = check_mask(F)
     K = check_budget(budget, bool(protect_bos))
+    t = check_threshold(evict_threshold)
     B, N, _ = F.shape
+    K = N if K is None else K
     visible = np.zeros((B, N, N), dtype=bool)
     for b in range(B):
         held = np.zeros(N, dtype=bool)                   # (N,) the buffer
         for i in range(N):
+            if t is not None:                            # the threshold rule
+                over = held & (F[b, i] > t)
+                if protect_bos:
+                    over[0] = False
+                held &= ~over
             held[i] = True
             if held.sum() > K:                           # one insert needs at most one drop
                 evictable = held.copy()

@@ -87,6 +87,32 @@ def check_budget(budget, protect_bos: bool) -> Optional[int]:
     return int(budget)
 
 
+def check_threshold(evict_threshold) -> Optional[float]:
+    """None, or a finite float >= 0 (a held token is dropped once its F exceeds it)."""
+    if evict_threshold is None:
+        return None
+    if isinstance(evict_threshold, bool) or not isinstance(
+            evict_threshold, (int, float, np.integer, np.floating)):
+        raise TypeError(f"evict_threshold must be a number or None, got "
+                        f"{type(evict_threshold).__name__}")
+    t = float(evict_threshold)
+    if not np.isfinite(t) or t < 0:
+        raise ValueError(f"evict_threshold must be a finite number >= 0, got {evict_threshold!r}")
+    return t
+
+
+def check_cache_dims(batch, heads, head_dim) -> tuple:
+    """(B, H, D) as ints >= 1."""
+    dims = []
+    for name, x in (("batch", batch), ("heads", heads), ("head_dim", head_dim)):
+        if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
+            raise TypeError(f"{name} must be an int, got {type(x).__name__}")
+        if x < 1:
+            raise ValueError(f"{name} must be >= 1, got {x}")
+        dims.append(int(x))
+    return tuple(dims)
+
+
 def check_tau(tau) -> float:
     """Check the memory-loss threshold tau > 0."""
     if isinstance(tau, bool) or not isinstance(tau, (int, float, np.floating, np.integer)):

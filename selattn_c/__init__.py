@@ -4,6 +4,7 @@ The API mirrors ``selattn_reference.attention`` (the NumPy spec):
 
 - ``forward(q, k, v, ...) -> (out, ctx)`` and ``backward(dout, ctx) -> (dq, dk, dv)``,
 - ``accumulated_mask(q, k, ...) -> F`` (materialises (B, N, N): for inspection and plots only),
+- ``KVCache``: the pruned KV cache for token-by-token decoding (``selattn_c.kv_cache``),
 - ``openmp_enabled()``, ``get_num_threads()``, ``set_num_threads(n)``, ``kernel_name()``.
 
 Inputs are (B, H, N, D) float32 or float64 arrays of any strides; the kernels compute in float32
@@ -19,6 +20,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from selattn_reference.validation import (
+    check_budget,
     check_like,
     check_qkv,
     check_selector_head,
@@ -29,6 +31,7 @@ from ._selattn_cffi import ffi, lib
 
 __all__ = [
     "Context",
+    "KVCache",
     "accumulated_mask",
     "backward",
     "build_info",
@@ -101,6 +104,7 @@ class Context:
     selector_head: int
     protect_bos: bool
     selective: bool
+    budget: Optional[int] = None   # a budgeted (pruned) forward has no backward
 
 
 def _f32(x: np.ndarray, name: str, checked: bool = True) -> np.ndarray:
@@ -130,7 +134,8 @@ def _threads_arg() -> int:
 
 
 def forward(q, k, v, *, selector_head: int = 0, protect_bos: bool = True, selective: bool = True,
-            scale: Optional[float] = None) -> Tuple[np.ndarray, Context]:
+            scale: Optional[float] = None, budget: Optional[int] = None
+            ) -> Tuple[np.ndarray, Context]:
     """Selective attention, forward, in float32 without any N x N buffer.
 
     Parameters
@@ -140,6 +145,9 @@ def forward(q, k, v, *, selector_head: int = 0, protect_bos: bool = True, select
     protect_bos : bool, never mask position 0
     selective : bool, False gives standard causal attention
     scale : float or None, logit scale (default ``1/sqrt(D)``)
+    budget : int or None, pruned prefill: each query attends only to the keys a ``budget``-slot
+        KV cache (``KVCache``) still holds when it arrives; O(B x N) extra memory. There is no
+        backward through a budget (an inference feature): ``backward`` refuses its context.
 
     Returns
     -------
@@ -149,14 +157,21 @@ def forward(q, k, v, *, selector_head: int = 0, protect_bos: bool = True, select
     q, k, v, (B, H, N, D) = check_qkv(q, k, v)
     s = check_selector_head(selector_head, H)
     scale = resolve_scale(scale, D)
+    budget = check_budget(budget, bool(protect_bos))
     q, k, v = _f32(q, "q"), _f32(k, "k"), _f32(v, "v")
     out = np.empty((B, H, N, D), dtype=np.float32)
     lse = np.empty((B, H, N), dtype=np.float32)
-    rc = lib.selattn_forward(_ptr(q), _ptr(k), _ptr(v), B, H, N, D, s, bool(protect_bos),
-                             bool(selective), scale, _ptr(out), _ptr(lse), _threads_arg())
+    if budget is None:
+        rc = lib.selattn_forward(_ptr(q), _ptr(k), _ptr(v), B, H, N, D, s, bool(protect_bos),
+                                 bool(selective), scale, _ptr(out), _ptr(lse), _threads_arg())
+    else:
+        lse.fill(np.nan)   # not computed: nothing may differentiate through a budget
+        rc = lib.selattn_forward_budget(_ptr(q), _ptr(k), _ptr(v), B, H, N, D, s,
+                                        bool(protect_bos), bool(selective), scale, budget,
+                                        _ptr(out), _threads_arg())
     _check_rc(rc, "forward")
     ctx = Context(q=q, k=k, v=v, out=out, lse=lse, scale=scale, selector_head=s,
-                  protect_bos=bool(protect_bos), selective=bool(selective))
+                  protect_bos=bool(protect_bos), selective=bool(selective), budget=budget)
     return out, ctx
 
 
@@ -175,6 +190,9 @@ def backward(dout, ctx: Context) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     if not isinstance(ctx, Context):
         raise TypeError(f"ctx must be the Context returned by selattn_c.forward, got "
                         f"{type(ctx).__name__}")
+    if ctx.budget is not None:
+        raise ValueError(f"backward through a budgeted forward (budget={ctx.budget}) is not "
+                         "supported: pruning is an inference feature; train with budget=None")
     B, H, N, D = ctx.q.shape
     dout = _f32(check_like(dout, "dout", (B, H, N, D)), "dout", checked=False)
     dq, dk, dv = (np.empty((B, H, N, D), dtype=np.float32) for _ in range(3))
@@ -208,3 +226,6 @@ def accumulated_mask(q, k, *, selector_head: int = 0, protect_bos: bool = True,
                                       _ptr(F), _threads_arg())
     _check_rc(rc, "accumulated_mask")
     return F
+
+
+from .kv_cache import KVCache  # noqa: E402  (needs _threads_arg above)

@@ -40,6 +40,7 @@ SOURCES = [
     "selattn_forward.c",
     "selattn_backward.c",
     "selattn_mask.c",
+    "kv_cache.c",
     "selector_mask.c",
     "threads.c",
     "tile_kernels.c",

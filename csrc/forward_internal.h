@@ -1,0 +1,16 @@
+/* The forward with an eviction schedule: shared by selattn_forward (no evictions) and the pruned
+ * prefill of the KV cache (kv_cache.c). Not part of the public API. */
+#ifndef SELATTN_FORWARD_INTERNAL_H
+#define SELATTN_FORWARD_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* selattn_forward, where key j of batch element b is visible to query i only while
+ * i < evict_at[b * N + j] (evict_at (B, N), or NULL: nothing is evicted). lse may be NULL. */
+int forward_with_evictions(const float *q, const float *k, const float *v,
+                           size_t B, size_t H, size_t N, size_t D,
+                           size_t selector_head, int protect_bos, int selective, float scale,
+                           const int64_t *evict_at, float *out, float *lse, int nthreads);
+
+#endif /* SELATTN_FORWARD_INTERNAL_H */

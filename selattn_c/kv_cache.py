@@ -1,0 +1,290 @@
+"""The pruned KV cache of one selective-attention layer, in C: token-by-token decoding that evicts
+what selective attention masked, and a prefill that computes the same thing with the blocked kernel.
+
+The readable model of the same data structure is ``selattn_reference.KVCache`` (reference/cache.py);
+``docs/kv-cache.md`` explains the slot layout, the eviction rule, why it is safe, what it costs and
+how to pick a budget.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Optional, Tuple
+
+import numpy as np
+
+from selattn_reference.validation import (
+    as_float_array,
+    check_budget,
+    check_cache_dims,
+    check_selector_head,
+    check_threshold,
+    resolve_scale,
+)
+
+from ._selattn_cffi import ffi, lib
+
+TILE = 64               # slots per key tile (csrc/tile_kernels.h SELATTN_TILE)
+_INITIAL_CAPACITY = 64  # an unbudgeted cache starts with one tile of slots and doubles when full
+
+
+def _round_up(n: int) -> int:
+    return max(TILE, -(-n // TILE) * TILE)
+
+
+class KVCache:
+    """A pruned KV cache for one selective-attention layer (float32, C kernels).
+
+    Parameters
+    ----------
+    batch, heads, head_dim : int, B, H and D of the tokens it will hold
+    budget : int or None, most tokens held per batch element; None grows without limit. At least
+        2 with BOS protection (BOS and the newest token), at least 1 without.
+    selector_head : int, the head whose logits build the accumulated mask F (default 0)
+    protect_bos : bool, never mask or evict position 0
+    selective : bool, False gives standard attention: F = 0, so a budget evicts the oldest token
+        (a sliding window that keeps BOS)
+    scale : float or None, logit scale (default ``1/sqrt(head_dim)``)
+    evict_threshold : float >= 0 or None, also drop any held token whose F exceeds it. Its weight
+        was already multiplied by less than ``e^-evict_threshold``; see docs/kv-cache.md for the
+        error bound.
+
+    Notes
+    -----
+    One step costs O(held tokens x H x D). ``step`` and ``prefill`` give the same outputs and leave
+    the same state (bitwise for the state; the outputs agree to float32 rounding, since the
+    prefill's blocked kernel sums in another order). A cache refuses to be used by two threads at
+    once (``RuntimeError``), and a call that raises leaves it as it was.
+    """
+
+    def __init__(self, batch: int, heads: int, head_dim: int, budget: Optional[int] = None, *,
+                 selector_head: int = 0, protect_bos: bool = True, selective: bool = True,
+                 scale: Optional[float] = None, evict_threshold: Optional[float] = None):
+        self.B, self.H, self.D = check_cache_dims(batch, heads, head_dim)
+        self.selector_head = check_selector_head(selector_head, self.H)
+        self.protect_bos = bool(protect_bos)
+        self.selective = bool(selective)
+        self.scale = resolve_scale(scale, self.D)
+        self.budget = check_budget(budget, self.protect_bos)
+        self.evict_threshold = check_threshold(evict_threshold)
+        self._lock = threading.Lock()
+        self._c = ffi.new("selattn_kv_cache *")
+        c = self._c
+        c.B, c.H, c.D = self.B, self.H, self.D
+        c.budget = self.budget or 0
+        c.evict_threshold = float("inf") if self.evict_threshold is None else self.evict_threshold
+        c.selector_head = self.selector_head
+        c.protect_bos, c.selective, c.scale = self.protect_bos, self.selective, self.scale
+        self._allocate(_round_up(self.budget) if self.budget else _INITIAL_CAPACITY)
+
+    # -- memory -----------------------------------------------------------------------------
+
+    def _allocate(self, capacity: int, old: Optional[dict] = None) -> None:
+        """Fresh buffers of ``capacity`` slots; copy the slots of ``old`` (same indices) if given."""
+        B, H, D = self.B, self.H, self.D
+        a = {
+            "kt": np.zeros((B, H, capacity // TILE, D, TILE), np.float32),  # (B, H, cap/64, D, 64)
+            "v": np.zeros((B, H, capacity, D), np.float32),                  # (B, H, cap, D)
+            "pos": np.full((B, capacity), -1, np.int64),                     # (B, cap)
+            "F": np.zeros((B, capacity), np.float32),                        # (B, cap)
+            "counts": np.zeros((4, B), np.int64),    # size, evictions, newest, extent (B,) each
+            "scratch": np.empty((B, H, capacity), np.float32),               # (B, H, cap)
+            "sel": np.empty((B, capacity), np.float32),                      # (B, cap)
+        }
+        if old is not None:
+            n = old["pos"].shape[1]
+            a["kt"][:, :, : n // TILE] = old["kt"]
+            a["v"][:, :, :n] = old["v"]
+            a["pos"][:, :n] = old["pos"]
+            a["F"][:, :n] = old["F"]
+            a["counts"][:] = old["counts"]
+        c = self._c
+        c.capacity = capacity
+        c.kt = ffi.cast("float *", ffi.from_buffer(a["kt"]))
+        c.v = ffi.cast("float *", ffi.from_buffer(a["v"]))
+        c.pos = ffi.cast("int64_t *", ffi.from_buffer(a["pos"]))
+        c.F = ffi.cast("float *", ffi.from_buffer(a["F"]))
+        counts = ffi.cast("int64_t *", ffi.from_buffer(a["counts"]))
+        c.size, c.evictions, c.newest, c.extent = (counts + i * self.B for i in range(4))
+        c.scratch = ffi.cast("float *", ffi.from_buffer(a["scratch"]))
+        c.sel = ffi.cast("float *", ffi.from_buffer(a["sel"]))
+        self._a = a      # keeps the buffers alive while the struct points into them
+
+    def _ensure_room(self, new_tokens: int) -> None:
+        """An unbudgeted cache doubles until ``new_tokens`` more fit in every batch element."""
+        if self.budget is not None:
+            return
+        need = int(self._a["counts"][0].max()) + new_tokens
+        capacity = self.capacity
+        if need > capacity:
+            while capacity < need:
+                capacity *= 2
+            self._allocate(capacity, old=self._a)
+
+    # -- state ------------------------------------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        """Slots per batch element (a multiple of 64; >= budget)."""
+        return int(self._c.capacity)
+
+    @property
+    def length(self) -> int:
+        """Tokens seen since the last reset (the next token's position)."""
+        return int(self._c.length)
+
+    @property
+    def size(self) -> np.ndarray:
+        """(B,) int64: tokens each batch element holds."""
+        return self._a["counts"][0].copy()
+
+    @property
+    def evictions(self) -> np.ndarray:
+        """(B,) int64: tokens evicted so far (by the budget or the threshold)."""
+        return self._a["counts"][1].copy()
+
+    @property
+    def positions(self) -> np.ndarray:
+        """(B, capacity) int64: absolute position of the token in each slot, -1 for a free slot."""
+        return self._a["pos"].copy()
+
+    @property
+    def F(self) -> np.ndarray:
+        """(B, capacity) float32: running accumulated mask of each slot's token (0 when free)."""
+        return self._a["F"].copy()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every buffer the cache holds (keys, values, positions, F, step scratch)."""
+        return int(sum(x.nbytes for x in self._a.values()))
+
+    def held(self, b: int) -> Tuple[np.ndarray, np.ndarray]:
+        """(positions, F) of the tokens batch element ``b`` holds, oldest first."""
+        if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or not 0 <= b < self.B:
+            raise ValueError(f"b must be an int in [0, {self.B}), got {b!r}")
+        pos = self._a["pos"][b]
+        slots = np.flatnonzero(pos >= 0)
+        order = np.argsort(pos[slots])
+        return pos[slots[order]].copy(), self._a["F"][b, slots[order]].copy()
+
+    def keys(self) -> np.ndarray:
+        """(B, H, capacity, D) float32 copy of the stored keys, in slot order (for inspection)."""
+        kt = self._a["kt"]                                    # (B, H, cap/64, D, 64)
+        return kt.transpose(0, 1, 2, 4, 3).reshape(self.B, self.H, self.capacity, self.D).copy()
+
+    def values(self) -> np.ndarray:
+        """(B, H, capacity, D) float32 copy of the stored values, in slot order."""
+        return self._a["v"].copy()
+
+    def reset(self) -> None:
+        """Forget every token (the memory is kept)."""
+        with self._exclusive():
+            self._a["pos"].fill(-1)
+            self._a["F"].fill(0.0)
+            self._a["counts"].fill(0)
+            self._c.length = 0
+
+    def __repr__(self) -> str:
+        return (f"KVCache(batch={self.B}, heads={self.H}, head_dim={self.D}, "
+                f"budget={self.budget}, length={self.length}, size={self.size.tolist()})")
+
+    # -- decoding ---------------------------------------------------------------------------
+
+    def _exclusive(self):
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError("this KVCache is in use by another thread; a cache holds one "
+                               "sequence per batch row and cannot be stepped concurrently")
+        return _Release(self._lock)
+
+    def _inputs(self, q, k, v, shape: tuple, check_finite: bool):
+        """float32 C-contiguous copies (or views) of q, k, v, all of ``shape``."""
+        out = []
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            x = as_float_array(x, name)
+            if x.shape != shape:
+                raise ValueError(f"{name} must have shape {shape}, got {x.shape}")
+            with np.errstate(over="ignore"):    # float64 beyond float32's range: reported below
+                x = np.ascontiguousarray(x, dtype=np.float32)
+            if check_finite and not np.isfinite(x).all():
+                raise ValueError(f"{name} contains NaN or infinity (after conversion to float32)")
+            out.append(x)
+        return out
+
+    def step(self, q, k, v, *, check_finite: bool = True) -> np.ndarray:
+        """Attend from one new token, then keep it (evicting as the budget requires).
+
+        Parameters
+        ----------
+        q, k, v : (B, H, D) float arrays, the new token's query, key and value
+        check_finite : bool, raise ValueError on NaN or infinity (False skips the check)
+
+        Returns
+        -------
+        out : (B, H, D) float32
+        """
+        q, k, v = self._inputs(q, k, v, (self.B, self.H, self.D), check_finite)
+        out = np.empty((self.B, self.H, self.D), np.float32)
+        with self._exclusive():
+            self._ensure_room(1)
+            rc = lib.selattn_kv_step(self._c, ffi.from_buffer("float[]", q),
+                                     ffi.from_buffer("float[]", k), ffi.from_buffer("float[]", v),
+                                     ffi.from_buffer("float[]", out), _threads())
+        _check(rc, "step")
+        return out
+
+    def prefill(self, q, k, v, *, check_finite: bool = True) -> np.ndarray:
+        """N tokens at once: the same outputs and final state as N calls of ``step``.
+
+        On an empty cache this runs the eviction rule on the selector head (O(N x held x D)),
+        then the blocked forward kernel with that eviction schedule. On a cache that already
+        holds tokens it runs N steps in C.
+
+        Parameters
+        ----------
+        q, k, v : (B, H, N, D) float arrays
+        check_finite : bool, raise ValueError on NaN or infinity (False skips the check)
+
+        Returns
+        -------
+        out : (B, H, N, D) float32
+        """
+        q = as_float_array(q, "q")
+        if q.ndim != 4:
+            raise ValueError(f"q must have 4 dimensions (B, H, N, D), got shape {q.shape}")
+        N = q.shape[2]
+        q, k, v = self._inputs(q, k, v, (self.B, self.H, N, self.D), check_finite)
+        out = np.empty((self.B, self.H, N, self.D), np.float32)
+        with self._exclusive():
+            self._ensure_room(N)
+            rc = lib.selattn_kv_prefill(self._c, ffi.from_buffer("float[]", q),
+                                        ffi.from_buffer("float[]", k),
+                                        ffi.from_buffer("float[]", v), N,
+                                        ffi.from_buffer("float[]", out), _threads())
+        _check(rc, "prefill")
+        return out
+
+
+class _Release:
+    """Context manager that releases an already acquired lock."""
+
+    def __init__(self, lock: threading.Lock):
+        self._lock = lock
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._lock.release()
+        return False
+
+
+def _threads() -> int:
+    from . import _threads_arg     # the package's thread setting (set_num_threads)
+    return _threads_arg()
+
+
+def _check(rc: int, what: str) -> None:
+    if rc == lib.SELATTN_ENOMEM:
+        raise MemoryError(f"KVCache.{what}: could not allocate scratch memory (cache unchanged)")
+    if rc != lib.SELATTN_OK:
+        raise RuntimeError(f"KVCache.{what}: the C kernel returned {rc}")  # EFULL: a bug here
