@@ -173,3 +173,71 @@ def numerical_gradient(f: Callable[[], np.ndarray], x: np.ndarray, h: float) -> 
         x[index] = old
         grad[index] = np.sum(plus - minus) / (2.0 * h)
     return grad
+
+
+# ----------------------------------------------------------------------------------------------
+# Exactly representable inputs, for comparing eviction decisions across precisions
+
+# With q, k in multiples of 1/4 in [-2, 2], D <= 32 and the scale 1/8 (a power of two), every logit
+# scale * q.k is a multiple of 1/128 below 2^4 in magnitude, and every F (a sum of at most N such
+# relus) a multiple of 1/128 below 2^11: all exactly representable in float32, in any summation
+# order. So the C kernel (float32) and the reference (float64) compute the same F bit for bit and
+# make the same eviction decisions, ties included, and their outputs can be compared within
+# float32 rounding even when the buffer rule is a discontinuous function of the inputs.
+EXACT_SCALE = 0.125
+
+
+def exact_qkv(seed: int, shape, dtype=np.float64):
+    """q, k: multiples of 1/4 in [-2, 2] (small integers hit ties and zero logits often);
+    v: standard normal rounded to float32. See EXACT_SCALE."""
+    rng = np.random.default_rng(seed)
+    q = rng.integers(-8, 9, shape) / 4.0
+    k = rng.integers(-8, 9, shape) / 4.0
+    v = rng.standard_normal(shape).astype(np.float32)
+    return q.astype(dtype), k.astype(dtype), v.astype(dtype)
+
+
+@dataclass(frozen=True)
+class CacheCase:
+    """One drawn KV-cache configuration and prompt (exactly representable, see exact_qkv)."""
+
+    q: np.ndarray  # (B, H, N, D) float64
+    k: np.ndarray  # (B, H, N, D)
+    v: np.ndarray  # (B, H, N, D)
+    budget: Optional[int]
+    evict_threshold: Optional[float]
+    selector_head: int
+    protect_bos: bool
+    selective: bool
+    seed: int
+
+    def options(self) -> Dict[str, object]:
+        """Keyword arguments of KVCache after (batch, heads, head_dim)."""
+        return dict(budget=self.budget, evict_threshold=self.evict_threshold,
+                    selector_head=self.selector_head, protect_bos=self.protect_bos,
+                    selective=self.selective, scale=EXACT_SCALE)
+
+    def __repr__(self) -> str:
+        return (f"CacheCase(shape={self.q.shape}, budget={self.budget}, "
+                f"evict_threshold={self.evict_threshold}, selector_head={self.selector_head}, "
+                f"protect_bos={self.protect_bos}, selective={self.selective}, seed={self.seed})")
+
+    def _repr_pretty_(self, printer, cycle) -> None:
+        printer.text(repr(self))
+
+
+@st.composite
+def cache_cases(draw, max_B: int = 2, max_H: int = 3, max_N: int = 90, max_D: int = 16,
+                thresholds: bool = True) -> CacheCase:
+    """Strategy for ``CacheCase``: any budget from the smallest legal one to beyond N (or None),
+    an optional threshold (multiples of 1/8, exactly representable), every option."""
+    B, H = draw(sizes(1, max_B)), draw(sizes(1, max_H))
+    N, D = draw(sizes(1, max_N)), draw(sizes(1, max_D))
+    protect_bos = draw(st.booleans())
+    budget = draw(st.one_of(st.none(), budgets(N, protect_bos)))
+    threshold = draw(st.none() | st.integers(0, 40).map(lambda t: t / 8.0)) if thresholds else None
+    seed = draw(st.integers(0, 2**32 - 1))
+    q, k, v = exact_qkv(seed, (B, H, N, D))
+    return CacheCase(q=q, k=k, v=v, budget=budget, evict_threshold=threshold,
+                     selector_head=draw(st.integers(0, H - 1)), protect_bos=protect_bos,
+                     selective=draw(st.booleans()), seed=seed)
