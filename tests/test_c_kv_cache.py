@@ -124,6 +124,20 @@ def test_budgeted_forward_matches_the_reference(case):
     assert np.abs(out - expected).max() <= atol
 
 
+@pytest.mark.parametrize("budget", [2, 3, 4, 63, 64, 65, 66, 130])
+@pytest.mark.parametrize("selective", [False, True])
+def test_budgeted_forward_at_tile_boundaries(budget, selective):
+    """Standard attention under a budget is a sliding window that keeps BOS, so key j leaves at
+    query j + budget - 1 exactly; these budgets put whole key tiles' last visible query on the
+    first, second or last row of a query block (the tile-skipping and masking edge cases)."""
+    q, k, v = exact_qkv(9, (1, 2, 260, 8))
+    opts = dict(selective=selective, scale=EXACT_SCALE)
+    expected, _ = attention.forward(q, k, v, budget=budget, **opts)
+    out, _ = selattn_c.forward(q, k, v, budget=budget, **opts)
+    atol = out_atol(q, k, v, selector_head=0, protect_bos=True, scale=EXACT_SCALE)
+    assert np.abs(out - expected).max() <= atol
+
+
 @given(case=qkv_cases(max_N=140, max_D=16), extra=st.integers(0, 70))
 def test_budget_at_least_n_is_no_budget_bitwise(case, extra):
     """A budget that is never reached changes nothing, bit for bit: forward and prefill."""
