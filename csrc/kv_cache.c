@@ -28,7 +28,20 @@
 #define T SELATTN_TILE
 
 /* Below this much work (B * H * slots * D) a step runs on one thread: waking the team costs more. */
-#define PARALLEL_STEP_WORK ((size_t)1 << 16)
+#define PARALLEL_STEP_WORK ((size_t)1 << 18)
+
+/* 1 when none of x[0..n) is NaN or infinite. */
+static int all_finite(const float *x, size_t n)
+{
+    int ok = 1;
+    for (size_t i = 0; i < n; i++) ok &= isfinite(x[i]) != 0;   /* no early exit: vectorises */
+    return ok;
+}
+
+static int inputs_finite(const float *q, const float *k, const float *v, size_t n)
+{
+    return all_finite(q, n) && all_finite(k, n) && all_finite(v, n);
+}
 
 static int evictable(const selattn_kv_cache *c, int64_t p)
 {
@@ -148,10 +161,11 @@ static void attend_head(const selattn_kernels *kern, const selattn_kv_cache *c, 
 }
 
 int selattn_kv_step(selattn_kv_cache *c, const float *q, const float *k, const float *v,
-                    float *out, int nthreads)
+                    float *out, int check_finite, int nthreads)
 {
     const selattn_kernels *kern = selattn_select_kernels();
     const size_t B = c->B, H = c->H, D = c->D, cap = c->capacity;
+    if (check_finite && !inputs_finite(q, k, v, B * H * D)) return SELATTN_ENONFINITE;
     if (!c->budget)                      /* refuse before anything changes */
         for (size_t b = 0; b < B; b++)
             if ((size_t)c->size[b] >= cap) return SELATTN_EFULL;
@@ -255,7 +269,7 @@ static int prefill_by_steps(selattn_kv_cache *c, const float *q, const float *k,
             memcpy(ki + bh * D, k + (bh * N + i) * D, D * sizeof(float));
             memcpy(vi + bh * D, v + (bh * N + i) * D, D * sizeof(float));
         }
-        selattn_kv_step(c, qi, ki, vi, oi, nthreads);         /* room was checked above */
+        selattn_kv_step(c, qi, ki, vi, oi, 0, nthreads);      /* room was checked above */
         for (size_t bh = 0; bh < BH; bh++)
             memcpy(out + (bh * N + i) * D, oi + bh * D, D * sizeof(float));
     }
@@ -264,9 +278,10 @@ static int prefill_by_steps(selattn_kv_cache *c, const float *q, const float *k,
 }
 
 int selattn_kv_prefill(selattn_kv_cache *c, const float *q, const float *k, const float *v,
-                       size_t N, float *out, int nthreads)
+                       size_t N, float *out, int check_finite, int nthreads)
 {
     if (N == 0) return SELATTN_OK;
+    if (check_finite && !inputs_finite(q, k, v, c->B * c->H * N * c->D)) return SELATTN_ENONFINITE;
     if (c->length > 0) return prefill_by_steps(c, q, k, v, N, out, nthreads);
     if (!c->budget && c->capacity < N) return SELATTN_EFULL;
     const prompt pr = {q, k, v, c->H, N, c->selector_head, 1};

@@ -17,6 +17,7 @@
 #define SELATTN_OK 0
 #define SELATTN_ENOMEM 1
 #define SELATTN_EFULL 2   /* KV cache without a budget: no free slot (the caller grows it) */
+#define SELATTN_ENONFINITE 3  /* an input holds NaN or infinity (only when asked to check) */
 
 /* Forward: out = softmax(L - F) v, and lse = the per-row log-sum-exp that backward needs.
  * selector_head in [0, H); protect_bos, selective are 0/1. */
@@ -71,16 +72,17 @@ typedef struct {
     float scale;
 } selattn_kv_cache;
 
-/* One token: q, k, v, out are (B, H, D). Returns SELATTN_EFULL, leaving the cache untouched,
- * when a cache without budget has no free slot. */
+/* One token: q, k, v, out are (B, H, D). Returns SELATTN_EFULL when a cache without budget has
+ * no free slot, and SELATTN_ENONFINITE when check_finite is set and an input is not finite; in
+ * both cases before anything changes. */
 int selattn_kv_step(selattn_kv_cache *c, const float *q, const float *k, const float *v,
-                    float *out, int nthreads);
+                    float *out, int check_finite, int nthreads);
 
 /* N tokens: q, k, v, out are (B, H, N, D); the same result and state as N steps. From an empty
  * cache it runs the eviction rule on the selector head, then the blocked forward with that
  * eviction schedule; on a cache that already holds tokens it runs N steps. */
 int selattn_kv_prefill(selattn_kv_cache *c, const float *q, const float *k, const float *v,
-                       size_t N, float *out, int nthreads);
+                       size_t N, float *out, int check_finite, int nthreads);
 
 /* Threads and build facts. */
 int selattn_openmp_enabled(void);

@@ -22,6 +22,7 @@ from selattn_reference.validation import (
     resolve_scale,
 )
 
+from . import _threads_arg  # the package's thread setting (defined before this module loads)
 from ._selattn_cffi import ffi, lib
 
 TILE = 64               # slots per key tile (csrc/tile_kernels.h SELATTN_TILE)
@@ -196,17 +197,18 @@ class KVCache:
                                "sequence per batch row and cannot be stepped concurrently")
         return _Release(self._lock)
 
-    def _inputs(self, q, k, v, shape: tuple, check_finite: bool):
-        """float32 C-contiguous copies (or views) of q, k, v, all of ``shape``."""
+    @staticmethod
+    def _inputs(q, k, v, shape: tuple):
+        """float32 C-contiguous copies (or views) of q, k, v, all of ``shape``. Finiteness is
+        checked in C (cheaper than NumPy for one token), see ``_check``."""
         out = []
         for name, x in (("q", q), ("k", k), ("v", v)):
-            x = as_float_array(x, name)
+            if type(x) is not np.ndarray or x.dtype != np.float32 or not x.flags.c_contiguous:
+                x = as_float_array(x, name)
+                with np.errstate(over="ignore"):   # beyond float32's range: inf, caught in C
+                    x = np.ascontiguousarray(x, dtype=np.float32)
             if x.shape != shape:
                 raise ValueError(f"{name} must have shape {shape}, got {x.shape}")
-            with np.errstate(over="ignore"):    # float64 beyond float32's range: reported below
-                x = np.ascontiguousarray(x, dtype=np.float32)
-            if check_finite and not np.isfinite(x).all():
-                raise ValueError(f"{name} contains NaN or infinity (after conversion to float32)")
             out.append(x)
         return out
 
@@ -222,14 +224,15 @@ class KVCache:
         -------
         out : (B, H, D) float32
         """
-        q, k, v = self._inputs(q, k, v, (self.B, self.H, self.D), check_finite)
+        q, k, v = self._inputs(q, k, v, (self.B, self.H, self.D))
         out = np.empty((self.B, self.H, self.D), np.float32)
         with self._exclusive():
             self._ensure_room(1)
             rc = lib.selattn_kv_step(self._c, ffi.from_buffer("float[]", q),
                                      ffi.from_buffer("float[]", k), ffi.from_buffer("float[]", v),
-                                     ffi.from_buffer("float[]", out), _threads())
-        _check(rc, "step")
+                                     ffi.from_buffer("float[]", out), bool(check_finite),
+                                     _threads_arg())
+        _check(rc, "step", q, k, v)
         return out
 
     def prefill(self, q, k, v, *, check_finite: bool = True) -> np.ndarray:
@@ -252,15 +255,16 @@ class KVCache:
         if q.ndim != 4:
             raise ValueError(f"q must have 4 dimensions (B, H, N, D), got shape {q.shape}")
         N = q.shape[2]
-        q, k, v = self._inputs(q, k, v, (self.B, self.H, N, self.D), check_finite)
+        q, k, v = self._inputs(q, k, v, (self.B, self.H, N, self.D))
         out = np.empty((self.B, self.H, N, self.D), np.float32)
         with self._exclusive():
             self._ensure_room(N)
             rc = lib.selattn_kv_prefill(self._c, ffi.from_buffer("float[]", q),
                                         ffi.from_buffer("float[]", k),
                                         ffi.from_buffer("float[]", v), N,
-                                        ffi.from_buffer("float[]", out), _threads())
-        _check(rc, "prefill")
+                                        ffi.from_buffer("float[]", out), bool(check_finite),
+                                        _threads_arg())
+        _check(rc, "prefill", q, k, v)
         return out
 
 
@@ -278,12 +282,13 @@ class _Release:
         return False
 
 
-def _threads() -> int:
-    from . import _threads_arg     # the package's thread setting (set_num_threads)
-    return _threads_arg()
-
-
-def _check(rc: int, what: str) -> None:
+def _check(rc: int, what: str, q, k, v) -> None:
+    if rc == lib.SELATTN_OK:
+        return
+    if rc == lib.SELATTN_ENONFINITE:
+        name = next(n for n, x in (("q", q), ("k", k), ("v", v)) if not np.isfinite(x).all())
+        raise ValueError(f"{name} contains NaN or infinity (after conversion to float32); "
+                         "pass check_finite=False to skip this check (cache unchanged)")
     if rc == lib.SELATTN_ENOMEM:
         raise MemoryError(f"KVCache.{what}: could not allocate scratch memory (cache unchanged)")
     if rc != lib.SELATTN_OK:
