@@ -66,7 +66,13 @@ void mask_of_tile(const selector *sp, size_t b, size_t qb, size_t kb, float *ls,
                   float *f)
 {
     selection_of_tile(sp, b, qb, kb, ls, sel);
-    mask_tile(sel, sp->fstart + (b * sp->nqb + qb) * sp->N + kb * T, block_len(sp->N, qb * T), f);
+    /* The row of Fstart has N entries: the last key tile has only ncols of them. Copy those and
+     * zero-pad, so mask_tile's T-wide loop never reads past the row (past the buffer at its end). */
+    const size_t j0 = kb * T, ncols = block_len(sp->N, j0);
+    float fstart_cols[T];
+    memcpy(fstart_cols, sp->fstart + (b * sp->nqb + qb) * sp->N + j0, ncols * sizeof(float));
+    for (size_t c = ncols; c < T; c++) fstart_cols[c] = 0.0f;
+    mask_tile(sel, fstart_cols, block_len(sp->N, qb * T), f);
 }
 
 int selector_block_prefix(const float *q, const float *kt, size_t B, size_t H, size_t N,

@@ -60,7 +60,8 @@ void selection_tile(const selattn_kernels *kern, const float *ls, size_t i0, siz
                     size_t rows, size_t ncols, int protect_bos, float *sel);
 
 /* f (rows, TILE): f[r, c] = fstart_cols[c] + sum_{r' < r} sel[r', c], exactly non-decreasing
- * in r and across blocks (see selector_mask.c).  (§ 4) */
+ * in r and across blocks (see selector_mask.c). fstart_cols is (TILE,): all TILE entries are read,
+ * so a partial last key tile passes a zero-padded copy (mask_of_tile does).  (§ 4) */
 void mask_tile(const float *sel, const float *fstart_cols, size_t rows, float *f);
 
 /* What building the selector's tiles reads: q (B, H, N, D), the transposed key tiles kt, and

@@ -25,8 +25,9 @@ def as_float_array(x, name: str) -> np.ndarray:
     return x
 
 
-def check_qkv(q, k, v=None):
-    """Check that q, k (and v) are floating (B, H, N, D) arrays of one shape and dtype.
+def check_qkv(q, k, v=None, *, check_finite: bool = True):
+    """Check that q, k (and v) are floating (B, H, N, D) arrays of one shape and dtype, and (with
+    ``check_finite``) free of NaN and infinity.
 
     Returns the arrays (as ndarrays) followed by the shape ``(B, H, N, D)``.
     """
@@ -45,9 +46,10 @@ def check_qkv(q, k, v=None):
             raise TypeError(f"dtype mismatch: q is {arrays[0].dtype} but {name} is {a.dtype}")
     if min(shape) < 1:
         raise ValueError(f"every dimension of (B, H, N, D) must be >= 1, got {shape}")
-    for name, a in zip(names, arrays):
-        if not np.isfinite(a).all():
-            raise ValueError(f"{name} contains NaN or infinity")
+    if check_finite:
+        for name, a in zip(names, arrays):
+            if not np.isfinite(a).all():
+                raise ValueError(f"{name} contains NaN or infinity")
     return (*arrays, shape)
 
 

@@ -9,7 +9,11 @@ The API mirrors ``selattn_reference.attention`` (the NumPy spec):
 - ``openmp_enabled()``, ``get_num_threads()``, ``set_num_threads(n)``, ``kernel_name()``.
 
 Inputs are (B, H, N, D) float32 or float64 arrays of any strides; the kernels compute in float32
-and return float32. The GIL is released while the C code runs (cffi does so for every call).
+and return float32. The GIL is released while the C code runs (cffi does so for every call), and
+calls from several threads at once are safe (nothing is shared between calls).
+
+Bad input raises ``ValueError`` or ``TypeError`` naming the argument before any C code runs; NaN or
+infinity in an input raises ``ValueError`` unless ``check_finite=False`` (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -29,6 +33,13 @@ from selattn_reference.validation import (
 )
 
 from ._selattn_cffi import ffi, lib
+from .checks import (
+    MAX_THREADS,
+    as_c_float32,
+    check_all_finite,
+    check_buffer_sizes,
+    check_scale_float32,
+)
 
 __all__ = [
     "CAttention",
@@ -63,8 +74,8 @@ def set_num_threads(n: int) -> None:
     """Use ``n`` threads in later calls (``n >= 1``). A serial build accepts and ignores it."""
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
         raise TypeError(f"number of threads must be an int, got {type(n).__name__}")
-    if n < 1:
-        raise ValueError(f"number of threads must be >= 1, got {n}")
+    if not 1 <= n <= MAX_THREADS:
+        raise ValueError(f"number of threads must be >= 1 and <= {MAX_THREADS}, got {n}")
     _threads["n"] = int(n)
 
 
@@ -91,7 +102,7 @@ if _reason and _reason != "SELATTN_NO_OPENMP":
                   RuntimeWarning, stacklevel=2)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Context:
     """What ``backward`` needs from ``forward``: the float32 inputs, the output and the per-row
     log-sum-exp. Nothing of size N x N is kept. Inputs that already are C-contiguous float32 are
@@ -109,17 +120,16 @@ class Context:
     budget: Optional[int] = None   # a budgeted (pruned) forward has no backward
 
 
-def _f32(x: np.ndarray, name: str, checked: bool = True) -> np.ndarray:
-    """C-contiguous float32 copy (or view) of x. Values outside float32's range become inf in the
-    conversion, so converted arrays are checked for finiteness again; ``checked`` says whether x
-    itself was already found finite (check_qkv does that for q, k, v)."""
-    if x.dtype == np.float32 and checked:
-        return np.ascontiguousarray(x)
-    with np.errstate(over="ignore"):      # overflow to inf is reported just below
-        x = np.ascontiguousarray(x, dtype=np.float32)
-    if not np.isfinite(x).all():
-        raise ValueError(f"{name} contains NaN or infinity (after conversion to float32)")
-    return x
+def _c_inputs(arrays, names, check_finite: bool):
+    """C-contiguous aligned float32 versions of ``arrays``, checked for NaN and infinity after
+    the conversion (so values that overflow float32 are caught too) when ``check_finite``."""
+    out = []
+    for x, name in zip(arrays, names):
+        x = as_c_float32(x, name)
+        if check_finite:
+            check_all_finite(x, name)
+        out.append(x)
+    return out
 
 
 def _ptr(x: np.ndarray):
@@ -136,8 +146,8 @@ def _threads_arg() -> int:
 
 
 def forward(q, k, v, *, selector_head: int = 0, protect_bos: bool = True, selective: bool = True,
-            scale: Optional[float] = None, budget: Optional[int] = None
-            ) -> Tuple[np.ndarray, Context]:
+            scale: Optional[float] = None, budget: Optional[int] = None,
+            check_finite: bool = True) -> Tuple[np.ndarray, Context]:
     """Selective attention, forward, in float32 without any N x N buffer.
 
     Parameters
@@ -150,17 +160,20 @@ def forward(q, k, v, *, selector_head: int = 0, protect_bos: bool = True, select
     budget : int or None, pruned prefill: each query attends only to the keys a ``budget``-slot
         KV cache (``KVCache``) still holds when it arrives; O(B x N) extra memory. There is no
         backward through a budget (an inference feature): ``backward`` refuses its context.
+    check_finite : bool, raise ValueError when an input holds NaN or infinity (False skips the
+        scan; such inputs then give NaN outputs, never a crash)
 
     Returns
     -------
     out : (B, H, N, D) float32
     ctx : Context for ``backward``
     """
-    q, k, v, (B, H, N, D) = check_qkv(q, k, v)
+    q, k, v, (B, H, N, D) = check_qkv(q, k, v, check_finite=False)
     s = check_selector_head(selector_head, H)
-    scale = resolve_scale(scale, D)
+    scale = check_scale_float32(resolve_scale(scale, D))
     budget = check_budget(budget, bool(protect_bos))
-    q, k, v = _f32(q, "q"), _f32(k, "k"), _f32(v, "v")
+    check_buffer_sizes((B, H, N, D), "forward")
+    q, k, v = _c_inputs((q, k, v), "qkv", check_finite)
     out = np.empty((B, H, N, D), dtype=np.float32)
     lse = np.empty((B, H, N), dtype=np.float32)
     if budget is None:
@@ -168,8 +181,9 @@ def forward(q, k, v, *, selector_head: int = 0, protect_bos: bool = True, select
                                  bool(selective), scale, _ptr(out), _ptr(lse), _threads_arg())
     else:
         lse.fill(np.nan)   # not computed: nothing may differentiate through a budget
+        # a budget >= N evicts nothing: min() keeps any Python int within size_t
         rc = lib.selattn_forward_budget(_ptr(q), _ptr(k), _ptr(v), B, H, N, D, s,
-                                        bool(protect_bos), bool(selective), scale, budget,
+                                        bool(protect_bos), bool(selective), scale, min(budget, N),
                                         _ptr(out), _threads_arg())
     _check_rc(rc, "forward")
     ctx = Context(q=q, k=k, v=v, out=out, lse=lse, scale=scale, selector_head=s,
@@ -177,26 +191,49 @@ def forward(q, k, v, *, selector_head: int = 0, protect_bos: bool = True, select
     return out, ctx
 
 
-def backward(dout, ctx: Context) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Selective attention, backward, including the path through F into the selector head.
-
-    Parameters
-    ----------
-    dout : (B, H, N, D) float array, upstream gradient of ``out``
-    ctx : Context from ``forward``
-
-    Returns
-    -------
-    dq, dk, dv : (B, H, N, D) float32
-    """
+def _check_context(ctx) -> None:
+    """A Context whose arrays the backward kernel can read: the kernel trusts the shapes, so a
+    Context built or altered by hand is checked field by field (no data is scanned)."""
     if not isinstance(ctx, Context):
         raise TypeError(f"ctx must be the Context returned by selattn_c.forward, got "
                         f"{type(ctx).__name__}")
     if ctx.budget is not None:
         raise ValueError(f"backward through a budgeted forward (budget={ctx.budget}) is not "
                          "supported: pruning is an inference feature; train with budget=None")
+    q = ctx.q
+    if not isinstance(q, np.ndarray) or q.ndim != 4:
+        raise ValueError("ctx.q must be a (B, H, N, D) array: this Context was not made by "
+                         "selattn_c.forward")
+    B, H, N, D = q.shape
+    expected = {"q": (B, H, N, D), "k": (B, H, N, D), "v": (B, H, N, D), "out": (B, H, N, D),
+                "lse": (B, H, N)}
+    for name, shape in expected.items():
+        x = getattr(ctx, name)
+        if not (isinstance(x, np.ndarray) and x.shape == shape and x.dtype == np.float32
+                and x.flags.c_contiguous and x.flags.aligned):
+            raise ValueError(f"ctx.{name} must be a C-contiguous float32 array of shape {shape}: "
+                             "this Context was not made by selattn_c.forward")
+    check_selector_head(ctx.selector_head, H)
+    check_scale_float32(resolve_scale(ctx.scale, D))
+
+
+def backward(dout, ctx: Context, *, check_finite: bool = True
+             ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Selective attention, backward, including the path through F into the selector head.
+
+    Parameters
+    ----------
+    dout : (B, H, N, D) float array, upstream gradient of ``out``
+    ctx : Context from ``forward``
+    check_finite : bool, raise ValueError when dout holds NaN or infinity (False skips the scan)
+
+    Returns
+    -------
+    dq, dk, dv : (B, H, N, D) float32
+    """
+    _check_context(ctx)
     B, H, N, D = ctx.q.shape
-    dout = _f32(check_like(dout, "dout", (B, H, N, D)), "dout", checked=False)
+    (dout,) = _c_inputs([check_like(dout, "dout", (B, H, N, D))], ["dout"], check_finite)
     dq, dk, dv = (np.empty((B, H, N, D), dtype=np.float32) for _ in range(3))
     rc = lib.selattn_backward(_ptr(ctx.q), _ptr(ctx.k), _ptr(ctx.v), _ptr(ctx.out),
                               _ptr(ctx.lse), _ptr(dout), B, H, N, D, ctx.selector_head,
@@ -207,22 +244,23 @@ def backward(dout, ctx: Context) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def accumulated_mask(q, k, *, selector_head: int = 0, protect_bos: bool = True,
-                     scale: Optional[float] = None) -> np.ndarray:
+                     scale: Optional[float] = None, check_finite: bool = True) -> np.ndarray:
     """The accumulated mask F (B, N, N) in float32, for inspection and plots only.
 
     Parameters
     ----------
     q, k : (B, H, N, D) float arrays
-    selector_head, protect_bos, scale : as in ``forward``
+    selector_head, protect_bos, scale, check_finite : as in ``forward``
 
     Returns
     -------
     F : (B, N, N) float32, ``F[b, i, j] = sum_{m < i} S[b, m, j]``
     """
-    q, k, (B, H, N, D) = check_qkv(q, k)
+    q, k, (B, H, N, D) = check_qkv(q, k, check_finite=False)
     s = check_selector_head(selector_head, H)
-    scale = resolve_scale(scale, D)
-    q, k = _f32(q, "q"), _f32(k, "k")
+    scale = check_scale_float32(resolve_scale(scale, D))
+    check_buffer_sizes((B, H, N, D), "accumulated_mask", mask=True)
+    q, k = _c_inputs((q, k), "qk", check_finite)
     F = np.empty((B, N, N), dtype=np.float32)
     rc = lib.selattn_accumulated_mask(_ptr(q), _ptr(k), B, H, N, D, s, bool(protect_bos), scale,
                                       _ptr(F), _threads_arg())

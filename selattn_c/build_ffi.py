@@ -9,6 +9,9 @@ tile kernels are compiled with target pragmas and chosen at run time (csrc/tile_
 
 OpenMP is probed by compiling and linking a tiny program with ``-fopenmp``. Where that fails the
 build is serial and says so; ``SELATTN_NO_OPENMP=1`` forces a serial build.
+
+``SELATTN_SANITIZE=1`` builds with AddressSanitizer and UndefinedBehaviorSanitizer, for tests only
+(``.ci/sanitize`` and docs/reliability.md say how to run Python with it).
 """
 
 from __future__ import annotations
@@ -50,6 +53,23 @@ SOURCES = [
 ]
 
 BASE_FLAGS = ["-O3", "-std=gnu99", "-fno-strict-aliasing", "-Wall", "-Wno-psabi"]
+
+# The sanitizer build: out-of-bounds and use-after-free (address), integer overflow, misaligned or
+# null pointers, bad shifts (undefined); -fno-sanitize-recover makes any report abort the process,
+# so a test run cannot pass with one. -O1 -g keeps the reported stacks readable.
+SANITIZE_COMPILE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+                    "-fno-omit-frame-pointer", "-g", "-O1"]
+SANITIZE_LINK = ["-fsanitize=address,undefined"]
+
+
+def sanitizer_flags() -> tuple[list[str], list[str]]:
+    """(compile_args, link_args) of the sanitizer build when ``SELATTN_SANITIZE`` is set, else
+    empty lists."""
+    if os.environ.get("SELATTN_SANITIZE", "") in ("", "0"):
+        return [], []
+    print("selattn: SELATTN_SANITIZE is set: building with -fsanitize=address,undefined",
+          file=sys.stderr)
+    return SANITIZE_COMPILE, SANITIZE_LINK
 
 
 def _compiler() -> str:
@@ -97,6 +117,7 @@ def _c_string(text: str) -> str:
 ffibuilder = FFI()
 ffibuilder.cdef(public_declarations())
 _omp_compile, _omp_link, _serial_reason = openmp_flags()
+_san_compile, _san_link = sanitizer_flags()
 ffibuilder.set_source(
     "selattn_c._selattn_cffi",
     '#include "selattn.h"\n',
@@ -104,8 +125,8 @@ ffibuilder.set_source(
     sources=[os.path.relpath(CSRC / s) for s in SOURCES],
     include_dirs=[str(CSRC)],
     define_macros=[("SELATTN_SERIAL_REASON", _c_string(_serial_reason))],
-    extra_compile_args=BASE_FLAGS + _omp_compile,
-    extra_link_args=_omp_link + ["-lm"],
+    extra_compile_args=BASE_FLAGS + _omp_compile + _san_compile,   # later -O1 wins over -O3
+    extra_link_args=_omp_link + _san_link + ["-lm"],
 )
 
 if __name__ == "__main__":

@@ -24,8 +24,14 @@ from selattn_reference.validation import (
 
 from . import _threads_arg  # the package's thread setting (defined before this module loads)
 from ._selattn_cffi import ffi, lib
+from .checks import (
+    TILE,
+    as_c_float32,
+    check_buffer_sizes,
+    check_cache_bytes,
+    check_scale_float32,
+)
 
-TILE = 64               # slots per key tile (csrc/tile_kernels.h SELATTN_TILE)
 _INITIAL_CAPACITY = 64  # an unbudgeted cache starts with one tile of slots and doubles when full
 
 
@@ -55,7 +61,9 @@ class KVCache:
     One step costs O(held tokens x H x D). ``step`` and ``prefill`` give the same outputs and leave
     the same state (bitwise for the state; the outputs agree to float32 rounding, since the
     prefill's blocked kernel sums in another order). A cache refuses to be used by two threads at
-    once (``RuntimeError``), and a call that raises leaves it as it was.
+    once (``RuntimeError``: every method and property takes the cache's lock without waiting),
+    and a call that raises leaves it exactly as it was. ``close()`` frees its memory; a closed
+    cache raises ``ValueError`` on use. It is also a context manager that closes on exit.
     """
 
     def __init__(self, batch: int, heads: int, head_dim: int, budget: Optional[int] = None, *,
@@ -65,23 +73,20 @@ class KVCache:
         self.selector_head = check_selector_head(selector_head, self.H)
         self.protect_bos = bool(protect_bos)
         self.selective = bool(selective)
-        self.scale = resolve_scale(scale, self.D)
+        self.scale = check_scale_float32(resolve_scale(scale, self.D))
         self.budget = check_budget(budget, self.protect_bos)
         self.evict_threshold = check_threshold(evict_threshold)
         self._lock = threading.Lock()
-        self._c = ffi.new("selattn_kv_cache *")
-        c = self._c
-        c.B, c.H, c.D = self.B, self.H, self.D
-        c.budget = self.budget or 0
-        c.evict_threshold = float("inf") if self.evict_threshold is None else self.evict_threshold
-        c.selector_head = self.selector_head
-        c.protect_bos, c.selective, c.scale = self.protect_bos, self.selective, self.scale
-        self._allocate(_round_up(self.budget) if self.budget else _INITIAL_CAPACITY)
+        capacity = _round_up(self.budget) if self.budget else _INITIAL_CAPACITY
+        check_cache_bytes(self.B, self.H, self.D, capacity)
+        self._c, self._a = self._allocate(capacity)     # the C struct, and the arrays it uses
 
     # -- memory -----------------------------------------------------------------------------
 
-    def _allocate(self, capacity: int, old: Optional[dict] = None) -> None:
-        """Fresh buffers of ``capacity`` slots; copy the slots of ``old`` (same indices) if given."""
+    def _allocate(self, capacity: int, old: Optional[dict] = None, length: int = 0):
+        """A fresh C struct and buffers of ``capacity`` slots; copy the slots of ``old`` (same
+        indices) if given. The cache's own state is not touched: a caller swaps the new pair in
+        only once the call that needed it has succeeded, so a failed call changes nothing."""
         B, H, D = self.B, self.H, self.D
         a = {
             "kt": np.zeros((B, H, capacity // TILE, D, TILE), np.float32),  # (B, H, cap/64, D, 64)
@@ -99,7 +104,13 @@ class KVCache:
             a["pos"][:, :n] = old["pos"]
             a["F"][:, :n] = old["F"]
             a["counts"][:] = old["counts"]
-        c = self._c
+        c = ffi.new("selattn_kv_cache *")
+        c.B, c.H, c.D = B, H, D
+        c.budget = self.budget or 0
+        c.evict_threshold = float("inf") if self.evict_threshold is None else self.evict_threshold
+        c.selector_head = self.selector_head
+        c.protect_bos, c.selective, c.scale = self.protect_bos, self.selective, self.scale
+        c.length = length
         c.capacity = capacity
         c.kt = ffi.cast("float *", ffi.from_buffer(a["kt"]))
         c.v = ffi.cast("float *", ffi.from_buffer(a["v"]))
@@ -109,73 +120,100 @@ class KVCache:
         c.size, c.evictions, c.newest, c.extent = (counts + i * self.B for i in range(4))
         c.scratch = ffi.cast("float *", ffi.from_buffer(a["scratch"]))
         c.sel = ffi.cast("float *", ffi.from_buffer(a["sel"]))
-        self._a = a      # keeps the buffers alive while the struct points into them
+        return c, a      # `a` keeps the buffers alive while the struct points into them
 
-    def _ensure_room(self, new_tokens: int) -> None:
-        """An unbudgeted cache doubles until ``new_tokens`` more fit in every batch element."""
+    def _with_room(self, new_tokens: int):
+        """The (struct, buffers) pair a call adding ``new_tokens`` should run on: the cache's own,
+        or, when an unbudgeted cache is too small, a doubled copy (swapped in on success)."""
+        c, a = self._c, self._a
         if self.budget is not None:
-            return
-        need = int(self._a["counts"][0].max()) + new_tokens
-        capacity = self.capacity
-        if need > capacity:
-            while capacity < need:
-                capacity *= 2
-            self._allocate(capacity, old=self._a)
+            return c, a
+        need = int(a["counts"][0].max()) + new_tokens
+        capacity = int(c.capacity)
+        if need <= capacity:
+            return c, a
+        while capacity < need:
+            capacity *= 2
+        check_cache_bytes(self.B, self.H, self.D, capacity)
+        return self._allocate(capacity, old=a, length=int(c.length))
 
     # -- state ------------------------------------------------------------------------------
+    # Every reader takes the lock too: a read while another thread's step runs would see a
+    # half-updated cache, so it is refused like a concurrent step.
 
     @property
     def capacity(self) -> int:
         """Slots per batch element (a multiple of 64; >= budget)."""
-        return int(self._c.capacity)
+        with self._exclusive():
+            return int(self._c.capacity)
 
     @property
     def length(self) -> int:
         """Tokens seen since the last reset (the next token's position)."""
-        return int(self._c.length)
+        with self._exclusive():
+            return int(self._c.length)
 
     @property
     def size(self) -> np.ndarray:
         """(B,) int64: tokens each batch element holds."""
-        return self._a["counts"][0].copy()
+        with self._exclusive():
+            return self._a["counts"][0].copy()
 
     @property
     def evictions(self) -> np.ndarray:
         """(B,) int64: tokens evicted so far (by the budget or the threshold)."""
-        return self._a["counts"][1].copy()
+        with self._exclusive():
+            return self._a["counts"][1].copy()
 
     @property
     def positions(self) -> np.ndarray:
         """(B, capacity) int64: absolute position of the token in each slot, -1 for a free slot."""
-        return self._a["pos"].copy()
+        with self._exclusive():
+            return self._a["pos"].copy()
 
     @property
     def F(self) -> np.ndarray:
         """(B, capacity) float32: running accumulated mask of each slot's token (0 when free)."""
-        return self._a["F"].copy()
+        with self._exclusive():
+            return self._a["F"].copy()
 
     @property
     def nbytes(self) -> int:
-        """Bytes of every buffer the cache holds (keys, values, positions, F, step scratch)."""
-        return int(sum(x.nbytes for x in self._a.values()))
+        """Bytes of every buffer the cache holds (keys, values, positions, F, step scratch);
+        0 once closed."""
+        if self._a is None:
+            return 0
+        with self._exclusive():
+            return int(sum(x.nbytes for x in self._a.values()))
+
+    @property
+    def closed(self) -> bool:
+        """True after ``close()``."""
+        return self._a is None
 
     def held(self, b: int) -> Tuple[np.ndarray, np.ndarray]:
         """(positions, F) of the tokens batch element ``b`` holds, oldest first."""
-        if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or not 0 <= b < self.B:
-            raise ValueError(f"b must be an int in [0, {self.B}), got {b!r}")
-        pos = self._a["pos"][b]
-        slots = np.flatnonzero(pos >= 0)
-        order = np.argsort(pos[slots])
-        return pos[slots[order]].copy(), self._a["F"][b, slots[order]].copy()
+        if isinstance(b, bool) or not isinstance(b, (int, np.integer)):
+            raise TypeError(f"b must be an int, got {type(b).__name__}")
+        if not 0 <= b < self.B:
+            raise ValueError(f"b must be in [0, {self.B}), got {b}")
+        with self._exclusive():
+            pos = self._a["pos"][b]
+            slots = np.flatnonzero(pos >= 0)
+            order = np.argsort(pos[slots])
+            return pos[slots[order]].copy(), self._a["F"][b, slots[order]].copy()
 
     def keys(self) -> np.ndarray:
         """(B, H, capacity, D) float32 copy of the stored keys, in slot order (for inspection)."""
-        kt = self._a["kt"]                                    # (B, H, cap/64, D, 64)
-        return kt.transpose(0, 1, 2, 4, 3).reshape(self.B, self.H, self.capacity, self.D).copy()
+        with self._exclusive():
+            kt = self._a["kt"]                                # (B, H, cap/64, D, 64)
+            capacity = kt.shape[2] * TILE
+            return kt.transpose(0, 1, 2, 4, 3).reshape(self.B, self.H, capacity, self.D).copy()
 
     def values(self) -> np.ndarray:
         """(B, H, capacity, D) float32 copy of the stored values, in slot order."""
-        return self._a["v"].copy()
+        with self._exclusive():
+            return self._a["v"].copy()
 
     def reset(self) -> None:
         """Forget every token (the memory is kept)."""
@@ -185,16 +223,40 @@ class KVCache:
             self._a["counts"].fill(0)
             self._c.length = 0
 
+    def close(self) -> None:
+        """Free the cache's memory. Closing twice is fine; any other use afterwards raises
+        ValueError."""
+        if self._a is None:
+            return
+        with self._exclusive():
+            self._c, self._a = None, None
+
+    def __enter__(self) -> "KVCache":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.close()
+        return False
+
     def __repr__(self) -> str:
+        # Without the lock (a repr must not raise): the numbers may be mid-step, nothing changes.
+        c, a = self._c, self._a
+        state = "closed" if a is None else \
+            f"length={int(c.length)}, size={a['counts'][0].tolist()}"
         return (f"KVCache(batch={self.B}, heads={self.H}, head_dim={self.D}, "
-                f"budget={self.budget}, length={self.length}, size={self.size.tolist()})")
+                f"budget={self.budget}, {state})")
 
     # -- decoding ---------------------------------------------------------------------------
 
     def _exclusive(self):
+        """Take the cache's lock without waiting (RuntimeError when another thread holds it);
+        ValueError when the cache is closed. Use as ``with self._exclusive(): ...``."""
         if not self._lock.acquire(blocking=False):
             raise RuntimeError("this KVCache is in use by another thread; a cache holds one "
-                               "sequence per batch row and cannot be stepped concurrently")
+                               "sequence per batch row and cannot be used concurrently")
+        if self._a is None:
+            self._lock.release()
+            raise ValueError("this KVCache is closed")
         return _Release(self._lock)
 
     @staticmethod
@@ -203,10 +265,7 @@ class KVCache:
         checked in C (cheaper than NumPy for one token), see ``_check``."""
         out = []
         for name, x in (("q", q), ("k", k), ("v", v)):
-            if type(x) is not np.ndarray or x.dtype != np.float32 or not x.flags.c_contiguous:
-                x = as_float_array(x, name)
-                with np.errstate(over="ignore"):   # beyond float32's range: inf, caught in C
-                    x = np.ascontiguousarray(x, dtype=np.float32)
+            x = as_c_float32(as_float_array(x, name), name)   # beyond float32: inf, caught in C
             if x.shape != shape:
                 raise ValueError(f"{name} must have shape {shape}, got {x.shape}")
             out.append(x)
@@ -227,11 +286,13 @@ class KVCache:
         q, k, v = self._inputs(q, k, v, (self.B, self.H, self.D))
         out = np.empty((self.B, self.H, self.D), np.float32)
         with self._exclusive():
-            self._ensure_room(1)
-            rc = lib.selattn_kv_step(self._c, ffi.from_buffer("float[]", q),
+            c, a = self._with_room(1)
+            rc = lib.selattn_kv_step(c, ffi.from_buffer("float[]", q),
                                      ffi.from_buffer("float[]", k), ffi.from_buffer("float[]", v),
                                      ffi.from_buffer("float[]", out), bool(check_finite),
                                      _threads_arg())
+            if rc == lib.SELATTN_OK:
+                self._c, self._a = c, a
         _check(rc, "step", q, k, v)
         return out
 
@@ -255,15 +316,18 @@ class KVCache:
         if q.ndim != 4:
             raise ValueError(f"q must have 4 dimensions (B, H, N, D), got shape {q.shape}")
         N = q.shape[2]
+        check_buffer_sizes((self.B, self.H, N, self.D), "KVCache.prefill")
         q, k, v = self._inputs(q, k, v, (self.B, self.H, N, self.D))
         out = np.empty((self.B, self.H, N, self.D), np.float32)
         with self._exclusive():
-            self._ensure_room(N)
-            rc = lib.selattn_kv_prefill(self._c, ffi.from_buffer("float[]", q),
+            c, a = self._with_room(N)
+            rc = lib.selattn_kv_prefill(c, ffi.from_buffer("float[]", q),
                                         ffi.from_buffer("float[]", k),
                                         ffi.from_buffer("float[]", v), N,
                                         ffi.from_buffer("float[]", out), bool(check_finite),
                                         _threads_arg())
+            if rc == lib.SELATTN_OK:
+                self._c, self._a = c, a
         _check(rc, "prefill", q, k, v)
         return out
 

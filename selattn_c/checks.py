@@ -1,0 +1,89 @@
+"""What the C wrappers check before handing memory to C, beyond the shared checks of
+``selattn_reference.validation``: the float32 layout the kernels read, finiteness, buffer sizes
+that the C code can index, and the consistency of a ``Context``.
+
+The kernels trust their arguments (C: callers own memory, inputs const), so everything that could
+make them read or write out of bounds is refused here, with a ``ValueError`` or ``TypeError``
+naming the argument, before anything is allocated or any state changes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ._selattn_cffi import ffi
+
+TILE = 64  # rows and columns of a tile (csrc/tile_kernels.h SELATTN_TILE)
+
+# The largest buffer any call may need, in bytes. The C code indexes with size_t and the buffers
+# are NumPy arrays (signed intp), so every byte count must fit in both; beyond that a product
+# like B * H * N * D * 4 would wrap around and the kernels would index a buffer smaller than they
+# think. Sizes below this limit are computed correctly (all indexing is 64-bit) or fail to
+# allocate with a MemoryError.
+MAX_BUFFER_BYTES = min(int(np.iinfo(np.intp).max), 2 ** (8 * ffi.sizeof("size_t")) - 1)
+
+# set_num_threads refuses more: each thread of a call allocates its own scratch and OpenMP makes
+# one OS thread each, so a number like 10**6 would exhaust the process rather than speed it up.
+MAX_THREADS = 1024
+
+
+def as_c_float32(x: np.ndarray, name: str) -> np.ndarray:
+    """``x`` as a C-contiguous, aligned float32 array: ``x`` itself when it already is one, else
+    a copy (any strides, byte order or float dtype). Values beyond float32's range become inf,
+    which the finiteness check then reports."""
+    if x.dtype == np.float32 and x.flags.c_contiguous and x.flags.aligned and \
+            x.dtype.isnative:
+        return x
+    with np.errstate(over="ignore"):      # overflow to inf is reported by check_all_finite
+        return np.require(x, dtype=np.float32, requirements=["C", "A"])
+
+
+def check_all_finite(x: np.ndarray, name: str) -> None:
+    """ValueError when the float32 array ``x`` holds NaN or infinity."""
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or infinity (after conversion to float32); pass "
+                         "check_finite=False to skip this check")
+
+
+def check_scale_float32(scale: float) -> float:
+    """The C kernels take the (already finite) scale as a float32: refuse one that overflows it."""
+    with np.errstate(over="ignore"):
+        as_float32 = np.float32(scale)
+    if not np.isfinite(as_float32):
+        raise ValueError(f"scale must be finite as a float32 (|scale| < 3.4e38), got {scale!r}")
+    return scale
+
+
+def largest_buffer_bytes(B: int, H: int, N: int, D: int, *, mask: bool = False) -> int:
+    """Bytes of the largest buffer a forward, backward or accumulated_mask of (B, H, N, D)
+    allocates (with ``mask``: including the (B, N, N) output of accumulated_mask)."""
+    nqb = -(-N // TILE)                                       # ceil(N / 64) query blocks
+    sizes = [
+        4 * B * H * nqb * TILE * D,    # transposed key tiles (B, H, nqb, D, 64) >= q, k, v, out
+        4 * B * nqb * N,               # Fstart, Rstart (B, nqb, N)
+        8 * B * N,                     # eviction schedule of a budgeted forward (B, N) int64
+        4 * H * TILE * D,              # per-thread accumulators (H, 64, D)
+    ]
+    if mask:
+        sizes.append(4 * B * N * N)    # F (B, N, N)
+    return max(sizes)
+
+
+def check_buffer_sizes(shape: tuple, what: str, *, mask: bool = False) -> None:
+    """ValueError when a call on ``shape`` (B, H, N, D) would need a buffer too large to index."""
+    need = largest_buffer_bytes(*shape, mask=mask)
+    if need > MAX_BUFFER_BYTES:
+        raise ValueError(f"{what}: shape {tuple(shape)} is too large: it needs a buffer of "
+                         f"{need:.3g} bytes, more than the {MAX_BUFFER_BYTES:.3g} the C code can "
+                         "index")
+
+
+def check_cache_bytes(B: int, H: int, D: int, capacity: int) -> None:
+    """ValueError when a KV cache of ``capacity`` slots would be too large to index."""
+    need = 4 * B * H * capacity * D                           # keys (and values) (B, H, cap, D)
+    if need > MAX_BUFFER_BYTES:
+        raise ValueError(f"a KVCache of {capacity} slots for (batch, heads, head_dim) = "
+                         f"({B}, {H}, {D}) needs {need:.3g} bytes per buffer, more than the "
+                         f"{MAX_BUFFER_BYTES:.3g} the C code can index: lower the budget")

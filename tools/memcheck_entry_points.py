@@ -1,0 +1,68 @@
+"""Call every public entry point of selattn_c once or twice, on small inputs, for valgrind.
+
+Run under memcheck as docs/reliability.md shows (tools/memcheck runs it): the C code must make no
+invalid read or write, use no uninitialised value, and leak nothing. Sizes are small (valgrind
+runs code ~50x slower) but cross the tile edges (N = 70: a full and a partial tile of 64), and the
+error paths run too (a call that raises must free what it allocated).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import selattn_c
+
+
+def expect_error(call, error) -> None:
+    try:
+        call()
+    except error:
+        return
+    raise AssertionError(f"expected {error.__name__}")
+
+
+def main() -> None:
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 3, 70, 8)).astype(np.float32) for _ in range(3))
+    dout = rng.standard_normal(q.shape).astype(np.float32)
+    for threads in (1, 2):
+        selattn_c.set_num_threads(threads)
+        for selective in (True, False):
+            out, ctx = selattn_c.forward(q, k, v, selector_head=1, selective=selective)
+            selattn_c.backward(dout, ctx)
+        selattn_c.forward(q, k, v, budget=5)
+        selattn_c.forward(*(x.astype(np.float64)[:, :, ::-1] for x in (q, k, v)),
+                          protect_bos=False, budget=1)
+        selattn_c.accumulated_mask(q, k, selector_head=2)
+        selattn_c.build_info()
+
+        with selattn_c.KVCache(2, 3, 8, budget=6, evict_threshold=1.0) as cache:
+            cache.prefill(q[:, :, :40], k[:, :, :40], v[:, :, :40])
+            for i in range(40, 70):
+                cache.step(q[:, :, i], k[:, :, i], v[:, :, i])
+            cache.held(1), cache.keys(), cache.values(), cache.positions, cache.F
+            cache.reset()
+            cache.prefill(q, k, v)
+        growing = selattn_c.KVCache(2, 3, 8)                # unbudgeted: grows from 64 slots
+        growing.prefill(q[:, :, :60], k[:, :, :60], v[:, :, :60])
+        for i in range(60, 70):
+            growing.step(q[:, :, i], k[:, :, i], v[:, :, i])
+        growing.close()
+
+        # error paths and unchecked non-finite input
+        bad = q.copy()
+        bad[0, 1, 3, 2] = np.nan
+        expect_error(lambda: selattn_c.forward(bad, k, v), ValueError)
+        selattn_c.forward(bad, k, v, check_finite=False)
+        selattn_c.backward(bad, ctx, check_finite=False)
+        expect_error(lambda: selattn_c.backward(dout[:, :1], ctx), ValueError)
+        cache = selattn_c.KVCache(2, 3, 8)
+        cache.prefill(q[:, :, :64], k[:, :, :64], v[:, :, :64])
+        expect_error(lambda: cache.step(bad[:, :, 3], k[:, :, 0], v[:, :, 0]), ValueError)
+        expect_error(lambda: cache.prefill(bad, k, v), ValueError)
+        cache.step(bad[:, :, 3], k[:, :, 0], v[:, :, 0], check_finite=False)
+    print("memcheck script: every entry point ran")
+
+
+if __name__ == "__main__":
+    main()
