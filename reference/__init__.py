@@ -1,9 +1,12 @@
 """selattn_reference: the NumPy executable spec of selective attention.
 
 See ``selattn_reference.attention`` for the layer and ``docs/selective-attention.md`` for the
-line-by-line explanation.
+line-by-line explanation. ``selattn_reference.model`` is a tiny selective-attention language model
+built on it (forward and backward by hand), ``selattn_reference.optim`` its AdamW and
+``selattn_reference.checkpoint`` its ``.npz`` checkpoints.
 """
 
+from . import model
 from .cache import KVCache
 from .attention import (
     Cache,
@@ -24,5 +27,6 @@ __all__ = [
     "forward",
     "memory_loss",
     "memory_loss_backward",
+    "model",
 ]
 __version__ = "0.1.0"
