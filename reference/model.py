@@ -547,6 +547,17 @@ class ModelCache:
     Fs: Optional[List[np.ndarray]]  # per-layer F (B, N, N) when the memory loss is on
     budgets: List[Optional[int]]
 
+    @property
+    def attention_contexts(self) -> list:
+        """Each layer's attention backend context (the reference's ``Cache`` for NumpyAttention:
+        its ``L`` holds the scaled logits, ``F`` the accumulated mask)."""
+        return [block[1][1] for block in self.blocks]      # block: (ln1, attn, ...), attn[1]: ctx
+
+    @property
+    def memory_masks(self) -> Optional[List[np.ndarray]]:
+        """The per-layer F the memory loss saw (PAD rows set to tau), or None when it is off."""
+        return None if self.mem is None else self.mem[0]
+
 
 def _check_budgets(budgets, cfg: ModelConfig) -> List[Optional[int]]:
     if budgets is None:
