@@ -145,3 +145,20 @@ MODEL_FLOAT32_RTOL = 1e-4
 # relative noise of tiny gradients), so the curves drift apart slowly. Measured on 20 steps: see
 # tests/test_model_backend.py. A backend with a wrong gradient diverges by > 1e-2 within 20 steps.
 TRAINING_CURVE_RTOL = 1e-3
+
+# ----------------------------------------------------------------------------------------------
+# The inference runner (selattn_c.runner: float32 NumPy layers + C KV caches) vs the reference model
+
+# The requirement: with no budget the runner's logits equal the reference model's within
+# 1e-4 relative (max |a - b| / max |b|). The runner is float32 end to end (NumPy layers and the C
+# kernels) against the float64 reference, through up to 3 blocks; measured differences are a few
+# 1e-6 relative (like MODEL_FLOAT32_RTOL's float32-vs-float64 model). A wrong layer, a wrong
+# position offset in decoding or a wrongly evicted key moves the logits by 1e-2 or more.
+RUNNER_LOGITS_RTOL = 1e-4
+
+# Budgeted runs compare discrete eviction decisions: float32 rounding (~1e-6 relative on logits of
+# order 10) can only change a decision when two F values of a query row are that close, or when
+# a selector logit is that close to relu's kink at 0 (F then switches between exactly 0 and a
+# tiny value, changing the oldest-first tie-break). Comparisons skip inputs closer than this
+# margin to such a tie (1e-3, a hundred times the float32 error); they are a small fraction.
+RUNNER_DECISION_MARGIN = 1e-3
