@@ -6,7 +6,7 @@ built on it (forward and backward by hand), ``selattn_reference.optim`` its Adam
 ``selattn_reference.checkpoint`` its ``.npz`` checkpoints.
 """
 
-from . import model
+from . import checkpoint, model, optim
 from .cache import KVCache
 from .attention import (
     Cache,
@@ -27,6 +27,8 @@ __all__ = [
     "forward",
     "memory_loss",
     "memory_loss_backward",
+    "checkpoint",
     "model",
+    "optim",
 ]
 __version__ = "0.1.0"
