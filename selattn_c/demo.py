@@ -88,7 +88,7 @@ def format_table(rows: Sequence[Row], context: int) -> str:
 
 def run_demo(selective: Path = SELECTIVE, standard: Path = STANDARD, budgets_path: Path = BUDGETS,
              n_examples: int = 500, png: Optional[Path] = Path("selattn-masks.png"),
-             use_ascii: bool = False, out: TextIO = sys.stdout) -> List[Row]:
+             use_ascii: bool = False, out: Optional[TextIO] = None) -> List[Row]:
     """Run the demo and print its report to ``out``.
 
     Parameters
@@ -98,13 +98,14 @@ def run_demo(selective: Path = SELECTIVE, standard: Path = STANDARD, budgets_pat
     n_examples : held-out examples to answer (the first n of the selective model's held-out set)
     png : where to write the mask picture (needs matplotlib); None or ``use_ascii``: print an
         ASCII heatmap instead
-    out : text stream for the report
+    out : text stream for the report (default: sys.stdout)
 
     Returns
     -------
     rows : the table, selective full / calibrated, then standard full / calibrated
     """
     t_start = time.perf_counter()
+    out = sys.stdout if out is None else out
     sel = ModelRunner.load(selective)
     std = ModelRunner.load(standard)
     budgets = read_budgets(budgets_path, sel.cfg.n_layers)

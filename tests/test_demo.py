@@ -1,0 +1,194 @@
+"""End to end: ``selattn calibrate``, ``selattn demo`` and ``selattn plot`` through the console
+script's ``main``, on a tiny checkpoint made here (seconds) and on the bundled trained checkpoints
+(the demo the README runs, and the issue's target on it)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from selattn_c import demo
+from selattn_c.calibrate import read_budgets
+from selattn_c.cli import main
+from selattn_c.runner import ModelRunner
+from selattn_reference import model as M
+from selattn_reference.checkpoint import CheckpointError, save_checkpoint
+from selattn_reference.tasks import CharTokenizer, TaskConfig
+
+TASK = TaskConfig(n_vars=2, n_assignments=4, max_value=9)
+
+
+def tiny_checkpoint(path, selective=True, task=TASK, extra=None):
+    """A random-weight model of the tiny task, saved like `selattn train` saves (task settings and
+    the held-out split in ``extra``; entries of ``extra`` replace them)."""
+    cfg = M.ModelConfig(vocab_size=CharTokenizer.for_task(task).vocab_size,
+                        context=task.max_tokens, n_layers=2, n_heads=2, d_model=8,
+                        selective=selective)
+    params = M.init_params(cfg, seed=1)
+    for l in range(cfg.n_layers):
+        params[f"h{l}.attn.wqkv"] *= 10.0                  # O(1) selector logits: F matters
+    info = {"task": task.to_dict(), "heldout_seed": 7, "heldout_size": 40}
+    info.update(extra or {})
+    save_checkpoint(path, params, cfg, info)
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models")
+    return (tiny_checkpoint(folder / "sel.npz"), tiny_checkpoint(folder / "std.npz", False))
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ----------------------------------------------------------------------------------------------
+# selattn calibrate
+
+
+def test_calibrate_writes_budgets_next_to_the_checkpoint(models, capsys):
+    sel, _ = models
+    code, out, err = run(capsys, "calibrate", sel, "--examples", 30)
+    assert code == 0, err
+    path = sel.with_name("sel.budgets.json")
+    data = json.loads(path.read_text())
+    runner = ModelRunner.load(sel)
+    budgets = read_budgets(path, runner.cfg.n_layers)
+    assert data["checkpoint"] == "sel.npz" and data["calibration_examples"] == 30
+    assert all(2 <= b <= runner.cfg.context for b in budgets)
+    assert data["kv_bytes_calibrated"] == runner.kv_bytes(budgets)
+    # the stored score is the score of the stored budgets on the calibration split
+    examples = runner.calibration_split(30, data["calibration_seed"])
+    score = runner.evaluate(examples, budgets)
+    assert score.accuracy == pytest.approx(data["calibrated"]["accuracy"])
+    assert score.accuracy >= data["unpruned"]["accuracy"] - data["tolerance"] - 1e-12
+    assert err.startswith("calibrate: unpruned accuracy") and "calibrate: done" in err
+    assert f"wrote {path}" in out
+
+
+def test_calibrate_options(models, tmp_path, capsys):
+    sel, _ = models
+    out_path = tmp_path / "b.json"
+    code, _, err = run(capsys, "calibrate", sel, "--examples", 20, "--out", out_path,
+                       "--tolerance", 0, "--criterion", "loss", "--fractions", "0.5", "--seed", 3)
+    assert code == 0, err
+    data = json.loads(out_path.read_text())
+    assert data["criterion"] == "loss" and data["tolerance"] == 0 and data["fractions"] == [0.5]
+    assert data["calibrated"]["loss"] <= data["unpruned"]["loss"] + 1e-12
+
+
+def test_calibration_split_is_disjoint_from_the_heldout_set(models):
+    runner = ModelRunner.load(models[0])
+    heldout = {p for p, _ in runner.heldout()}
+    calibration = runner.calibration_split(100, 0)
+    assert len(heldout) == 40 and len(calibration) == 100
+    assert not heldout & {p for p, _ in calibration}
+
+
+# ----------------------------------------------------------------------------------------------
+# selattn plot
+
+
+def test_plot_ascii_shows_every_layer(models, capsys):
+    code, out, err = run(capsys, "plot", models[0], "a=1;b=2;a=", "--ascii")
+    assert code == 0, err
+    assert out.count("layer ") == 2 and "  ^a=1;b=2;a=\n" in out
+
+
+def test_plot_png(models, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "m.png"
+    code, out, err = run(capsys, "plot", models[0], "a=1;b=2;a=", "--out", png)
+    assert code == 0, err
+    assert png.read_bytes()[:4] == b"\x89PNG" and f"wrote {png}" in out
+
+
+# ----------------------------------------------------------------------------------------------
+# selattn demo on the tiny checkpoints
+
+
+def test_demo_on_given_checkpoints(models, tmp_path, capsys):
+    sel, std = models
+    budgets = tmp_path / "b.json"
+    budgets.write_text(json.dumps({"budgets": [4, 3]}))
+    code, out, err = run(capsys, "demo", "--selective", sel, "--standard", std, "--budgets",
+                         budgets, "--examples", 12, "--ascii")
+    assert code == 0, err
+    table = [line for line in out.splitlines() if line.startswith(("selective ", "standard "))]
+    assert [line.split()[:2] for line in table] == [["selective", "full"],
+                                                   ["selective", "calibrated"],
+                                                   ["standard", "full"], ["standard", "calibrated"]]
+    assert "12 held-out questions" in out and out.count("layer ") >= 2
+    runner = ModelRunner.load(sel)
+    ratio = runner.kv_bytes() / runner.kv_bytes([4, 3])
+    assert f"{ratio:.1f}x" in table[1]
+
+
+def test_demo_rows_report_what_the_runner_measures(models):
+    sel, std = models
+    runner = ModelRunner.load(sel)
+    examples = runner.heldout(10)
+    row = demo.measure(runner, "selective", "calibrated", [3, 3], examples, runner.kv_bytes())
+    answers = runner.answers([p for p, _ in examples], [3, 3])
+    assert row.accuracy == np.mean([a == want for a, (_, want) in zip(answers, examples)])
+    assert row.kv_bytes == runner.kv_bytes([3, 3]) and row.decode_tokens_per_s > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: one line on stderr, exit code 2
+
+
+@pytest.mark.parametrize("make_argv, words", [
+    (lambda d, m: ["calibrate", d / "missing.npz"], "no checkpoint file"),
+    (lambda d, m: ["calibrate", d / "garbage.npz"], "not a readable checkpoint"),
+    (lambda d, m: ["calibrate", d / "notask.npz"], "no task settings"),
+    (lambda d, m: ["plot", m[0], "a=1;x="], "character 'x' is not in the vocabulary"),
+    (lambda d, m: ["plot", m[0], "a=1;" * 40], "context"),
+    (lambda d, m: ["plot", m[0], "a=", "--vmax", "0"], "vmax"),
+    (lambda d, m: ["demo", "--selective", m[0], "--standard", m[1], "--budgets",
+                   d / "missing.json"], "budgets file"),
+    (lambda d, m: ["demo", "--selective", m[0], "--standard", m[1], "--budgets",
+                   d / "short.json"], "one entry per layer"),
+    (lambda d, m: ["demo", "--selective", m[0], "--standard", d / "garbage.npz", "--budgets",
+                   d / "short.json"], "not a readable checkpoint"),
+])
+def test_bad_input_exits_2_with_one_line(models, tmp_path, capsys, make_argv, words):
+    (tmp_path / "garbage.npz").write_bytes(b"not a zip file")
+    (tmp_path / "short.json").write_text('{"budgets": [4]}')
+    M_cfg = M.ModelConfig(vocab_size=16, context=8, n_layers=1, n_heads=1, d_model=4)
+    save_checkpoint(tmp_path / "notask.npz", M.init_params(M_cfg), M_cfg, {})
+    code, out, err = run(capsys, *make_argv(tmp_path, models))
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("selattn ") and words in err, err
+
+
+@pytest.mark.parametrize("argv", [
+    ["calibrate", "x.npz", "--tolerance", "-0.1"],
+    ["calibrate", "x.npz", "--fractions", "0.5,1.5"],
+    ["calibrate", "x.npz", "--examples", "0"],
+    ["demo", "--examples", "many"],
+])
+def test_bad_numbers_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "error: argument" in capsys.readouterr().err
+
+
+def test_runner_load_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint file"):
+        ModelRunner.load(tmp_path / "missing.npz")
+    other = TaskConfig(n_vars=3, n_assignments=4, max_value=9)       # one more letter
+    path = tiny_checkpoint(tmp_path / "m.npz")
+    cfg_vocab = ModelRunner.load(path).cfg.vocab_size
+    tiny_checkpoint(tmp_path / "bad.npz", extra={"task": other.to_dict()})
+    with pytest.raises(CheckpointError, match=f"the model's vocab_size is {cfg_vocab}"):
+        ModelRunner.load(tmp_path / "bad.npz")
+    tiny_checkpoint(tmp_path / "bad2.npz", extra={"task": {"n_vars": 2, "colour": 1}})
+    with pytest.raises(CheckpointError, match="unknown task settings"):
+        ModelRunner.load(tmp_path / "bad2.npz")
