@@ -5,6 +5,7 @@ The API mirrors ``selattn_reference.attention`` (the NumPy spec):
 - ``forward(q, k, v, ...) -> (out, ctx)`` and ``backward(dout, ctx) -> (dq, dk, dv)``,
 - ``accumulated_mask(q, k, ...) -> F`` (materialises (B, N, N): for inspection and plots only),
 - ``KVCache``: the pruned KV cache for token-by-token decoding (``selattn_c.kv_cache``),
+- ``CAttention``: the tiny LM's attention backend on these kernels (``selattn_c.backend``),
 - ``openmp_enabled()``, ``get_num_threads()``, ``set_num_threads(n)``, ``kernel_name()``.
 
 Inputs are (B, H, N, D) float32 or float64 arrays of any strides; the kernels compute in float32
@@ -30,6 +31,7 @@ from selattn_reference.validation import (
 from ._selattn_cffi import ffi, lib
 
 __all__ = [
+    "CAttention",
     "Context",
     "KVCache",
     "accumulated_mask",
@@ -229,3 +231,4 @@ def accumulated_mask(q, k, *, selector_head: int = 0, protect_bos: bool = True,
 
 
 from .kv_cache import KVCache  # noqa: E402  (needs _threads_arg above)
+from .backend import CAttention  # noqa: E402  (needs forward, backward above)
