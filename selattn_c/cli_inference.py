@@ -1,17 +1,16 @@
 """The inference commands of the ``selattn`` console script: ``calibrate``, ``demo``, ``plot``.
 
-``selattn_c.cli.main`` builds the parser and calls ``add_commands(subparsers)`` of every command
-module; each command here is a function ``args -> exit code``. Bad input (a missing or corrupt
-checkpoint, a malformed budgets file, bad numbers) prints one line ``selattn <command>: error:
-...`` and exits with 2, never a traceback.
+``selattn_c.cli.main`` builds the parser, calls ``add_commands(subparsers)`` of every command
+module and runs the chosen command's ``run(args) -> exit code``. Bad input (a missing or corrupt
+checkpoint, a malformed budgets file, bad numbers) raises ValueError / OSError here, or fails in
+argparse, and ``main`` turns it into one line ``selattn <command>: error: ...`` and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-from typing import Callable, List
+from typing import List
 
 from . import demo
 from .calibrate import (
@@ -55,18 +54,6 @@ def _non_negative_float(text: str) -> float:
     if not (x >= 0 and x != float("inf")):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
     return x
-
-
-def _guarded(name: str, command: Callable[[argparse.Namespace], int]):
-    """Run ``command``; turn the errors bad input causes into one line on stderr and exit 2."""
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return command(args)
-        except (ValueError, TypeError, OSError) as exc:
-            message = " ".join(str(exc).split())            # one line, whatever the message
-            print(f"selattn {name}: error: {message}", file=sys.stderr)
-            return 2
-    return run
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,7 +148,7 @@ def add_commands(subparsers) -> None:
                         "%(default)s)")
     p.add_argument("--seed", type=int, default=CALIBRATION_SEED,
                    help="seed of the calibration examples (default %(default)s)")
-    p.set_defaults(func=_guarded("calibrate", calibrate_command))
+    p.set_defaults(run=calibrate_command)
 
     p = subparsers.add_parser(
         "demo", help="pruned-KV-cache inference on the bundled models (the main job)",
@@ -178,7 +165,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--png", type=Path, default=Path("selattn-masks.png"),
                    help="mask picture to write (default %(default)s; needs matplotlib)")
     p.add_argument("--ascii", action="store_true", help="print ASCII heatmaps instead of a PNG")
-    p.set_defaults(func=_guarded("demo", demo_command))
+    p.set_defaults(run=demo_command)
 
     p = subparsers.add_parser(
         "plot", help="draw the accumulated masks F of every layer for a text",
@@ -191,4 +178,4 @@ def add_commands(subparsers) -> None:
     p.add_argument("--ascii", action="store_true", help="print ASCII heatmaps instead of a PNG")
     p.add_argument("--vmax", type=float, default=DEFAULT_VMAX,
                    help="F at which the colour saturates (default %(default)s)")
-    p.set_defaults(func=_guarded("plot", plot_command))
+    p.set_defaults(run=plot_command)

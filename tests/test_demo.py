@@ -174,10 +174,9 @@ def test_bad_input_exits_2_with_one_line(models, tmp_path, capsys, make_argv, wo
     ["demo", "--examples", "many"],
 ])
 def test_bad_numbers_exit_2(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    assert "error: argument" in capsys.readouterr().err
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert err.count("\n") == 1 and f"selattn {argv[0]}: error: argument" in err, err
 
 
 def test_runner_load_errors(tmp_path):
