@@ -113,9 +113,11 @@ class ModelRunner:
         """``n`` examples from ``seed`` that share no prompt with the held-out set: budgets are
         fitted on these, so the held-out accuracy under calibrated budgets stays honest."""
         task = self._need_task()
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise TypeError(f"seed must be an int >= 0, got {seed!r}")
         size, heldout_seed = self._heldout_split()
         exclude = prompts(make_split(task, size, heldout_seed))
-        return make_split(task, _check_count("n", n), seed, exclude=exclude)
+        return make_split(task, _check_count("n", n), int(seed), exclude=exclude)
 
     def encode(self, text: str) -> np.ndarray:
         """(1, N) token ids of BOS + ``text``."""
@@ -248,14 +250,17 @@ class ModelRunner:
         """Greedy answers of many prompts, decoded through the pruned caches: prompts of equal
         length share a batch (one prefill, then one step per answer token)."""
         task = self._need_task()
+        if isinstance(prompt_texts, str):
+            raise TypeError("prompt_texts must be a sequence of str, got one str")
+        encoded = [self.encode(text) for text in prompt_texts]              # (1, N) each
         max_answer = len(str(task.max_value)) + 1                          # digits and ';'
         stop = self.tokenizer.encode(";")[0]
         by_length: Dict[int, List[int]] = {}
-        for i, text in enumerate(prompt_texts):
-            by_length.setdefault(len(text), []).append(i)
+        for i, tokens in enumerate(encoded):
+            by_length.setdefault(tokens.shape[1], []).append(i)
         result: List[str] = [""] * len(prompt_texts)
         for rows in by_length.values():
-            tokens = np.concatenate([self.encode(prompt_texts[i]) for i in rows])   # (B, N)
+            tokens = np.concatenate([encoded[i] for i in rows])            # (B, N)
             steps = min(max_answer, self.cfg.context - tokens.shape[1] + 1)
             new = self._greedy(tokens, self.new_caches(len(rows), budgets), steps, stop)
             for i, ids in zip(rows, new):

@@ -191,3 +191,27 @@ def test_runner_load_errors(tmp_path):
     tiny_checkpoint(tmp_path / "bad2.npz", extra={"task": {"n_vars": 2, "colour": 1}})
     with pytest.raises(CheckpointError, match="unknown task settings"):
         ModelRunner.load(tmp_path / "bad2.npz")
+
+
+@pytest.mark.parametrize("call, error, words", [
+    (lambda r: r.answers(["a=1;a=", 5]), TypeError, "text must be a str"),
+    (lambda r: r.answers(["a=1;c="]), ValueError, "character 'c' is not in the vocabulary"),
+    (lambda r: r.evaluate([]), ValueError, "examples must not be empty"),
+    (lambda r: r.evaluate(r.heldout(2), batch_size=0), ValueError, "batch_size"),
+    (lambda r: r.evaluate(r.heldout(2), [2]), ValueError, "one entry per layer"),
+    (lambda r: r.heldout(0), ValueError, "n must be >= 1"),
+    (lambda r: r.calibration_split(5, 1.5), TypeError, "seed"),
+    (lambda r: r.masks(b"a=1;"), TypeError, "text must be a str"),
+    (lambda r: r.generate("a=1;b=2;" * 6, 3), ValueError, "does not fit the context"),
+])
+def test_runner_task_methods_refuse_bad_input(models, call, error, words):
+    with pytest.raises(error, match=words):
+        call(ModelRunner.load(models[0]))
+
+
+def test_text_generation_stops_after_the_answer(models):
+    runner = ModelRunner.load(models[0])
+    prompt = runner.heldout(1)[0][0]
+    text = runner.generate(prompt, 2)
+    assert text == runner.answers([prompt])[0]
+    assert ";" not in text[:-1] and len(text) <= 2
