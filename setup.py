@@ -19,6 +19,9 @@ setup(
     python_requires=">=3.9",
     packages=["selattn_reference", "selattn_c"],
     package_dir={"selattn_reference": "reference", "selattn_c": "selattn_c"},
+    # The trained checkpoints (and their training logs) install with the package.
+    package_data={"selattn_c": ["data/*"]},
+    entry_points={"console_scripts": ["selattn = selattn_c.cli:main"]},
     setup_requires=["cffi>=1.15"],
     cffi_modules=["selattn_c/build_ffi.py:ffibuilder"],
     install_requires=["numpy>=1.22", "cffi>=1.15"],

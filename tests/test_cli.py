@@ -1,0 +1,133 @@
+"""The ``selattn`` console script: a tiny ``train`` end to end, ``eval`` of what it wrote, and
+one-line errors with exit status 2 for bad input.
+
+The end-to-end test runs the installed console script in a subprocess from a temporary directory
+(outside the repository); the error tests call ``selattn_c.cli.main`` in-process (faster).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from selattn_c.cli import main
+
+TINY_TRAIN = ["--n-vars", "2", "--n-assignments", "3", "--max-value", "9", "--d-model", "16",
+              "--n-heads", "2", "--batch-size", "16", "--steps", "12", "--eval-every", "6",
+              "--heldout-size", "30", "--warmup-steps", "3", "--seed", "5", "--threads", "1"]
+
+
+def selattn_command():
+    """The installed ``selattn`` script (next to this interpreter), else the module."""
+    script = Path(sys.executable).with_name("selattn")
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("selattn")
+    return [found] if found else [sys.executable, "-m", "selattn_c.cli"]
+
+
+def run(tmp_path, *args) -> subprocess.CompletedProcess:
+    return subprocess.run(selattn_command() + list(args), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_train_then_eval_end_to_end(tmp_path):
+    result = run(tmp_path, "train", *TINY_TRAIN, "--out", "m.npz")
+    assert result.returncode == 0, result.stderr
+    assert "wrote m.npz and m.json" in result.stdout
+    # the progress bar, on stderr: one line per evaluation when stderr is not a terminal
+    bar = [line for line in result.stderr.splitlines() if line.startswith("step ")]
+    assert len(bar) == 2 and "step 12/12" in bar[-1] and "loss " in bar[-1]
+    assert "heldout " in bar[-1]
+
+    log = json.loads((tmp_path / "m.json").read_text())
+    assert log["seed"] == 5 and log["train_config"]["steps"] == 12
+    assert log["task"] == {"n_vars": 2, "n_assignments": 3, "max_value": 9,
+                           "min_assignments": None}
+    assert [c["step"] for c in log["curve"]] == [6, 12]
+    assert log["model_config"]["selective"] is True
+
+    result = run(tmp_path, "eval", "m.npz", "--json", "--backend", log["backend"])
+    assert result.returncode == 0, result.stderr
+    scored = json.loads(result.stdout)
+    assert scored["n"] == 30 and scored["accuracy"] == log["final_heldout_accuracy"]
+
+    result = run(tmp_path, "eval", "m.npz", "--budgets", "4,6", "--n", "10")
+    assert result.returncode == 0, result.stderr
+    assert "held-out exact-match accuracy" in result.stdout and "[4, 6]" in result.stdout
+
+
+def test_standard_flag_trains_the_baseline(tmp_path, capsys):
+    code = main(["train", *TINY_TRAIN, "--steps", "2", "--eval-every", "2", "--standard",
+                 "--quiet", "--out", str(tmp_path / "s.npz"), "--log", str(tmp_path / "s.log")])
+    assert code == 0
+    log = json.loads((tmp_path / "s.log").read_text())
+    assert log["model_config"]["selective"] is False and log["train_config"]["standard"]
+    assert capsys.readouterr().err == ""           # --quiet: no progress bar
+
+
+def one_line_error(capsys, argv) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--steps", "0"], "steps must be >= 1"),
+    (["train", "--steps", "ten"], "invalid int value: 'ten'"),
+    (["train", "--lr", "-1"], "lr must be"),
+    (["train", "--eps", "nan"], "eps must be a finite number"),
+    (["train", "--d-model", "30"], "multiple of n_heads"),
+    (["train", "--n-vars", "27"], "n_vars must be in [1, 26]"),
+    (["train", "--threads", "0", "--steps", "1"], "--threads must be >= 1"),
+    (["train", "--backend", "gpu"], "invalid choice: 'gpu'"),
+    (["eval"], "the following arguments are required: checkpoint"),
+    (["bogus"], "invalid choice: 'bogus'"),
+    ([], "the following arguments are required: COMMAND"),
+])
+def test_bad_arguments_give_one_line_and_status_2(capsys, argv, message):
+    assert message in one_line_error(capsys, argv)
+
+
+def test_missing_and_corrupt_checkpoints(tmp_path, capsys):
+    line = one_line_error(capsys, ["eval", str(tmp_path / "nothing.npz")])
+    assert line.startswith("selattn eval: error:") and "nothing.npz" in line
+
+    corrupt = tmp_path / "corrupt.npz"
+    corrupt.write_bytes(b"PK\x03\x04 this is not a zip archive")
+    assert "corrupt.npz" in one_line_error(capsys, ["eval", str(corrupt)])
+
+    main(["train", *TINY_TRAIN, "--steps", "1", "--eval-every", "1", "--quiet",
+          "--out", str(tmp_path / "ok.npz")])
+    capsys.readouterr()
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes((tmp_path / "ok.npz").read_bytes()[:2000])
+    assert "truncated.npz" in one_line_error(capsys, ["eval", str(truncated)])
+    assert "--budgets" in one_line_error(capsys, ["eval", str(tmp_path / "ok.npz"),
+                                                  "--budgets", "4,x"])
+    assert "1 or 2 values" in one_line_error(capsys, ["eval", str(tmp_path / "ok.npz"),
+                                                      "--budgets", "4,4,4"])
+    assert "budget" in one_line_error(capsys, ["eval", str(tmp_path / "ok.npz"),
+                                               "--budgets", "1"])
+    assert "n (examples to score) must be >= 1" in one_line_error(capsys, ["eval", str(tmp_path / "ok.npz"),
+                                                         "--n", "0"])
+
+
+def test_unwritable_output_is_a_one_line_error(tmp_path, capsys):
+    line = one_line_error(capsys, ["train", *TINY_TRAIN, "--steps", "1", "--eval-every", "1",
+                                   "--quiet", "--out", str(tmp_path / "no" / "dir" / "m.npz")])
+    assert line.startswith("selattn train: error:")
+
+
+def test_help_lists_train_and_eval(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "train" in out and "eval" in out

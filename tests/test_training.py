@@ -1,0 +1,203 @@
+"""Tests of the training loop (selattn_c.training): schedules, settings, exact-match scoring,
+reproducibility, the log and the checkpoint's task settings."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from selattn_c import training
+from selattn_c.training import (
+    ProgressBar,
+    TrainConfig,
+    answer_accuracy,
+    evaluate_checkpoint,
+    learning_rate,
+    memory_loss_weight,
+    save_run,
+    train,
+)
+from selattn_reference.checkpoint import load_checkpoint
+from selattn_reference.tasks import CharTokenizer, TaskConfig, encode_batch, make_split
+
+# A model and task small enough that a run of a few dozen steps takes a second or two.
+TINY = dict(n_vars=2, n_assignments=3, max_value=9, n_layers=2, n_heads=2, d_model=16,
+            batch_size=16, heldout_size=40, eval_every=10, steps=20, warmup_steps=5)
+
+
+@st.composite
+def schedules(draw) -> TrainConfig:
+    steps = draw(st.integers(1, 500))
+    lr = draw(st.floats(1e-5, 1e-1))
+    return TrainConfig(steps=steps, lr=lr, min_lr=draw(st.floats(0, 1)) * lr,
+                       warmup_steps=draw(st.integers(0, steps)),
+                       eps=draw(st.floats(0, 1)), eps_start=draw(st.integers(0, steps)),
+                       eps_ramp=draw(st.integers(0, steps)), standard=draw(st.booleans()))
+
+
+@given(schedules())
+def test_learning_rate_warms_up_then_decays_to_min_lr(cfg):
+    rates = [learning_rate(s, cfg) for s in range(cfg.steps)]
+    tol = 1e-12 * cfg.lr
+    w = cfg.warmup_steps
+    assert all(0 < r <= cfg.lr + tol for r in rates[:w])                  # warmup from ~0
+    assert all(cfg.min_lr - tol <= r <= cfg.lr + tol for r in rates[w:])
+    assert all(a < b for a, b in zip(rates[:w], rates[1:w]))             # warmup: increasing
+    assert all(a >= b - tol for a, b in zip(rates[w:], rates[w + 1:]))   # then non-increasing
+    if w < cfg.steps:
+        assert rates[w] == pytest.approx(cfg.lr)                           # peak after warmup
+        if cfg.steps - w > 1:
+            assert learning_rate(cfg.steps, cfg) == pytest.approx(cfg.min_lr)
+
+
+@given(schedules())
+def test_memory_loss_weight_is_off_then_ramps_to_eps(cfg):
+    weights = [memory_loss_weight(s, cfg) for s in range(cfg.steps + cfg.eps_ramp + 1)]
+    if cfg.standard:
+        assert all(w == 0.0 for w in weights)
+        return
+    assert all(w == 0.0 for w in weights[:cfg.eps_start])
+    assert all(a <= b for a, b in zip(weights, weights[1:]))
+    assert all(0.0 <= w <= cfg.eps for w in weights)
+    assert weights[cfg.eps_start + max(cfg.eps_ramp, 1) - 1] == pytest.approx(cfg.eps)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(steps=0), "steps"), (dict(batch_size=-1), "batch_size"), (dict(lr=0.0), "lr"),
+    (dict(lr=1e-3, min_lr=1e-2), "min_lr"), (dict(eps=-0.1), "eps"),
+    (dict(eps=float("nan")), "eps"), (dict(d_model=30, n_heads=4), "d_model"),
+    (dict(n_vars=0), "n_vars"), (dict(context=10), "context"), (dict(steps=1.5), "steps"),
+    (dict(train_min_assignments=21), "train_min_assignments"),
+])
+def test_bad_settings_name_the_setting(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        TrainConfig(**kwargs)
+
+
+def test_settings_round_trip():
+    cfg = TrainConfig(steps=7, eps=0.3, standard=True, train_min_assignments=2)
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match="unknown"):
+        TrainConfig.from_dict(dict(cfg.to_dict(), momentum=0.9))
+
+
+@given(st.integers(1, 20), st.integers(0, 2**32 - 1))
+def test_training_batches_vary_in_length_within_bounds(lo, seed):
+    cfg = TrainConfig(n_assignments=20, train_min_assignments=lo)
+    rng = np.random.default_rng(seed)
+    sizes = {cfg.train_task(rng).n_assignments for _ in range(50)}
+    assert min(sizes) >= lo and max(sizes) <= 20
+    assert cfg.train_task() == cfg.task()       # without a generator: the task itself
+
+
+@given(st.lists(st.integers(0, 2), min_size=1, max_size=12), st.integers(0, 2**32 - 1))
+def test_exact_match_needs_every_answer_character(kinds, seed):
+    """answer_accuracy against a fake model whose predictions are built per example: right
+    everywhere (0), wrong only outside the answer (1, must still count), wrong at one answer
+    character (2, must not count)."""
+    task = TaskConfig(n_vars=3, n_assignments=4, max_value=99)
+    tok = CharTokenizer.for_task(task)
+    examples = make_split(task, len(kinds), seed)
+    tokens, targets, mask = encode_batch(tok, examples, task.max_tokens)
+    rng = np.random.default_rng(seed)
+    predicted = targets.copy()
+    for b, kind in enumerate(kinds):
+        where = np.flatnonzero(~mask[b] if kind == 1 else mask[b])
+        t = rng.choice(where)
+        predicted[b, t] = (predicted[b, t] + 1 + rng.integers(0, tok.vocab_size - 1)) \
+            % tok.vocab_size if kind else predicted[b, t]
+    logits = np.eye(tok.vocab_size, dtype=np.float32)[predicted]            # (B, T, V)
+
+    def fake_forward(params, cfg, batch_tokens, **kwargs):
+        assert np.array_equal(batch_tokens, tokens[:len(batch_tokens), :batch_tokens.shape[1]])
+        return logits[:len(batch_tokens), :batch_tokens.shape[1]], None, None
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(training.lm, "forward", fake_forward)
+        acc = answer_accuracy({}, SimpleNamespace(context=task.max_tokens), tok, examples,
+                              batch_size=len(examples))
+    expected = sum(kind != 2 for kind in kinds) / len(kinds)
+    assert acc == expected
+
+
+def test_progress_bar_shows_step_loss_and_accuracy():
+    stream = io.StringIO()
+    bar = ProgressBar(200, stream=stream)
+    bar.update(50, 5.0, 1.2345, None)          # not a terminal: only evaluations are printed
+    bar.update(100, 10.0, 0.5, 0.875)
+    bar.update(200, 20.0, 0.25, 0.99, final_line=True)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2
+    assert "step 100/200" in lines[0] and "loss 0.5000" in lines[0] and "87.5%" in lines[0]
+    assert "step 200/200" in lines[1] and "99.0%" in lines[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    cfg = TrainConfig(**TINY, eps=0.05, seed=3)
+    params, model_cfg, log = train(cfg, backend="auto", quiet=True)
+    path = tmp_path_factory.mktemp("run") / "tiny.npz"
+    log_path = save_run(params, model_cfg, log, path)
+    return cfg, params, model_cfg, log, path, log_path
+
+
+def test_log_holds_the_curve_config_seed_and_times(tiny_run):
+    cfg, params, model_cfg, log, path, log_path = tiny_run
+    on_disk = json.loads(log_path.read_text())
+    assert on_disk["train_config"] == cfg.to_dict() and on_disk["seed"] == 3
+    assert on_disk["checkpoint"] == path.name
+    curve = on_disk["curve"]
+    assert [c["step"] for c in curve] == [10, 20]
+    assert all(0.0 <= c["heldout_accuracy"] <= 1.0 for c in curve)
+    assert all(math.isfinite(c["loss"]) and c["loss"] > 0 for c in curve)
+    assert 0 < curve[0]["seconds"] <= curve[1]["seconds"] == on_disk["train_seconds"]
+    assert on_disk["wall_seconds"] >= on_disk["train_seconds"]
+    assert on_disk["final_heldout_accuracy"] == curve[-1]["heldout_accuracy"]
+    assert on_disk["num_params"] == sum(p.size for p in params.values())
+
+
+def test_checkpoint_carries_the_task_and_reproduces_the_accuracy(tiny_run):
+    cfg, params, model_cfg, log, path, _ = tiny_run
+    loaded, loaded_cfg, extra = load_checkpoint(path)
+    assert loaded_cfg == model_cfg and loaded_cfg.selective and loaded_cfg.eps == 0.05
+    assert TaskConfig.from_dict(extra["task"]) == cfg.task()
+    assert all(np.array_equal(loaded[k], params[k]) for k in params)
+    result = evaluate_checkpoint(path, backend=log["backend"])
+    assert result["n"] == cfg.heldout_size
+    assert result["accuracy"] == log["final_heldout_accuracy"]
+
+
+def test_same_seed_same_run_different_seed_different_run(tiny_run):
+    cfg, params, _, log, _, _ = tiny_run
+    again, _, log_again = train(cfg, backend=log["backend"], quiet=True)
+    assert all(np.array_equal(again[k], params[k]) for k in params)
+    assert [c["loss"] for c in log_again["curve"]] == [c["loss"] for c in log["curve"]]
+    other, _, _ = train(TrainConfig(**dict(TINY, steps=2, eval_every=2, seed=4)),
+                        backend=log["backend"], quiet=True)
+    first, _, _ = train(TrainConfig(**dict(TINY, steps=2, eval_every=2, seed=3)),
+                        backend=log["backend"], quiet=True)
+    assert not np.array_equal(other["wte"], first["wte"])
+
+
+def test_standard_baseline_has_no_memory_loss():
+    cfg = TrainConfig(**dict(TINY, steps=3, eval_every=3), standard=True, eps=0.5)
+    _, model_cfg, log = train(cfg, quiet=True)
+    assert not model_cfg.selective and model_cfg.eps == 0.0
+    assert all(c["mem"] == 0.0 and c["eps"] == 0.0 for c in log["curve"])
+
+
+def test_training_learns_the_single_assignment_task():
+    """One variable, one assignment: the answer is a copy of the value. A tiny model must learn
+    that, on values it never saw (a broken gradient, schedule or target mask leaves it near 0)."""
+    cfg = TrainConfig(n_vars=1, n_assignments=1, max_value=99, n_layers=2, n_heads=2,
+                      d_model=32, batch_size=32, steps=120, lr=1e-2, warmup_steps=10,
+                      heldout_size=20, eval_every=120, eps=0.0)
+    _, _, log = train(cfg, quiet=True)
+    assert log["final_heldout_accuracy"] == 1.0
