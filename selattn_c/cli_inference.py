@@ -12,6 +12,8 @@ import argparse
 from pathlib import Path
 from typing import List
 
+import selattn_c
+
 from . import demo
 from .calibrate import (
     DEFAULT_FRACTIONS,
@@ -56,6 +58,16 @@ def _non_negative_float(text: str) -> float:
     return x
 
 
+def _add_threads(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=_positive_int, default=None,
+                        help="threads of the C kernels (default: the OpenMP default)")
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    if args.threads is not None:
+        selattn_c.set_num_threads(args.threads)
+
+
 # ----------------------------------------------------------------------------------------------
 # selattn calibrate
 
@@ -66,6 +78,7 @@ def default_budgets_path(checkpoint: Path) -> Path:
 
 
 def calibrate_command(args: argparse.Namespace) -> int:
+    _set_threads(args)
     runner = ModelRunner.load(args.checkpoint)
     examples = runner.calibration_split(args.examples, args.seed)
 
@@ -95,6 +108,7 @@ def calibrate_command(args: argparse.Namespace) -> int:
 
 
 def demo_command(args: argparse.Namespace) -> int:
+    _set_threads(args)
     demo.run_demo(selective=args.selective, standard=args.standard, budgets_path=args.budgets,
                   n_examples=args.examples, png=args.png, use_ascii=args.ascii)
     return 0
@@ -105,6 +119,7 @@ def demo_command(args: argparse.Namespace) -> int:
 
 
 def plot_command(args: argparse.Namespace) -> int:
+    _set_threads(args)
     runner = ModelRunner.load(args.checkpoint)
     masks, labels = runner.masks(args.text)
     titles = [f"layer {l}" for l in range(len(masks))]
@@ -148,6 +163,7 @@ def add_commands(subparsers) -> None:
                         "%(default)s)")
     p.add_argument("--seed", type=int, default=CALIBRATION_SEED,
                    help="seed of the calibration examples (default %(default)s)")
+    _add_threads(p)
     p.set_defaults(run=calibrate_command)
 
     p = subparsers.add_parser(
@@ -165,6 +181,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--png", type=Path, default=Path("selattn-masks.png"),
                    help="mask picture to write (default %(default)s; needs matplotlib)")
     p.add_argument("--ascii", action="store_true", help="print ASCII heatmaps instead of a PNG")
+    _add_threads(p)
     p.set_defaults(run=demo_command)
 
     p = subparsers.add_parser(
@@ -178,4 +195,5 @@ def add_commands(subparsers) -> None:
     p.add_argument("--ascii", action="store_true", help="print ASCII heatmaps instead of a PNG")
     p.add_argument("--vmax", type=float, default=DEFAULT_VMAX,
                    help="F at which the colour saturates (default %(default)s)")
+    _add_threads(p)
     p.set_defaults(run=plot_command)

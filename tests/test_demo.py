@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 
+import selattn_c
 from selattn_c import demo
 from selattn_c.calibrate import read_budgets
 from selattn_c.cli import main
@@ -71,12 +72,15 @@ def test_calibrate_writes_budgets_next_to_the_checkpoint(models, capsys):
     assert f"wrote {path}" in out
 
 
-def test_calibrate_options(models, tmp_path, capsys):
+def test_calibrate_options(models, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(selattn_c._threads, "n", selattn_c._threads["n"])   # restored after
     sel, _ = models
     out_path = tmp_path / "b.json"
     code, _, err = run(capsys, "calibrate", sel, "--examples", 20, "--out", out_path,
-                       "--tolerance", 0, "--criterion", "loss", "--fractions", "0.5", "--seed", 3)
+                       "--tolerance", 0, "--criterion", "loss", "--fractions", "0.5", "--seed", 3,
+                       "--threads", 1)
     assert code == 0, err
+    assert selattn_c.get_num_threads() == 1 or not selattn_c.openmp_enabled()
     data = json.loads(out_path.read_text())
     assert data["criterion"] == "loss" and data["tolerance"] == 0 and data["fractions"] == [0.5]
     assert data["calibrated"]["loss"] <= data["unpruned"]["loss"] + 1e-12
@@ -172,6 +176,7 @@ def test_bad_input_exits_2_with_one_line(models, tmp_path, capsys, make_argv, wo
     ["calibrate", "x.npz", "--fractions", "0.5,1.5"],
     ["calibrate", "x.npz", "--examples", "0"],
     ["demo", "--examples", "many"],
+    ["plot", "x.npz", "a=", "--threads", "0"],
 ])
 def test_bad_numbers_exit_2(argv, capsys):
     code, _, err = run(capsys, *argv)
