@@ -145,9 +145,10 @@ def run_demo(selective: Path = SELECTIVE, standard: Path = STANDARD, budgets_pat
 
     prompt, answer = examples[0]
     masks, labels = sel.masks(prompt + answer[:-1])
+    kept = sel.held_positions(prompt + answer[:-1], budgets)
     titles = [f"layer {l}: F (budget {b})" for l, b in enumerate(budgets)]
     if png is not None and not use_ascii and have_matplotlib():
-        save_png(png, masks, labels, titles=titles,
+        save_png(png, masks, labels, titles=titles, kept=kept,
                  suptitle=f"selective model, accumulated masks F: {prompt} -> {answer}")
         print(f"\nwrote {png}: the accumulated mask F of every layer for the example above "
               "(rows: queries, columns: keys)", file=out)
@@ -155,7 +156,7 @@ def run_demo(selective: Path = SELECTIVE, standard: Path = STANDARD, budgets_pat
         if png is not None and not use_ascii:
             print("\n(matplotlib is not installed: pip install 'selattn[plot]' for a PNG; "
                   "ASCII instead)", file=out)
-        for mask, title in zip(masks, titles):
-            print("\n" + ascii_heatmap(mask, labels, title=title), file=out)
+        for mask, title, held in zip(masks, titles, kept):
+            print("\n" + ascii_heatmap(mask, labels, title=title, kept=held), file=out)
     print(f"\n(demo took {time.perf_counter() - t_start:.1f} s)", file=out)
     return rows

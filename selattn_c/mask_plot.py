@@ -49,7 +49,19 @@ def _check_vmax(vmax: float) -> float:
     return float(vmax)
 
 
-def ascii_heatmap(F, tokens: Sequence[str], *, title: str = "", vmax: float = DEFAULT_VMAX) -> str:
+def _check_kept(kept, N: int, name: str = "kept") -> Optional[np.ndarray]:
+    if kept is None:
+        return None
+    kept = np.asarray(kept)
+    if kept.dtype.kind not in "iu" or kept.ndim != 1:
+        raise TypeError(f"{name} must be a 1-D sequence of int positions")
+    if kept.size and (kept.min() < 0 or kept.max() >= N):
+        raise ValueError(f"{name} positions must be in [0, {N}), got {kept.tolist()}")
+    return kept
+
+
+def ascii_heatmap(F, tokens: Sequence[str], *, title: str = "", vmax: float = DEFAULT_VMAX,
+                  kept: Optional[Sequence[int]] = None) -> str:
     """One layer's F as text: a row per query, a column per key, one character per cell.
 
     Parameters
@@ -58,14 +70,17 @@ def ascii_heatmap(F, tokens: Sequence[str], *, title: str = "", vmax: float = DE
     tokens : N one-character labels (longer labels are cut to their first character)
     title : printed above the map
     vmax : F at or above it prints as the darkest level
+    kept : positions a pruned KV cache still holds after the last token (marked '^' under the
+        map), or None
 
     Returns
     -------
-    str, N + 3 lines: title, key labels, N rows ``<query label> |<cells>|`` and a legend.
-    Cells above the diagonal (future keys) are blank.
+    str: title, key labels, N rows ``<query label> |<cells>|``, the kept marks if given, and a
+    legend. Cells above the diagonal (future keys) are blank.
     """
     (F,) = _check_masks([F], tokens)
     vmax = _check_vmax(vmax)
+    kept = _check_kept(kept, len(tokens))
     labels = [(t or " ")[0] if t.isprintable() else "?" for t in tokens]
     top = len(ASCII_LEVELS) - 1
     level = np.floor(np.clip(F, 0.0, vmax) / vmax * top + 0.5).astype(int)   # (N, N) nearest
@@ -74,13 +89,18 @@ def ascii_heatmap(F, tokens: Sequence[str], *, title: str = "", vmax: float = DE
     for i, label in enumerate(labels):
         cells = "".join(ASCII_LEVELS[level[i, j]] for j in range(i + 1))
         lines.append(f"{label}|{cells.ljust(len(labels))}|")
+    if kept is not None:
+        marks = np.full(len(labels), " ")
+        marks[kept] = "^"
+        lines.append("  " + "".join(marks) + f"  <- the {kept.size} tokens the pruned cache holds")
     lines.append(f"  F: '{ASCII_LEVELS[0]}' = 0 ... '{ASCII_LEVELS[-1]}' >= {vmax:g} "
                  f"(rows: queries, columns: keys)")
     return "\n".join(lines)
 
 
 def save_png(path, masks, tokens: Sequence[str], *, titles: Optional[Sequence[str]] = None,
-             vmax: float = DEFAULT_VMAX, suptitle: str = "") -> None:
+             vmax: float = DEFAULT_VMAX, suptitle: str = "",
+             kept: Optional[Sequence[Sequence[int]]] = None) -> None:
     """Draw every layer's F side by side and save a PNG (needs matplotlib).
 
     Parameters
@@ -91,9 +111,15 @@ def save_png(path, masks, tokens: Sequence[str], *, titles: Optional[Sequence[st
     titles : one title per layer (default ``layer l``)
     vmax : top of the colour scale (F is clipped there)
     suptitle : title of the whole figure
+    kept : per layer, the positions a pruned KV cache still holds after the last token (outlined
+        in red in the last row: the keys the last query can attend to), or None
     """
     masks = _check_masks(masks, tokens)
     vmax = _check_vmax(vmax)
+    if kept is not None:
+        if len(kept) != len(masks):
+            raise ValueError(f"kept must have one entry per mask ({len(masks)}), got {len(kept)}")
+        kept = [_check_kept(k, len(tokens), f"kept[{l}]") for l, k in enumerate(kept)]
     titles = list(titles) if titles is not None else [f"layer {l}" for l in range(len(masks))]
     if len(titles) != len(masks):
         raise ValueError(f"titles must have one entry per mask ({len(masks)}), got {len(titles)}")
@@ -112,9 +138,14 @@ def save_png(path, masks, tokens: Sequence[str], *, titles: Optional[Sequence[st
     future = ~np.tri(N, dtype=bool)           # (N, N) above the diagonal: not drawn
     font = max(3.0, min(9.0, 72 * cell * 0.8))
     image = None
-    for ax, F, title in zip(axes[0], masks, titles):
+    for l, (ax, F, title) in enumerate(zip(axes[0], masks, titles)):
         image = ax.imshow(np.ma.masked_where(future, np.minimum(F, vmax)), cmap="viridis",
                           vmin=0.0, vmax=vmax, interpolation="nearest")
+        if kept is not None:
+            ax.scatter(kept[l], np.full(len(kept[l]), N - 1), marker="s", facecolors="none",
+                       edgecolors="red", s=(72 * cell) ** 2, linewidths=1.0, zorder=3,
+                       label="keys the last query still has (pruned cache)")
+            ax.legend(loc="upper right", fontsize=8)
         ax.set_title(title)
         ax.set_xticks(range(N))
         ax.set_yticks(range(N))

@@ -311,6 +311,14 @@ class ModelRunner:
         self._layers(tokens, 0, attend)
         return masks
 
+    def held_positions(self, text: str, budgets) -> List[np.ndarray]:
+        """Per layer, the positions a pruned cache still holds after BOS + ``text``: the keys its
+        last token attends to (sorted, int64)."""
+        tokens = self.encode(text)                                         # (1, N)
+        caches = self.new_caches(1, budgets)
+        self.forward(tokens, caches)
+        return [cache.held(0)[0] for cache in caches]
+
     def masks(self, text: str) -> Tuple[List[np.ndarray], List[str]]:
         """Every layer's F for BOS + ``text``, with the token labels (for the mask pictures).
 

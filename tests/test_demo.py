@@ -214,6 +214,16 @@ def test_runner_task_methods_refuse_bad_input(models, call, error, words):
         call(ModelRunner.load(models[0]))
 
 
+def test_held_positions_are_what_the_last_token_sees(models):
+    runner = ModelRunner.load(models[0])
+    text = runner.heldout(1)[0][0]
+    N = len(text) + 1
+    assert [h.tolist() for h in runner.held_positions(text, None)] == [list(range(N))] * 2
+    for held, budget in zip(runner.held_positions(text, [3, 5]), [3, 5]):
+        assert len(held) == budget and held[0] == 0 and held[-1] == N - 1
+        assert (np.diff(held) > 0).all()
+
+
 def test_text_generation_stops_after_the_answer(models):
     runner = ModelRunner.load(models[0])
     prompt = runner.heldout(1)[0][0]

@@ -43,6 +43,16 @@ def test_ascii_cells_follow_F(case, vmax):
                     assert order[cells[j]] <= order[cells[jj]]
 
 
+def test_ascii_marks_the_kept_tokens():
+    F = np.tril(np.ones((5, 5)), -1)
+    lines = ascii_heatmap(F, list("^ab=1"), kept=[0, 3, 4]).splitlines()
+    assert lines[-2].startswith("  ^  ^^  <- the 3 tokens the pruned cache holds")
+    with pytest.raises(ValueError, match=r"kept positions must be in \[0, 5\)"):
+        ascii_heatmap(F, list("^ab=1"), kept=[0, 5])
+    with pytest.raises(TypeError, match="kept"):
+        ascii_heatmap(F, list("^ab=1"), kept=[0.5])
+
+
 def test_ascii_bad_input():
     with pytest.raises(ValueError, match=r"masks\[0\] must have shape \(3, 3\)"):
         ascii_heatmap(np.zeros((2, 2)), ["a", "b", "c"])
@@ -58,8 +68,11 @@ def test_png_is_written(tmp_path):
     pytest.importorskip("matplotlib")
     F = np.tril(np.arange(36.0).reshape(6, 6) / 6, -1)
     path = tmp_path / "masks.png"
-    save_png(path, [F, F / 2], list("^ab=1;"), titles=["layer 0", "layer 1"], suptitle="x")
+    save_png(path, [F, F / 2], list("^ab=1;"), titles=["layer 0", "layer 1"], suptitle="x",
+             kept=[[0, 4, 5], [0, 5]])
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="kept must have one entry per mask"):
+        save_png(path, [F, F], list("^ab=1;"), kept=[[0]])
     with pytest.raises(ValueError, match="one entry per mask"):
         save_png(path, [F, F], list("^ab=1;"), titles=["only one"])
 
