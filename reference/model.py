@@ -107,7 +107,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d) -> "ModelConfig":
-        """Build from ``to_dict()`` output; unknown keys and bad values raise ValueError/TypeError."""
+        """Build from ``to_dict()`` output; unknown keys or bad values: ValueError, TypeError."""
         if not isinstance(d, dict):
             raise TypeError(f"config must be a dict, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
@@ -285,7 +285,9 @@ def layernorm_backward(dy: np.ndarray, cache):
 
 def linear_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray):
     """y = x @ w + b.  x (..., n_in), w (n_in, n_out), b (n_out,) -> y (..., n_out), cache"""
-    return x @ w + b, (x, w)
+    y = x @ w
+    y += b                                                   # in place: one pass less
+    return y, (x, w)
 
 
 def linear_backward(dy: np.ndarray, cache):
@@ -300,15 +302,22 @@ def linear_backward(dy: np.ndarray, cache):
 
 def gelu_forward(a: np.ndarray):
     """GELU, tanh approximation: 0.5 a (1 + tanh(c (a + 0.044715 a^3))), c = sqrt(2/pi)."""
-    t = np.tanh(GELU_C * (a + 0.044715 * a * a * a))
-    return 0.5 * a * (1.0 + t), (a, t)
+    a2 = a * a
+    t = np.tanh(GELU_C * a * (1.0 + 0.044715 * a2))        # the same argument, fewer passes
+    y = 1.0 + t
+    y *= 0.5 * a
+    return y, (a, a2, t)
 
 
 def gelu_backward(dy: np.ndarray, cache) -> np.ndarray:
     """Gradient of ``gelu_forward``."""
-    a, t = cache
-    dt = GELU_C * (1.0 + 3.0 * 0.044715 * a * a)                           # d(tanh arg)/da
-    return dy * (0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * dt)
+    a, a2, t = cache
+    # d/da [0.5 a (1 + t)] = 0.5 (1 + t) + 0.5 a (1 - t^2) c (1 + 3 * 0.044715 a^2)
+    slope = 1.0 - t * t
+    slope *= (0.5 * GELU_C) * a * (1.0 + 3.0 * 0.044715 * a2)
+    slope += 0.5 * (1.0 + t)
+    slope *= dy
+    return slope
 
 
 # ----------------------------------------------------------------------------------------------

@@ -40,12 +40,15 @@ class TaskConfig:
     max_value : int >= 0, values are uniform integers in ``[0, max_value]`` (written in decimal)
     min_assignments : int or None, if set, each sequence has a uniform number of assignments in
         ``[min_assignments, n_assignments]`` (varying lengths); None means exactly ``n_assignments``
+    fixed_width : bool, write every value with as many digits as ``max_value`` (zero-padded,
+        e.g. ``c=07;``), so every assignment has the same length
     """
 
     n_vars: int = 3
     n_assignments: int = 20
     max_value: int = 99
     min_assignments: Optional[int] = None
+    fixed_width: bool = False
 
     def __post_init__(self) -> None:
         for name in ("n_vars", "n_assignments", "max_value"):
@@ -65,11 +68,18 @@ class TaskConfig:
             if not 1 <= m <= self.n_assignments:
                 raise ValueError(f"min_assignments must be in [1, n_assignments="
                                  f"{self.n_assignments}], got {m}")
+        if not isinstance(self.fixed_width, (bool, np.bool_)):
+            raise TypeError(f"fixed_width must be a bool, got {type(self.fixed_width).__name__}")
 
     @property
     def variables(self) -> str:
         """The variable names, e.g. 'abc'."""
         return string.ascii_lowercase[: self.n_vars]
+
+    def format_value(self, value: int) -> str:
+        """A value as written in a sequence: decimal, zero-padded when ``fixed_width``."""
+        width = len(str(self.max_value)) if self.fixed_width else 1
+        return f"{value:0{width}d}"
 
     @property
     def max_tokens(self) -> int:
@@ -164,11 +174,11 @@ def generate_example(rng: np.random.Generator, task: TaskConfig) -> Example:
     parts = []
     for v, x in zip(names, values):
         name = task.variables[v]
-        parts.append(f"{name}{ASSIGN}{x}{END}")
+        parts.append(f"{name}{ASSIGN}{task.format_value(int(x))}{END}")
         last[name] = int(x)
     assigned = sorted(last)
     query = assigned[int(rng.integers(0, len(assigned)))]
-    return "".join(parts) + query + ASSIGN, f"{last[query]}{END}"
+    return "".join(parts) + query + ASSIGN, f"{task.format_value(last[query])}{END}"
 
 
 def generate_examples(rng: np.random.Generator, task: TaskConfig, n: int,

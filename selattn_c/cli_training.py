@@ -47,6 +47,8 @@ def add_train(subparsers) -> None:
     g.add_argument("--max-value", type=int, default=DEFAULTS["max_value"])
     g.add_argument("--min-assignments", type=int, default=DEFAULTS["min_assignments"],
                    help="vary the number of assignments from this to --n-assignments")
+    g.add_argument("--fixed-width", action="store_true",
+                   help="zero-pad every value to the width of --max-value (c=07;)")
     g.add_argument("--train-min-assignments", type=int,
                    default=DEFAULTS["train_min_assignments"],
                    help="training batches get a number of assignments drawn from this to "

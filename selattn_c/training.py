@@ -44,7 +44,8 @@ BACKENDS = ("auto", "c", "numpy")
 class TrainConfig:
     """Everything that determines a training run (with the seed, it reproduces the run).
 
-    Task: ``n_vars``, ``n_assignments``, ``max_value``, ``min_assignments`` (see TaskConfig);
+    Task: ``n_vars``, ``n_assignments``, ``max_value``, ``min_assignments``, ``fixed_width``
+    (see TaskConfig);
     ``train_min_assignments``, if set, gives each *training batch* a uniform number of
     assignments in ``[train_min_assignments, n_assignments]`` (one number per batch, so a batch of
     short sequences is also cheap; short sequences show the structure sooner); the held-out set
@@ -63,6 +64,7 @@ class TrainConfig:
     n_assignments: int = 20
     max_value: int = 99
     min_assignments: Optional[int] = None
+    fixed_width: bool = False
     train_min_assignments: Optional[int] = None
     # model
     n_layers: int = 2
@@ -121,7 +123,8 @@ class TrainConfig:
     def task(self) -> TaskConfig:
         """The task these settings describe."""
         return TaskConfig(n_vars=self.n_vars, n_assignments=self.n_assignments,
-                          max_value=self.max_value, min_assignments=self.min_assignments)
+                          max_value=self.max_value, min_assignments=self.min_assignments,
+                          fixed_width=self.fixed_width)
 
     def train_task(self, rng: Optional[np.random.Generator] = None) -> TaskConfig:
         """The task of one training batch: the task itself, or with ``train_min_assignments``

@@ -48,7 +48,7 @@ def test_train_then_eval_end_to_end(tmp_path):
     log = json.loads((tmp_path / "m.json").read_text())
     assert log["seed"] == 5 and log["train_config"]["steps"] == 12
     assert log["task"] == {"n_vars": 2, "n_assignments": 3, "max_value": 9,
-                           "min_assignments": None}
+                           "min_assignments": None, "fixed_width": False}
     assert [c["step"] for c in log["curve"]] == [6, 12]
     assert log["model_config"]["selective"] is True
 

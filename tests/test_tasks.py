@@ -35,16 +35,21 @@ def task_configs(draw) -> TaskConfig:
         n_assignments=n_assignments,
         max_value=draw(st.sampled_from([0, 1, 9, 10, 99, 100, 999, 99999])),
         min_assignments=draw(st.integers(1, n_assignments)) if varying else None,
+        fixed_width=draw(st.booleans()),
     )
 
 
-def parse(prompt: str):
+def parse(prompt: str, task: TaskConfig):
     """(assignments as a list of (name, value), queried name) of a prompt, independently of the
-    generator: the prompt must be exactly assignments followed by 'x='."""
+    generator: the prompt must be exactly assignments followed by 'x=', and every value must be
+    written in plain decimal, or zero-padded to the width of max_value when fixed_width."""
     body, query = prompt[:-2], prompt[-2:]
     assert re.fullmatch(r"[a-z]=", query), prompt
     assignments = ASSIGNMENT.findall(body)
     assert "".join(f"{n}={v};" for n, v in assignments) == body, prompt
+    width = len(str(task.max_value))
+    for _, v in assignments:
+        assert len(v) == width if task.fixed_width else str(int(v)) == v, prompt
     return [(n, int(v)) for n, v in assignments], query[0]
 
 
@@ -53,13 +58,15 @@ def test_answer_is_the_last_value_of_the_queried_variable(task, seed):
     rng = np.random.default_rng(seed)
     for _ in range(5):
         prompt, answer = generate_example(rng, task)
-        assignments, query = parse(prompt)
+        assignments, query = parse(prompt, task)
         lo = task.n_assignments if task.min_assignments is None else task.min_assignments
         assert lo <= len(assignments) <= task.n_assignments
         assert all(n in task.variables and 0 <= v <= task.max_value for n, v in assignments)
         values_of_query = [v for n, v in assignments if n == query]
         assert values_of_query, "the queried variable must have been assigned"
-        assert answer == f"{values_of_query[-1]};"
+        assert answer == f"{task.format_value(values_of_query[-1])};"
+        assert len(answer) - 1 == (len(str(task.max_value)) if task.fixed_width
+                                   else len(str(values_of_query[-1])))
 
 
 @given(task_configs(), st.integers(0, 2**32 - 1), st.integers(1, 30))
@@ -156,6 +163,7 @@ def test_encode_batch_targets_and_mask(task, seed):
     (dict(n_assignments=0), ValueError), (dict(max_value=-1), ValueError),
     (dict(n_vars=2.0), TypeError), (dict(n_vars=True), TypeError),
     (dict(min_assignments=0), ValueError), (dict(n_assignments=3, min_assignments=4), ValueError),
+    (dict(fixed_width="yes"), TypeError),
 ])
 def test_bad_task_settings(kwargs, error):
     with pytest.raises(error, match=next(iter(kwargs))):
@@ -163,7 +171,8 @@ def test_bad_task_settings(kwargs, error):
 
 
 def test_task_settings_round_trip():
-    task = TaskConfig(n_vars=4, n_assignments=7, max_value=999, min_assignments=2)
+    task = TaskConfig(n_vars=4, n_assignments=7, max_value=999, min_assignments=2,
+                      fixed_width=True)
     assert TaskConfig.from_dict(task.to_dict()) == task
     with pytest.raises(ValueError, match="unknown"):
         TaskConfig.from_dict(dict(task.to_dict(), colour="red"))

@@ -129,8 +129,8 @@ MODEL_FD_NOISE_TERMS = 10.0
 
 # The skipped share of the components of one parameter tensor (a centred step that crosses a
 # relu, tau or argmax kink of the memory loss is not a valid measurement). Measured on the test
-# inputs: none is skipped (h = 1e-5 is far smaller than the margins of these seeds); 10 % allows
-# other BLAS builds to land a few steps on a kink while catching inputs that sit on kinks everywhere.
+# inputs: none is skipped (h = 1e-5 is far smaller than the margins of these seeds); 10 % lets
+# other BLAS builds land a few steps on a kink while catching inputs that sit on kinks everywhere.
 MODEL_FD_MAX_SKIPPED = 0.10
 
 # float32 model vs the same model in float64 (or the C backend vs the NumPy backend, both float32):
@@ -143,7 +143,7 @@ MODEL_FLOAT32_RTOL = 1e-4
 # see the same batches; their per-step float32 differences (~1e-7 relative) are fed back through
 # AdamW, which amplifies the relative noise of (near-)zero gradients, so the curves drift apart
 # slowly. Measured over 20 steps on 3 seeds: at most 1.6e-7 relative. 1e-5 is the margin (60x);
-# a backend with a wrong gradient term (measured: the dF path left out) is off by 2.8e-2 in 20 steps.
+# a backend with a wrong gradient term (measured: the dF path left out) is off by 2.8e-2.
 TRAINING_CURVE_RTOL = 1e-5
 
 # ----------------------------------------------------------------------------------------------
