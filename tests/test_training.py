@@ -201,3 +201,17 @@ def test_training_learns_the_single_assignment_task():
                       heldout_size=20, eval_every=120, eps=0.0)
     _, _, log = train(cfg, quiet=True)
     assert log["final_heldout_accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("name, selective", [("selective", True), ("standard", False)])
+def test_shipped_checkpoints_score_what_their_logs_say(name, selective):
+    """The installed checkpoints (docs/results.md) load, carry their task, and still score
+    exactly the held-out accuracy their training logs recorded."""
+    from pathlib import Path
+    import selattn_c
+    data = Path(selattn_c.__file__).parent / "data"
+    log = json.loads((data / f"{name}.json").read_text())
+    result = evaluate_checkpoint(data / f"{name}.npz", backend=log["backend"])
+    assert result["selective"] is selective
+    assert result["n"] == log["heldout_size"]
+    assert result["accuracy"] == log["final_heldout_accuracy"]
