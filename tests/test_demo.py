@@ -280,3 +280,15 @@ def test_bundled_demo_numbers():
                                                   ("standard", "full"), ("standard", "calibrated")]
     assert sel_cal.reduction >= 8.0 and std_cal.budgets == sel_cal.budgets
     assert sel_cal.accuracy >= sel_full.accuracy - 0.005
+
+
+@pytest.mark.parametrize("path", [demo.SELECTIVE, demo.STANDARD], ids=["selective", "standard"])
+def test_greedy_decoding_scores_like_teacher_forcing(path):
+    """Calibration scores budgets teacher-forced (one batched prefill); the demo decodes greedily
+    through the caches. Both are exact match, so on a trained model they must agree."""
+    runner = ModelRunner.load(path)
+    examples = runner.heldout(200)
+    for budgets in (None, read_budgets(demo.BUDGETS, runner.cfg.n_layers), [4, 4]):
+        answers = runner.answers([p for p, _ in examples], budgets)
+        decoded = np.mean([got == want for got, (_, want) in zip(answers, examples)])
+        assert decoded == runner.evaluate(examples, budgets).accuracy
