@@ -231,6 +231,8 @@ def small_runner():
      "2 KVCache"),
     (lambda r: r.forward(np.ones((2, 3), dtype=int), r.new_caches(1)), ValueError, "batch 2"),
     (lambda r: r.new_caches(0), ValueError, "batch must be >= 1"),
+    (lambda r: r.kv_bytes(None, batch=0), ValueError, "batch must be >= 1"),
+    (lambda r: r.kv_bytes([4, 0]), ValueError, r"budgets\[1\]: budget 0 is too small"),
 ])
 def test_bad_input_is_refused(small_runner, call, error, words):
     with pytest.raises(error, match=words):
