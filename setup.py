@@ -29,5 +29,7 @@ setup(
         "test": ["pytest>=7", "hypothesis>=6.50"],
         # Only for `python -m selattn_c.bench` (PyTorch baselines); nothing else imports torch.
         "bench": ["torch>=2.1"],
+        # Only for the PNG mask pictures of `selattn demo` / `selattn plot` (ASCII without it).
+        "plot": ["matplotlib>=3.6"],
     },
 )

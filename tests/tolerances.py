@@ -145,3 +145,23 @@ MODEL_FLOAT32_RTOL = 1e-4
 # slowly. Measured over 20 steps on 3 seeds: at most 1.6e-7 relative. 1e-5 is the margin (60x);
 # a backend with a wrong gradient term (measured: the dF path left out) is off by 2.8e-2.
 TRAINING_CURVE_RTOL = 1e-5
+
+# ----------------------------------------------------------------------------------------------
+# The inference runner (selattn_c.runner: float32 NumPy layers + C KV caches) vs the reference model
+
+# The requirement: with no budget the runner's logits equal the reference model's within
+# 1e-4 relative (max |a - b| / max |b|). The runner is float32 end to end (NumPy layers and the C
+# kernels) against the float64 reference, through up to 3 blocks; measured on 60 random models of
+# the test's distribution: at most 1.3e-6 relative, so 1e-4 leaves a margin of ~80. A wrong
+# layer, a wrong position offset in decoding or a wrongly evicted key moves the logits by 1e-2 or
+# more (tests/test_runner.py catches both mutations).
+RUNNER_LOGITS_RTOL = 1e-4
+
+# Budgeted runs compare discrete eviction decisions: float32 rounding (~1e-6 relative to the
+# largest selector logit or F) can only change a decision when two F values of an evicting query
+# row are that close, or when a selector logit is that close to relu's kink at 0 (F then switches
+# between exactly 0 and a tiny value, changing the oldest-first tie-break). Comparisons skip
+# inputs closer than this margin, relative to 1 + the largest |logit| or F, to such a tie: ~100
+# times the float32 error. (The same margin separates the top two logits where a test compares
+# argmaxes.)
+RUNNER_DECISION_MARGIN = 1e-4
