@@ -1,8 +1,8 @@
 """The README's two commands: the test command is exactly what CI runs, and both are well formed.
 
 CI (.ci/run) runs the README's test command on a clean checkout; if the two drift apart, CI stops
-testing what users are told to run. The main job's command is run for real by the CLI tests
-(tests/test_reference_cli.py and the demo test)."""
+testing what users are told to run. The main job's command (`selattn demo`) is run
+for real by tests/test_demo.py."""
 
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ def test_quick_start_has_the_main_job_and_the_test_command():
         assert command.startswith("python3 -m venv .venv && . .venv/bin/activate && pip install")
     assert tests.endswith("pip install '.[test]' && pytest")
     assert "pytest" not in main_job
+    assert main_job.endswith("pip install . && selattn demo")
 
 
 def test_ci_runs_the_readme_test_command_exactly():
