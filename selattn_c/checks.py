@@ -1,6 +1,6 @@
 """What the C wrappers check before handing memory to C, beyond the shared checks of
 ``selattn_reference.validation``: the float32 layout the kernels read, finiteness, buffer sizes
-that the C code can index, and the consistency of a ``Context``.
+that the C code can index (a ``Context`` is checked by ``backward`` itself).
 
 The kernels trust their arguments (C: callers own memory, inputs const), so everything that could
 make them read or write out of bounds is refused here, with a ``ValueError`` or ``TypeError``
@@ -8,8 +8,6 @@ naming the argument, before anything is allocated or any state changes.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 
