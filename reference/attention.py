@@ -72,6 +72,29 @@ def accumulated_mask_from_logits(L_sel: np.ndarray, protect_bos: bool) -> np.nda
     return F
 
 
+def accumulated_mask_backward(dF: np.ndarray, L_sel: np.ndarray, protect_bos: bool) -> np.ndarray:
+    """Gradient of ``accumulated_mask_from_logits`` with respect to the selector's logits.  § 7
+
+    Parameters
+    ----------
+    dF : (B, N, N) upstream gradient on F
+    L_sel : (B, N, N) the selector head's scaled logits (as the forward saw them)
+    protect_bos : bool, as in the forward
+
+    Returns
+    -------
+    dL_sel : (B, N, N), of dF's dtype
+    """
+    N = dF.shape[-1]
+    # F[:, 1:] = cumsum(S, axis=1)[:, :-1]: dS[m, j] = sum_{i > m} dF[i, j]
+    dS = np.zeros_like(dF)                                          # (B, N, N)
+    dS[:, :-1] = np.cumsum(dF[:, :0:-1], axis=1)[:, ::-1]           # reverse cumsum
+    # S = where(constraints, S, 0): no gradient where S was forced to zero
+    dS = np.where(selection_constraints(N, protect_bos), dS, 0.0)
+    # S = relu(L_sel): gradient only where the logit was positive
+    return np.where(L_sel > 0, dS, 0.0)
+
+
 def accumulated_mask(q, k, *, selector_head: int = 0, protect_bos: bool = True,
                      scale: Optional[float] = None) -> np.ndarray:
     """The accumulated mask ``F[b, i, j] = sum_{m < i} S[b, m, j]``.
@@ -223,14 +246,7 @@ def backward(dout, cache: Cache, dF=None) -> Tuple[np.ndarray, np.ndarray, np.nd
         dF_total = -dlogits.sum(axis=1)                                 # (B, N, N)
         if dF is not None:
             dF_total = dF_total + check_like(dF, "dF", (B, N, N))
-        # F[:, 1:] = cumsum(S, axis=1)[:, :-1]: dS[m, j] = sum_{i > m} dF[i, j]
-        dS = np.zeros_like(dF_total)                                    # (B, N, N)
-        dS[:, :-1] = np.cumsum(dF_total[:, :0:-1], axis=1)[:, ::-1]     # reverse cumsum
-        # S = where(constraints, S, 0): no gradient where S was forced to zero
-        dS = np.where(selection_constraints(N, cache.protect_bos), dS, 0.0)
-        # S = relu(L[:, s]): gradient only where the logit was positive
-        dS = np.where(L[:, s] > 0, dS, 0.0)
-        dL[:, s] += dS
+        dL[:, s] += accumulated_mask_backward(dF_total, L[:, s], cache.protect_bos)
     elif dF is not None:
         check_like(dF, "dF", (B, N, N))  # F is a constant zero: validated, contributes nothing
     # L = scale * q @ k^T (entries above the diagonal are constants -inf: dL is 0 there)

@@ -10,18 +10,18 @@ so the memory loss' gradient goes through F into the selector head in NumPy here
     L_sel = scale * q_sel @ k_sel^T         ->  dq_sel += scale * dS @ k_sel,
                                                 dk_sel += scale * dS^T @ q_sel
 
-(the reference's backward does the same, § 7 of docs/selective-attention.md). This part costs
+(``selattn_reference.attention.accumulated_mask_backward``, the reference backward's own steps,
+§ 7 of docs/selective-attention.md). This part costs
 O(B N^2 D) for the selector head only, once per layer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import numpy as np
 
-from selattn_reference.attention import selection_constraints
+from selattn_reference.attention import accumulated_mask_backward
 from selattn_reference.validation import check_like
 
 from . import Context, accumulated_mask, backward, forward
@@ -44,27 +44,11 @@ def mask_gradient(dF: np.ndarray, q_sel: np.ndarray, k_sel: np.ndarray, scale: f
     -------
     dq_sel, dk_sel : (B, N, D)
     """
-    B, N, D = q_sel.shape
     L_sel = scale * (q_sel @ k_sel.swapaxes(-1, -2))                       # (B, N, N)
-    # F[:, 1:] = cumsum(S, axis=1)[:, :-1]: dS[m, j] = sum_{i > m} dF[i, j]
-    dS = np.zeros_like(dF)                                                 # (B, N, N)
-    dS[:, :-1] = np.cumsum(dF[:, :0:-1], axis=1)[:, ::-1]                  # reverse cumsum
-    live = selection_constraints(N, protect_bos) & (L_sel > 0)             # (B, N, N) relu gate
-    dS = np.where(live, dS, 0.0).astype(q_sel.dtype, copy=False)           # (B, N, N)
+    dS = accumulated_mask_backward(dF, L_sel, protect_bos).astype(q_sel.dtype, copy=False)
     dq_sel = scale * (dS @ k_sel)                                          # (B, N, D)
     dk_sel = scale * (dS.swapaxes(-1, -2) @ q_sel)                         # (B, N, D)
     return dq_sel, dk_sel
-
-
-@dataclass
-class CAttentionContext:
-    """What ``CAttention.backward`` needs: the kernels' context (with the float32 q, k, v)."""
-
-    ctx: Context
-
-    @property
-    def budget(self) -> Optional[int]:
-        return self.ctx.budget
 
 
 class CAttention:
@@ -72,7 +56,8 @@ class CAttention:
 
     The interface is ``selattn_reference.model.NumpyAttention``'s; the two agree within float32
     rounding (tests/test_model_backend.py). With a ``budget`` the forward is the kernels' pruned
-    prefill and ``backward`` refuses it (pruning is an inference feature).
+    prefill and ``backward`` refuses it (pruning is an inference feature): the context is the
+    kernels' own ``Context``, which ``selattn_c.backward`` checks.
     """
 
     def forward(self, q, k, v, *, selective: bool, selector_head: int, need_F: bool,
@@ -84,7 +69,7 @@ class CAttention:
         out : (B, H, N, hd) float32
         F : (B, N, N) float32 accumulated mask when ``need_F`` (zeros when not selective),
             else None
-        ctx : CAttentionContext for ``backward``
+        ctx : Context for ``backward`` (that of ``selattn_c.forward``)
         """
         out, ctx = forward(q, k, v, selector_head=selector_head, protect_bos=PROTECT_BOS,
                            selective=selective, budget=budget)
@@ -96,26 +81,19 @@ class CAttention:
                                      protect_bos=PROTECT_BOS, scale=ctx.scale)  # (B, N, N)
             else:
                 F = np.zeros((B, N, N), dtype=np.float32)                       # baseline
-        return out, F, CAttentionContext(ctx)
+        return out, F, ctx
 
-    def backward(self, dout, dF, ctx: CAttentionContext):
+    def backward(self, dout, dF, ctx: Context):
         """Gradients (dq, dk, dv), float32 (B, H, N, hd), of ``forward``; ``dF`` (B, N, N) or
         None is an extra upstream gradient on F (the memory loss)."""
-        if not isinstance(ctx, CAttentionContext):
-            raise TypeError(f"ctx must be the context of CAttention.forward, got "
-                            f"{type(ctx).__name__}")
-        c = ctx.ctx
-        if c.budget is not None:
-            raise ValueError(f"backward through a budgeted forward (budget={c.budget}) is not "
-                             "supported: budgets are for inference; train with budgets=None")
-        dq, dk, dv = backward(dout, c)                                     # (B, H, N, hd) each
-        B, H, N, D = c.q.shape
+        dq, dk, dv = backward(dout, ctx)   # checks ctx, refuses a budget  (B, H, N, hd) each
+        B, H, N, D = ctx.q.shape
         if dF is not None:
             dF = check_like(dF, "dF", (B, N, N))
-            if c.selective:       # not selective: F is a constant zero, dF contributes nothing
-                s = c.selector_head
-                dq_sel, dk_sel = mask_gradient(dF.astype(np.float32, copy=False), c.q[:, s],
-                                               c.k[:, s], c.scale, c.protect_bos)
+            if ctx.selective:     # not selective: F is a constant zero, dF contributes nothing
+                s = ctx.selector_head
+                dq_sel, dk_sel = mask_gradient(dF.astype(np.float32, copy=False), ctx.q[:, s],
+                                               ctx.k[:, s], ctx.scale, ctx.protect_bos)
                 dq[:, s] += dq_sel
                 dk[:, s] += dk_sel
         return dq, dk, dv
