@@ -14,7 +14,7 @@ so a budget evicts the oldest token (a sliding window that keeps BOS).
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -30,8 +30,7 @@ from selattn_reference.tasks import (
     prompts,
 )
 
-import selattn_c
-
+from .backend import CAttention
 from .calibrate import Score, check_budgets
 from .kv_cache import KVCache
 
@@ -152,22 +151,18 @@ class ModelRunner:
 
     # -- the model ------------------------------------------------------------------------------
 
-    def _layers(self, tokens: np.ndarray, start: int,
-                attend: Callable[[int, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
-                ) -> np.ndarray:
-        """Run every block on tokens (B, N) at positions start.., attention by ``attend(l, q, k,
-        v) -> o`` (B, H, N, hd); return the logits (B, N, V)."""
+    def _blocks(self, tokens: np.ndarray, start: int, attentions: Sequence, need_F: bool = False
+                ) -> Tuple[np.ndarray, List[Optional[np.ndarray]]]:
+        """The model's blocks (``selattn_reference.model.block_forward``) on tokens (B, N) at
+        positions start.., layer l's attention by the backend ``attentions[l]``; returns the
+        logits (B, N, V) and each layer's F (B, N, N) when ``need_F`` (else Nones)."""
         p, cfg = self.params, self.cfg
         x = lm.embed(p, tokens, start)                                     # (B, N, d)
+        masks = []
         for l in range(cfg.n_layers):
-            h, _ = lm.layernorm_forward(x, p[f"h{l}.ln1.g"], p[f"h{l}.ln1.b"])
-            q, k, v = lm.qkv_heads(h, p, l, cfg)                           # (B, H, N, hd) each
-            o = attend(l, q, k, v)                                         # (B, H, N, hd)
-            x = x + lm.merge_heads(o) @ p[f"h{l}.attn.wo"] + p[f"h{l}.attn.bo"]   # (B, N, d)
-            h, _ = lm.layernorm_forward(x, p[f"h{l}.ln2.g"], p[f"h{l}.ln2.b"])
-            m, _ = lm.mlp_forward(h, p, l)                                 # (B, N, d)
-            x = x + m
-        return lm.head_logits(x, p)                                        # (B, N, V)
+            x, F, _ = lm.block_forward(x, p, l, cfg, attentions[l], need_F)   # (B, N, d)
+            masks.append(F)
+        return lm.head_logits(x, p), masks                                 # (B, N, V)
 
     def forward(self, tokens, caches: Sequence[KVCache]) -> np.ndarray:
         """Feed tokens (B, N) after what ``caches`` already hold; return their logits (B, N, V).
@@ -182,13 +177,8 @@ class ModelRunner:
         if tokens.shape[0] != caches[0].B:
             raise ValueError(f"tokens have batch {tokens.shape[0]} but the caches hold "
                              f"{caches[0].B} sequences")
-
-        def attend(l, q, k, v):
-            if q.shape[2] == 1:                                            # decode: one token
-                return caches[l].step(q[:, :, 0], k[:, :, 0], v[:, :, 0])[:, :, None]
-            return caches[l].prefill(q, k, v)                              # (B, H, N, hd)
-
-        return self._layers(tokens, start, attend)
+        logits, _ = self._blocks(tokens, start, [_CacheAttention(c) for c in caches])
+        return logits
 
     def logits(self, tokens, budgets=None) -> np.ndarray:
         """Logits of whole sequences from fresh caches: tokens (B, N) -> (B, N, V).
@@ -296,19 +286,7 @@ class ModelRunner:
         """Every layer's accumulated mask F of whole sequences (unpruned): tokens (B, N) -> one
         (B, N, N) float32 array per layer (all zero for a standard model)."""
         tokens = lm.check_tokens(tokens, self.cfg)
-        cfg, masks = self.cfg, []
-
-        def attend(l, q, k, v):
-            if cfg.selective:
-                masks.append(selattn_c.accumulated_mask(q, k, selector_head=cfg.selector_head))
-            else:
-                B, _, N, _ = q.shape
-                masks.append(np.zeros((B, N, N), np.float32))              # (B, N, N)
-            out, _ = selattn_c.forward(q, k, v, selector_head=cfg.selector_head,
-                                       selective=cfg.selective)
-            return out                                                     # (B, H, N, hd)
-
-        self._layers(tokens, 0, attend)
+        _, masks = self._blocks(tokens, 0, [CAttention()] * self.cfg.n_layers, need_F=True)
         return masks
 
     def held_positions(self, text: str, budgets) -> List[np.ndarray]:
@@ -329,6 +307,23 @@ class ModelRunner:
         """
         masks = self.accumulated_masks(self.encode(text))
         return [F[0] for F in masks], ["^"] + list(text)
+
+
+class _CacheAttention:
+    """One layer's ``KVCache`` as an attention backend of ``selattn_reference.model``: N > 1
+    tokens are a prefill, one token a decode step; the cache holds the budget and the selector
+    settings it was made with. Inference only: no F, no backward."""
+
+    def __init__(self, cache: KVCache):
+        self.cache = cache
+
+    def forward(self, q, k, v, *, selective: bool, selector_head: int, need_F: bool,
+                budget: Optional[int] = None):
+        if q.shape[2] == 1:                                                # decode: one token
+            out = self.cache.step(q[:, :, 0], k[:, :, 0], v[:, :, 0])[:, :, None]
+        else:
+            out = self.cache.prefill(q, k, v)                              # (B, H, N, hd)
+        return out, None, None
 
 
 def _check_count(name: str, n) -> int:
