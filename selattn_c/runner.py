@@ -215,8 +215,7 @@ class ModelRunner:
         new = self._greedy(tokens, self.new_caches(tokens.shape[0], budgets), max_new_tokens,
                            stop_token)
         if as_text:
-            text = self.tokenizer.decode(new[0])
-            return text[: text.index(";") + 1] if ";" in text else text
+            return _answer_text(self.tokenizer.decode(new[0]))
         return new
 
     def _greedy(self, tokens: np.ndarray, caches: List[KVCache], max_new_tokens: int,
@@ -254,8 +253,7 @@ class ModelRunner:
             steps = min(max_answer, self.cfg.context - tokens.shape[1] + 1)
             new = self._greedy(tokens, self.new_caches(len(rows), budgets), steps, stop)
             for i, ids in zip(rows, new):
-                text = self.tokenizer.decode(ids)
-                result[i] = text[: text.index(";") + 1] if ";" in text else text
+                result[i] = _answer_text(self.tokenizer.decode(ids))
         return result
 
     def evaluate(self, examples: Sequence[Example], budgets=None, batch_size: int = 256) -> Score:
@@ -307,6 +305,11 @@ class ModelRunner:
         """
         masks = self.accumulated_masks(self.encode(text))
         return [F[0] for F in masks], ["^"] + list(text)
+
+
+def _answer_text(text: str) -> str:
+    """A generated answer up to and including its closing ';' (all of it when there is none)."""
+    return text[: text.index(";") + 1] if ";" in text else text
 
 
 class _CacheAttention:
