@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from selattn_reference import model as lm
-from selattn_reference.checkpoint import CheckpointError, load_checkpoint
+from selattn_reference.checkpoint import CheckpointError
 from selattn_reference.tasks import (
     BOS,
     CharTokenizer,
@@ -33,6 +33,7 @@ from selattn_reference.tasks import (
 from .backend import CAttention
 from .calibrate import Score, check_budgets
 from .kv_cache import KVCache
+from .training import load_task_model
 
 BYTES_PER_VALUE = 4    # keys and values are held in float32
 
@@ -73,13 +74,8 @@ class ModelRunner:
         Raises ``CheckpointError`` (a ValueError) naming the file when it is missing, corrupt, or
         has no usable task settings.
         """
-        params, cfg, extra = load_checkpoint(path)
-        extra = extra if isinstance(extra, dict) else {}
-        if "task" not in extra:
-            raise CheckpointError(f"{path}: the checkpoint has no task settings in its 'extra' "
-                                  "(was it written by `selattn train`?)")
+        params, cfg, task, extra = load_task_model(path)
         try:
-            task = TaskConfig.from_dict(extra["task"])
             return cls(params, cfg, task, extra)
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"{path}: {exc}") from None
