@@ -2,13 +2,61 @@
 
 Two import packages: ``selattn_reference`` (the NumPy spec, from ``reference/``) and
 ``selattn_c`` (the C extension and its wrappers).
+
+The C extension is built when it can be. Without a working C compiler the install still succeeds,
+with a warning, as a pure-Python install: the NumPy reference, ``selattn train`` and ``selattn
+eval`` (on the NumPy attention) work, and whatever needs the kernels says so when called
+(``selattn_c.ExtensionNotBuilt``). ``SELATTN_NO_EXTENSION=1`` skips the build on purpose;
+``SELATTN_REQUIRE_EXTENSION=1`` turns a failed build into a failed install.
 """
 
+import os
+import sys
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_ext import build_ext
+from setuptools.errors import CCompilerError, CompileError, ExecError, LinkError, PlatformError
 
 README = Path(__file__).with_name("README.md")
+BUILD_ERRORS = (CCompilerError, CompileError, ExecError, LinkError, PlatformError)
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip() not in ("", "0")
+
+
+class OptionalBuildExt(build_ext):
+    """build_ext that warns, instead of failing the install, when the C kernels cannot be built."""
+
+    def run(self):
+        try:
+            super().run()
+        except BUILD_ERRORS as e:
+            self._give_up(e)
+
+    def build_extension(self, ext):
+        try:
+            super().build_extension(ext)
+        except BUILD_ERRORS as e:
+            self._give_up(e)
+
+    @staticmethod
+    def _give_up(error: Exception) -> None:
+        if _flag("SELATTN_REQUIRE_EXTENSION"):
+            raise error
+        print(f"selattn: WARNING: the C extension could not be built ({error}); installing the "
+              "pure-Python parts only: selattn_reference and selattn train/eval (NumPy attention) "
+              "work, the C kernels, KVCache and selattn demo do not. Install a C compiler and "
+              "reinstall for them (SELATTN_REQUIRE_EXTENSION=1 makes this an error).",
+              file=sys.stderr)
+
+
+# cffi_modules builds selattn_c._selattn_cffi from csrc/ (selattn_c/build_ffi.py).
+EXTENSION = {} if _flag("SELATTN_NO_EXTENSION") else {
+    "cffi_modules": ["selattn_c/build_ffi.py:ffibuilder"],
+    "cmdclass": {"build_ext": OptionalBuildExt},
+}
 
 setup(
     name="selattn",
@@ -23,7 +71,7 @@ setup(
     package_data={"selattn_c": ["data/*"]},
     entry_points={"console_scripts": ["selattn = selattn_c.cli:main"]},
     setup_requires=["cffi>=1.15"],
-    cffi_modules=["selattn_c/build_ffi.py:ffibuilder"],
+    **EXTENSION,
     install_requires=["numpy>=1.22", "cffi>=1.15"],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6.50"],

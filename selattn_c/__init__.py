@@ -14,6 +14,10 @@ calls from several threads at once are safe (nothing is shared between calls).
 
 Bad input raises ``ValueError`` or ``TypeError`` naming the argument before any C code runs; NaN or
 infinity in an input raises ``ValueError`` unless ``check_finite=False`` (docs/reliability.md).
+
+On a pure-Python install (no C compiler at install time) the package still imports:
+``extension_built()`` is False and every function above raises ``ExtensionNotBuilt`` (an
+``ImportError``) saying why, while training falls back to the NumPy attention (``_extension.py``).
 """
 
 from __future__ import annotations
@@ -32,7 +36,14 @@ from selattn_reference.validation import (
     resolve_scale,
 )
 
-from ._selattn_cffi import ffi, lib
+from ._extension import (
+    ExtensionNotBuilt,
+    extension_built,
+    extension_reason,
+    ffi,
+    lib,
+    require_extension,
+)
 from .checks import (
     MAX_THREADS,
     as_c_float32,
@@ -44,10 +55,13 @@ from .checks import (
 __all__ = [
     "CAttention",
     "Context",
+    "ExtensionNotBuilt",
     "KVCache",
     "accumulated_mask",
     "backward",
     "build_info",
+    "extension_built",
+    "extension_reason",
     "forward",
     "get_num_threads",
     "kernel_name",
@@ -60,6 +74,7 @@ _threads = {"n": 0}  # 0: the OpenMP default (OMP_NUM_THREADS, else all cores)
 
 def openmp_enabled() -> bool:
     """True when the extension was built with OpenMP (False: a serial build)."""
+    require_extension("selattn_c.openmp_enabled")
     return bool(lib.selattn_openmp_enabled())
 
 
@@ -82,6 +97,7 @@ def set_num_threads(n: int) -> None:
 def build_info() -> Dict[str, object]:
     """How this extension was built and what it runs: ``openmp`` (bool), ``serial_reason`` ("" for
     an OpenMP build), ``kernels`` (the tile kernels this CPU runs), ``default_threads``."""
+    require_extension("selattn_c.build_info")
     return {
         "openmp": openmp_enabled(),
         "serial_reason": ffi.string(lib.selattn_serial_reason()).decode(),
@@ -92,10 +108,11 @@ def build_info() -> Dict[str, object]:
 
 def kernel_name() -> str:
     """Which tile kernels this CPU runs: 'avx512', 'avx2' or 'generic'."""
+    require_extension("selattn_c.kernel_name")
     return ffi.string(lib.selattn_kernel_name()).decode()
 
 
-_reason = ffi.string(lib.selattn_serial_reason()).decode()
+_reason = ffi.string(lib.selattn_serial_reason()).decode() if extension_built() else ""
 if _reason and _reason != "SELATTN_NO_OPENMP":
     warnings.warn(f"selattn_c was built without OpenMP ({_reason}): every call uses one thread. "
                   "Install a compiler with OpenMP support and reinstall for parallel kernels.",
@@ -168,6 +185,7 @@ def forward(q, k, v, *, selector_head: int = 0, protect_bos: bool = True, select
     out : (B, H, N, D) float32
     ctx : Context for ``backward``
     """
+    require_extension("selattn_c.forward")
     q, k, v, (B, H, N, D) = check_qkv(q, k, v, check_finite=False)
     s = check_selector_head(selector_head, H)
     scale = check_scale_float32(resolve_scale(scale, D))
@@ -231,6 +249,7 @@ def backward(dout, ctx: Context, *, check_finite: bool = True
     -------
     dq, dk, dv : (B, H, N, D) float32
     """
+    require_extension("selattn_c.backward")
     _check_context(ctx)
     B, H, N, D = ctx.q.shape
     (dout,) = _c_inputs([check_like(dout, "dout", (B, H, N, D))], ["dout"], check_finite)
@@ -256,6 +275,7 @@ def accumulated_mask(q, k, *, selector_head: int = 0, protect_bos: bool = True,
     -------
     F : (B, N, N) float32, ``F[b, i, j] = sum_{m < i} S[b, m, j]``
     """
+    require_extension("selattn_c.accumulated_mask")
     q, k, (B, H, N, D) = check_qkv(q, k, check_finite=False)
     s = check_selector_head(selector_head, H)
     scale = check_scale_float32(resolve_scale(scale, D))

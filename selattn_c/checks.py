@@ -9,9 +9,9 @@ naming the argument, before anything is allocated or any state changes.
 
 from __future__ import annotations
 
-import numpy as np
+import struct
 
-from ._selattn_cffi import ffi
+import numpy as np
 
 TILE = 64  # rows and columns of a tile (csrc/tile_kernels.h SELATTN_TILE)
 
@@ -20,7 +20,7 @@ TILE = 64  # rows and columns of a tile (csrc/tile_kernels.h SELATTN_TILE)
 # like B * H * N * D * 4 would wrap around and the kernels would index a buffer smaller than they
 # think. Sizes below this limit are computed correctly (all indexing is 64-bit) or fail to
 # allocate with a MemoryError.
-MAX_BUFFER_BYTES = min(int(np.iinfo(np.intp).max), 2 ** (8 * ffi.sizeof("size_t")) - 1)
+MAX_BUFFER_BYTES = min(int(np.iinfo(np.intp).max), 2 ** (8 * struct.calcsize("N")) - 1)
 
 # set_num_threads refuses more: each thread of a call allocates its own scratch and OpenMP makes
 # one OS thread each, so a number like 10**6 would exhaust the process rather than speed it up.

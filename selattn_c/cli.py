@@ -13,6 +13,8 @@ import importlib
 import sys
 from typing import List, Optional
 
+from selattn_c._extension import ExtensionNotBuilt
+
 # Modules that contribute subcommands. A module that is not installed is skipped, so a command
 # module can be added (or left out of a build) without touching this file's logic.
 COMMAND_MODULES = ("selattn_c.cli_training", "selattn_c.cli_inference")
@@ -56,9 +58,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return int(e.code or 0)
     try:
         return int(args.run(args))
-    except (CommandError, ValueError, OSError) as e:
+    except (CommandError, ValueError, OSError, ExtensionNotBuilt) as e:
         # ValueError covers CheckpointError and every settings check; OSError unreadable or
-        # unwritable files. Only the message: a traceback helps nobody who typed a bad number.
+        # unwritable files; ExtensionNotBuilt a command that needs the C kernels on a
+        # pure-Python install. Only the message: a traceback helps nobody who typed a bad number.
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"selattn {args.command}: error: {message}", file=sys.stderr)
         return USAGE_ERROR

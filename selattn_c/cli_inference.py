@@ -63,7 +63,10 @@ def _add_threads(parser: argparse.ArgumentParser) -> None:
                         help="threads of the C kernels (default: the OpenMP default)")
 
 
-def _set_threads(args: argparse.Namespace) -> None:
+def _use_kernels(args: argparse.Namespace) -> None:
+    """Every command here runs the C kernels: on a pure-Python install say so at once (one line,
+    exit 2, through the CLI's error handling) rather than after loading; then apply --threads."""
+    selattn_c.require_extension(f"selattn {args.command}")
     if args.threads is not None:
         selattn_c.set_num_threads(args.threads)
 
@@ -78,7 +81,7 @@ def default_budgets_path(checkpoint: Path) -> Path:
 
 
 def calibrate_command(args: argparse.Namespace) -> int:
-    _set_threads(args)
+    _use_kernels(args)
     runner = ModelRunner.load(args.checkpoint)
     examples = runner.calibration_split(args.examples, args.seed)
 
@@ -108,7 +111,7 @@ def calibrate_command(args: argparse.Namespace) -> int:
 
 
 def demo_command(args: argparse.Namespace) -> int:
-    _set_threads(args)
+    _use_kernels(args)
     demo.run_demo(selective=args.selective, standard=args.standard, budgets_path=args.budgets,
                   n_examples=args.examples, png=args.png, use_ascii=args.ascii)
     return 0
@@ -119,7 +122,7 @@ def demo_command(args: argparse.Namespace) -> int:
 
 
 def plot_command(args: argparse.Namespace) -> int:
-    _set_threads(args)
+    _use_kernels(args)
     runner = ModelRunner.load(args.checkpoint)
     masks, labels = runner.masks(args.text)
     titles = [f"layer {l}" for l in range(len(masks))]

@@ -23,7 +23,7 @@ from selattn_reference.validation import (
 )
 
 from . import _threads_arg  # the package's thread setting (defined before this module loads)
-from ._selattn_cffi import ffi, lib
+from ._extension import ffi, lib, require_extension
 from .checks import (
     TILE,
     as_c_float32,
@@ -69,6 +69,7 @@ class KVCache:
     def __init__(self, batch: int, heads: int, head_dim: int, budget: Optional[int] = None, *,
                  selector_head: int = 0, protect_bos: bool = True, selective: bool = True,
                  scale: Optional[float] = None, evict_threshold: Optional[float] = None):
+        require_extension("selattn_c.KVCache")
         self.B, self.H, self.D = check_cache_dims(batch, heads, head_dim)
         self.selector_head = check_selector_head(selector_head, self.H)
         self.protect_bos = bool(protect_bos)

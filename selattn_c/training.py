@@ -192,17 +192,17 @@ def memory_loss_weight(step: int, cfg: TrainConfig) -> float:
 
 def make_attention(backend: str = "auto"):
     """The attention backend: ``'c'`` (selattn_c.backend.CAttention), ``'numpy'`` (the reference)
-    or ``'auto'`` (C when the extension imports). Returns (attention object, name)."""
+    or ``'auto'`` (C when the extension is built, else NumPy: a pure-Python install still trains).
+    Returns (attention object, name)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend in ("auto", "c"):
-        try:
-            from selattn_c.backend import CAttention
-        except ImportError as e:
-            if backend == "c":
-                raise ValueError(f"backend 'c' needs the compiled extension: {e}") from None
-        else:
-            return CAttention(), "c"
+        import selattn_c
+        if selattn_c.extension_built():
+            return selattn_c.CAttention(), "c"
+        if backend == "c":
+            raise ValueError("backend 'c' needs the compiled extension, which is not installed "
+                             f"({selattn_c.extension_reason()}); use --backend numpy or auto")
     return lm.NumpyAttention(), "numpy"
 
 
