@@ -178,9 +178,9 @@ static void key_block_grads(const problem *pr, size_t b, size_t kb, scratch *w, 
             const float *dout_bhi = pr->dout + row0 * D;                   /* (rows, D) */
             const float *k_bhj = pr->k + ((b * H + h) * N + j0) * D;       /* (ncols, D) */
             const float *g_h = w->g + h * T * T;
-            pr->kern->gemm_acc_t(w->p + h * T * T, ncols, dout_bhi, rows, D,  /* dv += P^T dout */
+            pr->kern->gemm_acc_t(w->p + h * T * T, ncols, dout_bhi, rows, D, NULL, /* dv += P^T dout */
                                  w->acc_b + h * T * D);
-            pr->kern->gemm_acc_t(g_h, ncols, q_bhi, rows, D,                  /* dk += G^T q */
+            pr->kern->gemm_acc_t(g_h, ncols, q_bhi, rows, D, NULL,            /* dk += G^T q */
                                  w->acc_a + h * T * D);
             pr->kern->gemm_acc(g_h, rows, k_bhj, ncols, D, NULL, dq_part + row0 * D); /* dq += G k */
         }
@@ -221,9 +221,9 @@ int selattn_backward(const float *q, const float *k, const float *v,
     if (rc == SELATTN_OK && selective) {
         /* Pass 1-2: the mask entering each query block, as in the forward */
         fstart = malloc(B * nqb * N * sizeof(float));
-        rc = !fstart ? SELATTN_ENOMEM
-             : selector_block_prefix(q, kt, B, H, N, D, selector_head, protect_bos, scale, kern,
-                                     fstart, nthreads);
+        const selector sp = {kern, q, kt, NULL, H, N, D, nqb, selector_head, protect_bos, scale,
+                             H, selector_head};
+        rc = !fstart ? SELATTN_ENOMEM : selector_block_prefix(&sp, B, fstart, nthreads);
     }
     if (rc != SELATTN_OK) {
         free(fstart); free(delta); free(kt); free(vt); free(dq_parts);
@@ -241,7 +241,8 @@ int selattn_backward(const float *q, const float *k, const float *v,
     }
 
     const problem pr = {q, k, v, lse, dout, delta, kt, vt,
-                        {kern, q, kt, fstart, H, N, D, nqb, selector_head, protect_bos, scale},
+                        {kern, q, kt, fstart, H, N, D, nqb, selector_head, protect_bos, scale,
+                         H, selector_head},
                         H, N, D, nqb, selector_head, selective, scale, kern};
     int failed = 0;
     #pragma omp parallel num_threads(team)

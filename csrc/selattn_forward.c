@@ -26,27 +26,6 @@
 
 #define T SELATTN_TILE
 
-/* One online-softmax step for `rows` query rows of one head on one key tile.
- * x (T, T) holds the logits L on entry and p = exp(L - F - m_new) on return; m, l (rows,) are the
- * running max and sum; alpha (rows,) receives exp(m_old - m_new), the factor by which the old
- * accumulator must be rescaled. */
-static void softmax_tile_step(float *x, const float *f, const size_t *nvis, size_t rows,
-                              const selattn_kernels *kern, float *m, float *l, float *alpha)
-{
-    float m_new[T], shift[T], sum[T];
-    kern->masked_logits(x, f, nvis, rows, m_new);              /* L - F, causal   (§ 5) */
-    for (size_t r = 0; r < rows; r++) {
-        m_new[r] = m[r] > m_new[r] ? m[r] : m_new[r];
-        /* A row that has seen only evicted keys so far (max -inf) keeps acc = l = 0: shift by 0
-         * so exp(-inf - shift) is 0, not NaN. Without evictions every row sees a key per tile. */
-        shift[r] = m_new[r] == -INFINITY ? 0.0f : m_new[r];
-        alpha[r] = m_new[r] == -INFINITY ? 1.0f : expf(m[r] - m_new[r]);
-        m[r] = m_new[r];
-    }
-    kern->exp_rows(x, shift, rows, sum);
-    for (size_t r = 0; r < rows; r++) l[r] = l[r] * alpha[r] + sum[r];
-}
-
 /* Extremes of evict_at over each key tile: tmin/tmax (B, nqb). A tile whose tmax <= i0 is
  * invisible to every query from i0 on; one whose tmin >= the block's end needs no marking. */
 static void evicted_tile_bounds(const int64_t *evict_at, size_t B, size_t N, int64_t *tmin,
@@ -66,13 +45,13 @@ static void evicted_tile_bounds(const int64_t *evict_at, size_t B, size_t N, int
         }
 }
 
-/* f (rows, T) <- +inf where key j0 + c was evicted before query i0 + r attends. */
-static void mark_evicted(float *f, const int64_t *evict_at_j, size_t i0, size_t rows,
+/* ft (T keys, T rows) <- +inf where key j0 + c was evicted before query i0 + r attends. */
+static void mark_evicted(float *ft, const int64_t *evict_at_j, size_t i0, size_t rows,
                          size_t ncols)
 {
-    for (size_t r = 0; r < rows; r++)
-        for (size_t c = 0; c < ncols; c++)
-            if ((int64_t)(i0 + r) >= evict_at_j[c]) f[r * T + c] = INFINITY;
+    for (size_t c = 0; c < ncols; c++)
+        for (size_t r = 0; r < rows; r++)
+            if ((int64_t)(i0 + r) >= evict_at_j[c]) ft[c * T + r] = INFINITY;
 }
 
 int selattn_forward(const float *q, const float *k, const float *v,
@@ -92,42 +71,52 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
     const selattn_kernels *kern = selattn_select_kernels();
     const size_t nqb = num_blocks(N);
     const size_t s = selector_head;
-    float *kt = malloc(B * H * nqb * D * T * sizeof(float));   /* (B, H, nqb, D, T) */
-    float *fstart = NULL;                            /* (B, nqb, N) mask entering each block */
-    if (!kt) return SELATTN_ENOMEM;
-    transpose_blocks(k, B, H, N, D, kt, nthreads);
+    float *kt_s = NULL;                     /* (B, 1, nqb, D, T) the selector head's key tiles */
+    float *fstart = NULL;                   /* (B, nqb, N) mask entering each block */
+    selector sp = {kern, q, NULL, NULL, H, N, D, nqb, s, protect_bos, scale, 1, 0};
     if (selective) {
+        /* Pass 0: the selector head's key tiles, transposed (1/H of k) */
+        kt_s = malloc(B * nqb * D * T * sizeof(float));
         fstart = malloc(B * nqb * N * sizeof(float));
-        int rc = !fstart ? SELATTN_ENOMEM
-                 : selector_block_prefix(q, kt, B, H, N, D, s, protect_bos, scale, kern, fstart,
-                                         nthreads);
-        if (rc != SELATTN_OK) { free(fstart); free(kt); return rc; }
+        if (!kt_s || !fstart) { free(kt_s); free(fstart); return SELATTN_ENOMEM; }
+        for (size_t b = 0; b < B; b++)
+            transpose_blocks(k + (b * H + s) * N * D, 1, 1, N, D, kt_s + b * nqb * D * T,
+                             nthreads);
+        sp.kt = kt_s;
+        /* Pass 1-2: Fstart */
+        int rc = selector_block_prefix(&sp, B, fstart, nthreads);
+        if (rc != SELATTN_OK) { free(fstart); free(kt_s); return rc; }
+        sp.fstart = fstart;
     }
 
     int64_t *tmin = NULL, *tmax = NULL;              /* (B, nqb) evict_at per key tile */
     if (evict_at) {
         tmin = malloc(B * nqb * sizeof(int64_t));
         tmax = malloc(B * nqb * sizeof(int64_t));
-        if (!tmin || !tmax) { free(tmin); free(tmax); free(fstart); free(kt); return SELATTN_ENOMEM; }
+        if (!tmin || !tmax) {
+            free(tmin); free(tmax); free(fstart); free(kt_s);
+            return SELATTN_ENOMEM;
+        }
         evicted_tile_bounds(evict_at, B, N, tmin, tmax);
     }
     const int masked = selective || evict_at;        /* is there an F tile to subtract? */
 
     const size_t ntasks = B * nqb;
-    const selector sp = {kern, q, kt, fstart, H, N, D, nqb, s, protect_bos, scale};
     int failed = 0;
     #pragma omp parallel num_threads(team_size(nthreads))
     {
         /* per-thread scratch; nothing here grows with N */
-        float *ls = malloc(T * T * sizeof(float));         /* (T, T) selector-head logits */
+        float *ls = malloc(T * T * sizeof(float));         /* (T, T) selector logits, row-major */
         float *sel = malloc(T * T * sizeof(float));        /* (T, T) S tile */
         float *ftile = malloc(T * T * sizeof(float));      /* (T, T) F tile */
-        float *x = malloc(T * T * sizeof(float));          /* (T, T) logits, then P */
+        float *ft = malloc(T * T * sizeof(float));         /* (T keys, T rows) F, key-major */
+        float *x = malloc(T * T * sizeof(float));          /* (T keys, T rows) logits, then P */
+        float *qt = malloc(H * D * T * sizeof(float));     /* (H, D, T) the query block, transposed */
         float *m = malloc(H * T * sizeof(float));          /* (H, T) running row max */
         float *l = malloc(H * T * sizeof(float));          /* (H, T) running row sum */
         float *alpha = malloc(T * sizeof(float));          /* (T,) rescale factors */
         float *acc = malloc(H * T * D * sizeof(float));    /* (H, T, D) unnormalised output */
-        if (!ls || !sel || !ftile || !x || !m || !l || !alpha || !acc) {
+        if (!ls || !sel || !ftile || !ft || !x || !qt || !m || !l || !alpha || !acc) {
             #pragma omp atomic write
             failed = 1;
         }
@@ -140,33 +129,41 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
             const size_t i0 = qb * T, rows = block_len(N, i0);
             for (size_t hr = 0; hr < H * T; hr++) { m[hr] = -INFINITY; l[hr] = 0.0f; }
             memset(acc, 0, H * T * D * sizeof(float));
+            /* 3.0 the query block of every head, transposed and zero-padded: qt_h (D, T) */
+            for (size_t h = 0; h < H; h++) {
+                const float *q_bhi = q + ((b * H + h) * N + i0) * D;      /* (rows, D) */
+                float *qt_h = qt + h * D * T;
+                for (size_t d = 0; d < D; d++)
+                    for (size_t r = 0; r < T; r++)
+                        qt_h[d * T + r] = r < rows ? q_bhi[r * D + d] : 0.0f;
+            }
 
             for (size_t kb = 0; kb <= qb; kb++) {
                 const size_t j0 = kb * T, ncols = block_len(N, j0);
                 if (evict_at && tmax[b * nqb + kb] <= (int64_t)i0) continue;  /* all evicted */
-                size_t nvis[T];
-                visible_keys(i0, j0, rows, ncols, nvis);
+                const int off = i0 - j0 < T ? (int)(i0 - j0) : (int)T;  /* causal mask: r + off >= c */
                 /* 3a. selector logits -> S -> F for this tile, once for all heads (§§ 2-4) */
-                if (selective) mask_of_tile(&sp, b, qb, kb, ls, sel, ftile);
-                else if (evict_at) memset(ftile, 0, T * T * sizeof(float));
+                if (selective) {
+                    mask_of_tile(&sp, b, qb, kb, ls, sel, ftile);
+                    kern->transpose(ftile, rows, ft);
+                } else if (evict_at) {
+                    memset(ft, 0, T * T * sizeof(float));
+                }
                 if (evict_at && tmin[b * nqb + kb] < (int64_t)(i0 + rows))
-                    mark_evicted(ftile, evict_at + b * N + j0, i0, rows, ncols);
-                /* 3b. every head: softmax(L - F) v, online over key tiles (§ 5) */
+                    mark_evicted(ft, evict_at + b * N + j0, i0, rows, ncols);
+                /* 3b. every head: softmax(L - F) v, online over key tiles (§ 5), on key-major
+                 * tiles: x (ncols, T) = scale * k_h q_h^T */
                 for (size_t h = 0; h < H; h++) {
-                    const float *q_bhi = q + ((b * H + h) * N + i0) * D;  /* (rows, D) */
+                    const float *k_bhj = k + ((b * H + h) * N + j0) * D;  /* (ncols, D) */
                     const float *v_bhj = v + ((b * H + h) * N + j0) * D;  /* (ncols, D) */
-                    if (selective && h == s) {
-                        memcpy(x, ls, T * T * sizeof(float));
-                    } else {
-                        kern->gemm_nt(q_bhi, rows, block_tile(kt, b, h, kb, H, nqb, D), D, scale,
-                                      x);
-                    }
+                    if (selective && h == s) kern->transpose(ls, rows, x);
+                    else kern->gemm_nt(k_bhj, ncols, qt + h * D * T, D, scale, x);
                     float *m_h = m + h * T, *l_h = l + h * T, *acc_h = acc + h * T * D;
-                    softmax_tile_step(x, masked ? ftile : NULL, nvis, rows, kern, m_h, l_h, alpha);
-                    kern->gemm_acc(x, rows, v_bhj, ncols, D, alpha, acc_h);   /* alpha acc + P v */
+                    kern->softmax_t(x, masked ? ft : NULL, ncols, off, m_h, l_h, alpha);
+                    kern->gemm_acc_t(x, rows, v_bhj, ncols, D, alpha, acc_h); /* alpha acc + P v */
                 }
             }
-            /* normalise and keep the log-sum-exp for the backward */
+            /* 3c. normalise and keep the log-sum-exp for the backward */
             for (size_t h = 0; h < H; h++) {
                 float *out_bhi = out + ((b * H + h) * N + i0) * D;        /* (rows, D) */
                 float *lse_bhi = lse ? lse + (b * H + h) * N + i0 : NULL;  /* (rows,) */
@@ -178,9 +175,9 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
                 }
             }
         }
-        free(ls); free(sel); free(ftile); free(x); free(m); free(l); free(alpha);
-        free(acc);
+        free(ls); free(sel); free(ftile); free(ft); free(x); free(qt); free(m); free(l);
+        free(alpha); free(acc);
     }
-    free(tmin); free(tmax); free(fstart); free(kt);
+    free(tmin); free(tmax); free(fstart); free(kt_s);
     return failed ? SELATTN_ENOMEM : SELATTN_OK;
 }

@@ -19,11 +19,10 @@ int selattn_accumulated_mask(const float *q, const float *k,
     float *kt = malloc(B * H * nqb * D * T * sizeof(float)); /* (B, H, nqb, D, T) */
     if (!fstart || !kt) { free(fstart); free(kt); return SELATTN_ENOMEM; }
     transpose_blocks(k, B, H, N, D, kt, nthreads);
-    int rc = selector_block_prefix(q, kt, B, H, N, D, selector_head, protect_bos, scale, kern,
-                                   fstart, nthreads);
+    const selector sp = {kern, q, kt, fstart, H, N, D, nqb, selector_head, protect_bos, scale,
+                         H, selector_head};
+    int rc = selector_block_prefix(&sp, B, fstart, nthreads);
     if (rc != SELATTN_OK) { free(fstart); free(kt); return rc; }
-
-    const selector sp = {kern, q, kt, fstart, H, N, D, nqb, selector_head, protect_bos, scale};
     int failed = 0;
     #pragma omp parallel num_threads(team_size(nthreads))
     {

@@ -57,7 +57,8 @@ void selection_of_tile(const selector *sp, size_t b, size_t qb, size_t kb, float
 {
     const size_t i0 = qb * T, j0 = kb * T, rows = block_len(sp->N, i0);
     const float *q_bsi = sp->q + ((b * sp->H + sp->s) * sp->N + i0) * sp->D;    /* (rows, D) */
-    sp->kern->gemm_nt(q_bsi, rows, block_tile(sp->kt, b, sp->s, kb, sp->H, sp->nqb, sp->D),
+    sp->kern->gemm_nt(q_bsi, rows,
+                      block_tile(sp->kt, b, sp->kt_head, kb, sp->kt_heads, sp->nqb, sp->D),
                       sp->D, sp->scale, ls);
     selection_tile(sp->kern, ls, i0, j0, rows, block_len(sp->N, j0), sp->protect_bos, sel);
 }
@@ -75,13 +76,12 @@ void mask_of_tile(const selector *sp, size_t b, size_t qb, size_t kb, float *ls,
     mask_tile(sel, fstart_cols, block_len(sp->N, qb * T), f);
 }
 
-int selector_block_prefix(const float *q, const float *kt, size_t B, size_t H, size_t N,
-                          size_t D, size_t selector_head, int protect_bos, float scale,
-                          const selattn_kernels *kern, float *fstart, int nthreads)
+int selector_block_prefix(const selector *sp_in, size_t B, float *fstart, int nthreads)
 {
-    const size_t nqb = num_blocks(N);
+    const size_t N = sp_in->N, nqb = sp_in->nqb;
     const size_t ntasks = B * nqb;
-    const selector sp = {kern, q, kt, NULL, H, N, D, nqb, selector_head, protect_bos, scale};
+    selector sp = *sp_in;
+    sp.fstart = NULL;
     int failed = 0;
 
     /* Pass 1: each query block's column sums of S, fstart[b, qb, j] = sum_{m in qb} S[m, j].

@@ -64,14 +64,17 @@ void selection_tile(const selattn_kernels *kern, const float *ls, size_t i0, siz
  * so a partial last key tile passes a zero-padded copy (mask_of_tile does).  (§ 4) */
 void mask_tile(const float *sel, const float *fstart_cols, size_t rows, float *f);
 
-/* What building the selector's tiles reads: q (B, H, N, D), the transposed key tiles kt, and
- * fstart (B, nqb, N) (not read by selection_of_tile). */
+/* What building the selector's tiles reads: q (B, H, N, D), transposed key tiles kt, and
+ * fstart (B, nqb, N) (not read by selection_of_tile). kt holds kt_heads heads per batch element
+ * (transpose_blocks' (B, kt_heads, nqb, D, TILE)), the selector head's tiles at index kt_head:
+ * all heads (kt_heads = H, kt_head = s), or the selector head alone (kt_heads = 1, kt_head = 0). */
 typedef struct {
     const selattn_kernels *kern;
     const float *q, *kt, *fstart;
     size_t H, N, D, nqb, s;     /* s: the selector head */
     int protect_bos;
     float scale;
+    size_t kt_heads, kt_head;
 } selector;
 
 /* For the tile at (query block qb, key block kb) of batch element b: ls (T, T) = the selector's
@@ -82,10 +85,8 @@ void selection_of_tile(const selector *sp, size_t b, size_t qb, size_t kb, float
 void mask_of_tile(const selector *sp, size_t b, size_t qb, size_t kb, float *ls, float *sel,
                   float *f);
 
-/* Fstart (B, nqb, N): the exclusive prefix over query blocks of the column sums of S.
- * kt is transpose_blocks(k). Returns SELATTN_OK or SELATTN_ENOMEM. */
-int selector_block_prefix(const float *q, const float *kt, size_t B, size_t H, size_t N,
-                          size_t D, size_t selector_head, int protect_bos, float scale,
-                          const selattn_kernels *kern, float *fstart, int nthreads);
+/* Fstart (B, nqb, N): the exclusive prefix over query blocks of the column sums of S, for the
+ * selector sp (whose fstart is not read). Returns SELATTN_OK or SELATTN_ENOMEM. */
+int selector_block_prefix(const selector *sp, size_t B, float *fstart, int nthreads);
 
 #endif /* SELATTN_SELECTOR_MASK_H */

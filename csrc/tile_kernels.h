@@ -23,10 +23,11 @@ typedef struct {
      * rescale and accumulate (and dq += G k in the backward). */
     void (*gemm_acc)(const float *p, size_t rows, const float *y, size_t ncols, size_t D,
                      const float *alpha, float *acc);
-    /* acc (rows, D) += p^T @ y (ncols, D), where p is (ncols, TILE) and its first `rows` columns
-     * are used: dv += P^T dout and dk += G^T q without transposing the tile first. */
+    /* acc (rows, D) = alpha[r] * acc + p^T @ y (ncols, D), where p is (ncols, TILE) and its first
+     * `rows` columns are used; alpha may be NULL (1). The forward's acc = alpha acc + P v on a
+     * key-major P tile, and dv += P^T dout, dk += G^T q, without transposing the tile first. */
     void (*gemm_acc_t)(const float *p, size_t rows, const float *y, size_t ncols, size_t D,
-                       float *acc);
+                       const float *alpha, float *acc);
     /* x (rows, TILE) <- x - f on the first nvis[r] keys of row r and -inf on the rest (the
      * causal mask and the tile's edge); f may be NULL (F = 0). rowmax (rows,) gets each row's max. */
     void (*masked_logits)(float *x, const float *f, const size_t *nvis, size_t rows,
@@ -41,6 +42,14 @@ typedef struct {
     /* g (rows, TILE) = p * (dp - delta[r]), the softmax backward; gsum += g when not NULL. */
     void (*softmax_grad)(const float *p, const float *dp, const float *delta, size_t rows,
                          float *g, float *gsum);
+    /* One online-softmax step on a key-major tile x (ncols keys, TILE query rows):
+     * x[c, r] <- exp(x - f - m_new[r]) where r + off >= c (the causal mask; off >= TILE: no mask),
+     * 0 elsewhere; f may be NULL. m, l (TILE,) running max and sum; alpha (TILE,) gets
+     * exp(m_old - m_new) (1 for a row whose max is still -inf). */
+    void (*softmax_t)(float *x, const float *f, size_t ncols, int off, float *m, float *l,
+                      float *alpha);
+    /* xt (TILE, TILE)[c, r] = x[r, c] for r < rows, 0 for r >= rows. */
+    void (*transpose)(const float *x, size_t rows, float *xt);
 } selattn_kernels;
 
 /* The kernel set for this CPU (a pointer to a constant table; no state is kept).

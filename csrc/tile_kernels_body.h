@@ -63,8 +63,9 @@ static void K(gemm_nt)(const float *restrict x, size_t rows, const float *restri
 /* ---------------------------------------------------------------------------------------------
  * gemm_acc: acc (rows, D) = alpha[r] * acc + p (rows, 64)[:, :ncols] @ y (ncols, D)
  * (alpha may be NULL: 1). The rescale of the online softmax is applied while acc is loaded.
- * gemm_acc_t: acc (rows, D) += p^T @ y, where p is (ncols, 64) and its first `rows` columns are
- * used: the products with a transposed tile (dv += P^T dout, dk += G^T q), without transposing.
+ * gemm_acc_t: acc (rows, D) = alpha[r] * acc + p^T @ y, where p is (ncols, 64) and its first
+ * `rows` columns are used: the products with a transposed tile (the forward's P v on a
+ * key-major tile, dv += P^T dout, dk += G^T q), without transposing.
  * Register block: ROW_BLOCK rows x 64 values of d; then 16-wide, then scalar tails of D.
  * `p_at(i, j)` is the coefficient of y row j in acc row i. */
 static inline __attribute__((always_inline)) void K(gemm_acc_impl)(
@@ -123,9 +124,10 @@ static void K(gemm_acc)(const float *restrict p, size_t rows, const float *restr
 }
 
 static void K(gemm_acc_t)(const float *restrict p, size_t rows, const float *restrict y,
-                          size_t ncols, size_t D, float *restrict acc)
+                          size_t ncols, size_t D, const float *restrict alpha,
+                          float *restrict acc)
 {
-    K(gemm_acc_impl)(p, rows, y, ncols, D, NULL, acc, 1);
+    K(gemm_acc_impl)(p, rows, y, ncols, D, alpha, acc, 1);
 }
 
 static inline __attribute__((always_inline)) vf K(select)(vi mask, vf a, vf b) /* mask ? a : b */
@@ -258,6 +260,73 @@ static void K(softmax_grad)(const float *restrict p, const float *restrict dp,
     }
 }
 
+
+/* ---------------------------------------------------------------------------------------------
+ * softmax_t: one online-softmax step on a key-major tile x (ncols keys, 64 query rows): query
+ * rows are the 16-wide lanes, so row maxima and sums are plain lane-wise operations.
+ * x[c, r] <- exp(x[c, r] - f[c, r] - m_new[r]) where key c is visible to row r (r + off >= c;
+ * off >= 64 means every key is visible), 0 elsewhere; f may be NULL (F = 0). m, l (64,) are the
+ * running max and sum, alpha (64,) receives exp(m_old - m_new). A row whose max is still -inf
+ * (only evicted keys so far) keeps l = 0 and gets alpha = 1. Keys are summed in order c = 0, 1,
+ * ... in every lane, so the bits do not depend on anything but the inputs. */
+static void K(softmax_t)(float *restrict x, const float *restrict f, size_t ncols, int off,
+                         float *restrict m, float *restrict l, float *restrict alpha)
+{
+    const vf neg_inf = (vf){0} - INFINITY;
+    vi lane;
+    for (int u = 0; u < 16; u++) lane[u] = u;
+    vf mx[4], shift[4], sum[4];
+    for (int u = 0; u < 4; u++) mx[u] = K(load)(m + 16 * u);
+    if (off >= SELATTN_TILE) {        /* below the diagonal: every key visible, no mask */
+        for (size_t c = 0; c < ncols; c++) {
+            for (int u = 0; u < 4; u++) {
+                vf xv = K(load)(x + c * SELATTN_TILE + 16 * u);
+                if (f) xv -= K(load)(f + c * SELATTN_TILE + 16 * u);
+                K(store)(x + c * SELATTN_TILE + 16 * u, xv);
+                mx[u] = K(select)(xv > mx[u], xv, mx[u]);
+            }
+        }
+    } else {
+        for (size_t c = 0; c < ncols; c++) {
+            for (int u = 0; u < 4; u++) {
+                vf xv = K(load)(x + c * SELATTN_TILE + 16 * u);
+                if (f) xv -= K(load)(f + c * SELATTN_TILE + 16 * u);
+                xv = K(select)(lane + (16 * u + off) >= (int)c, xv, neg_inf);
+                K(store)(x + c * SELATTN_TILE + 16 * u, xv);
+                mx[u] = K(select)(xv > mx[u], xv, mx[u]);
+            }
+        }
+    }
+    for (int u = 0; u < 4; u++) {
+        const vi none = mx[u] == neg_inf;
+        const vf m_old = K(load)(m + 16 * u);
+        shift[u] = K(select)(none, (vf){0}, mx[u]);
+        K(store)(alpha + 16 * u, K(select)(none, (vf){0} + 1.0f, K(exp16)(m_old - shift[u])));
+        K(store)(m + 16 * u, mx[u]);
+        sum[u] = (vf){0};
+    }
+    for (size_t c = 0; c < ncols; c++) {
+        for (int u = 0; u < 4; u++) {
+            vf e = K(exp16)(K(load)(x + c * SELATTN_TILE + 16 * u) - shift[u]);
+            K(store)(x + c * SELATTN_TILE + 16 * u, e);
+            sum[u] += e;
+        }
+    }
+    for (int u = 0; u < 4; u++)
+        K(store)(l + 16 * u, K(load)(l + 16 * u) * K(load)(alpha + 16 * u) + sum[u]);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * transpose: xt (64, 64)[c, r] = x[r, c] for r < rows, 0 for r >= rows; 16 x 16 blocks. */
+static void K(transpose)(const float *restrict x, size_t rows, float *restrict xt)
+{
+    for (size_t r0 = 0; r0 < SELATTN_TILE; r0 += 16)
+        for (size_t c0 = 0; c0 < SELATTN_TILE; c0 += 16)
+            for (size_t c = c0; c < c0 + 16; c++)
+                for (size_t r = r0; r < r0 + 16; r++)
+                    xt[c * SELATTN_TILE + r] = r < rows ? x[r * SELATTN_TILE + c] : 0.0f;
+}
+
 const selattn_kernels CAT(selattn_kernels, KERNEL_ISA) = {
     .name = KERNEL_NAME,
     .gemm_nt = K(gemm_nt),
@@ -267,4 +336,6 @@ const selattn_kernels CAT(selattn_kernels, KERNEL_ISA) = {
     .exp_rows = K(exp_rows),
     .selection = K(selection),
     .softmax_grad = K(softmax_grad),
+    .softmax_t = K(softmax_t),
+    .transpose = K(transpose),
 };
