@@ -317,15 +317,45 @@ static void K(softmax_t)(float *restrict x, const float *restrict f, size_t ncol
 }
 
 /* ---------------------------------------------------------------------------------------------
- * transpose: xt (64, 64)[c, r] = x[r, c] for r < rows, 0 for r >= rows; 16 x 16 blocks. */
+ * transpose: xt (64, 64)[c, r] = x[r, c] for r < rows, 0 for r >= rows. In 16 x 16 blocks held
+ * in registers: four rounds swap the off-diagonal 8 x 8, 4 x 4, 2 x 2 and 1 x 1 sub-blocks of
+ * row pairs (i, i + w) with two-register shuffles. */
+#define TR_LO(w) (vi){                                                                            \
+    (0 & w) ? 16 + 0 - w : 0, (1 & w) ? 16 + 1 - w : 1, (2 & w) ? 16 + 2 - w : 2,                 \
+    (3 & w) ? 16 + 3 - w : 3, (4 & w) ? 16 + 4 - w : 4, (5 & w) ? 16 + 5 - w : 5,                 \
+    (6 & w) ? 16 + 6 - w : 6, (7 & w) ? 16 + 7 - w : 7, (8 & w) ? 16 + 8 - w : 8,                 \
+    (9 & w) ? 16 + 9 - w : 9, (10 & w) ? 16 + 10 - w : 10, (11 & w) ? 16 + 11 - w : 11,           \
+    (12 & w) ? 16 + 12 - w : 12, (13 & w) ? 16 + 13 - w : 13, (14 & w) ? 16 + 14 - w : 14,        \
+    (15 & w) ? 16 + 15 - w : 15}
+#define TR_HI(w) (vi){                                                                            \
+    (0 & w) ? 16 + 0 : 0 + w, (1 & w) ? 16 + 1 : 1 + w, (2 & w) ? 16 + 2 : 2 + w,                 \
+    (3 & w) ? 16 + 3 : 3 + w, (4 & w) ? 16 + 4 : 4 + w, (5 & w) ? 16 + 5 : 5 + w,                 \
+    (6 & w) ? 16 + 6 : 6 + w, (7 & w) ? 16 + 7 : 7 + w, (8 & w) ? 16 + 8 : 8 + w,                 \
+    (9 & w) ? 16 + 9 : 9 + w, (10 & w) ? 16 + 10 : 10 + w, (11 & w) ? 16 + 11 : 11 + w,           \
+    (12 & w) ? 16 + 12 : 12 + w, (13 & w) ? 16 + 13 : 13 + w, (14 & w) ? 16 + 14 : 14 + w,        \
+    (15 & w) ? 16 + 15 : 15 + w}
+#define TR_ROUND(w)                                                                               \
+    for (int i = 0; i < 16; i++) {                                                                \
+        if (i & (w)) continue;                                                                    \
+        vf lo = __builtin_shuffle(a[i], a[i + (w)], TR_LO(w));                                    \
+        vf hi = __builtin_shuffle(a[i], a[i + (w)], TR_HI(w));                                    \
+        a[i] = lo; a[i + (w)] = hi;                                                               \
+    }
+
 static void K(transpose)(const float *restrict x, size_t rows, float *restrict xt)
 {
     for (size_t r0 = 0; r0 < SELATTN_TILE; r0 += 16)
-        for (size_t c0 = 0; c0 < SELATTN_TILE; c0 += 16)
-            for (size_t c = c0; c < c0 + 16; c++)
-                for (size_t r = r0; r < r0 + 16; r++)
-                    xt[c * SELATTN_TILE + r] = r < rows ? x[r * SELATTN_TILE + c] : 0.0f;
+        for (size_t c0 = 0; c0 < SELATTN_TILE; c0 += 16) {
+            vf a[16];
+            for (size_t i = 0; i < 16; i++)
+                a[i] = r0 + i < rows ? K(load)(x + (r0 + i) * SELATTN_TILE + c0) : (vf){0};
+            TR_ROUND(8) TR_ROUND(4) TR_ROUND(2) TR_ROUND(1)
+            for (size_t j = 0; j < 16; j++) K(store)(xt + (c0 + j) * SELATTN_TILE + r0, a[j]);
+        }
 }
+#undef TR_LO
+#undef TR_HI
+#undef TR_ROUND
 
 const selattn_kernels CAT(selattn_kernels, KERNEL_ISA) = {
     .name = KERNEL_NAME,
