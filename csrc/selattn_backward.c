@@ -40,7 +40,7 @@
 
 /* dq is summed over key blocks; the key blocks are dealt to this many chunks (a constant, never the
  * thread count, so the sums do not depend on it), each adding into its own copy of dq. */
-#define SELATTN_DQ_CHUNKS 4
+#define SELATTN_DQ_CHUNKS 2
 
 /* Everything one (query block, key block) tile needs to recompute P and G. */
 typedef struct {

@@ -132,10 +132,7 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
             /* 3.0 the query block of every head, transposed and zero-padded: qt_h (D, T) */
             for (size_t h = 0; h < H; h++) {
                 const float *q_bhi = q + ((b * H + h) * N + i0) * D;      /* (rows, D) */
-                float *qt_h = qt + h * D * T;
-                for (size_t d = 0; d < D; d++)
-                    for (size_t r = 0; r < T; r++)
-                        qt_h[d * T + r] = r < rows ? q_bhi[r * D + d] : 0.0f;
+                kern->transpose(q_bhi, D, rows, D, qt + h * D * T);
             }
 
             for (size_t kb = 0; kb <= qb; kb++) {
@@ -145,7 +142,7 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
                 /* 3a. selector logits -> S -> F for this tile, once for all heads (§§ 2-4) */
                 if (selective) {
                     mask_of_tile(&sp, b, qb, kb, ls, sel, ftile);
-                    kern->transpose(ftile, rows, ft);
+                    kern->transpose(ftile, T, rows, T, ft);
                 } else if (evict_at) {
                     memset(ft, 0, T * T * sizeof(float));
                 }
@@ -156,7 +153,7 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
                 for (size_t h = 0; h < H; h++) {
                     const float *k_bhj = k + ((b * H + h) * N + j0) * D;  /* (ncols, D) */
                     const float *v_bhj = v + ((b * H + h) * N + j0) * D;  /* (ncols, D) */
-                    if (selective && h == s) kern->transpose(ls, rows, x);
+                    if (selective && h == s) kern->transpose(ls, T, rows, T, x);
                     else kern->gemm_nt(k_bhj, ncols, qt + h * D * T, D, scale, x);
                     float *m_h = m + h * T, *l_h = l + h * T, *acc_h = acc + h * T * D;
                     kern->softmax_t(x, masked ? ft : NULL, ncols, off, m_h, l_h, alpha);

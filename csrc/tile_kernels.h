@@ -48,8 +48,8 @@ typedef struct {
      * exp(m_old - m_new) (1 for a row whose max is still -inf). */
     void (*softmax_t)(float *x, const float *f, size_t ncols, int off, float *m, float *l,
                       float *alpha);
-    /* xt (TILE, TILE)[c, r] = x[r, c] for r < rows, 0 for r >= rows. */
-    void (*transpose)(const float *x, size_t rows, float *xt);
+    /* xt (ncols, TILE)[c, r] = x[r * ldx + c] for r < rows, 0 for r >= rows. */
+    void (*transpose)(const float *x, size_t ldx, size_t rows, size_t ncols, float *xt);
 } selattn_kernels;
 
 /* The kernel set for this CPU (a pointer to a constant table; no state is kept).

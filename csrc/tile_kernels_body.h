@@ -317,7 +317,8 @@ static void K(softmax_t)(float *restrict x, const float *restrict f, size_t ncol
 }
 
 /* ---------------------------------------------------------------------------------------------
- * transpose: xt (64, 64)[c, r] = x[r, c] for r < rows, 0 for r >= rows. In 16 x 16 blocks held
+ * transpose: xt (ncols, 64)[c, r] = x[r * ldx + c] for r < rows, 0 for r >= rows (a row-major
+ * tile, or a block of rows of q, to key-major / column-major form). In 16 x 16 blocks held
  * in registers: four rounds swap the off-diagonal 8 x 8, 4 x 4, 2 x 2 and 1 x 1 sub-blocks of
  * row pairs (i, i + w) with two-register shuffles. */
 #define TR_LO(w) (vi){                                                                            \
@@ -342,16 +343,21 @@ static void K(softmax_t)(float *restrict x, const float *restrict f, size_t ncol
         a[i] = lo; a[i + (w)] = hi;                                                               \
     }
 
-static void K(transpose)(const float *restrict x, size_t rows, float *restrict xt)
+static void K(transpose)(const float *restrict x, size_t ldx, size_t rows, size_t ncols,
+                         float *restrict xt)
 {
-    for (size_t r0 = 0; r0 < SELATTN_TILE; r0 += 16)
-        for (size_t c0 = 0; c0 < SELATTN_TILE; c0 += 16) {
+    size_t c0 = 0;
+    for (; c0 + 16 <= ncols; c0 += 16)
+        for (size_t r0 = 0; r0 < SELATTN_TILE; r0 += 16) {
             vf a[16];
             for (size_t i = 0; i < 16; i++)
-                a[i] = r0 + i < rows ? K(load)(x + (r0 + i) * SELATTN_TILE + c0) : (vf){0};
+                a[i] = r0 + i < rows ? K(load)(x + (r0 + i) * ldx + c0) : (vf){0};
             TR_ROUND(8) TR_ROUND(4) TR_ROUND(2) TR_ROUND(1)
             for (size_t j = 0; j < 16; j++) K(store)(xt + (c0 + j) * SELATTN_TILE + r0, a[j]);
         }
+    for (; c0 < ncols; c0++)                                   /* columns past the last 16 */
+        for (size_t r = 0; r < SELATTN_TILE; r++)
+            xt[c0 * SELATTN_TILE + r] = r < rows ? x[r * ldx + c0] : 0.0f;
 }
 #undef TR_LO
 #undef TR_HI
