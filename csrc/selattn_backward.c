@@ -92,7 +92,6 @@ typedef struct {
     float *ls, *sel;     /* (T, T) selector logits and S */
     float *ftile;        /* (T, T) F */
     float *p, *g;        /* (H, T, T) P and G of every head */
-    float *dp;           /* (T, T) dP of one head */
     float *gsum, *dlsel; /* (T, T) sum_h G_h; the selector logit gradient */
     float *carry;        /* (T,) reverse cumsum carry */
     float *acc_a, *acc_b;/* (H, T, D) dk or dq; dv */
@@ -101,7 +100,7 @@ typedef struct {
 static void scratch_free(scratch *w)
 {
     free(w->ls); free(w->sel); free(w->ftile); free(w->p); free(w->g);
-    free(w->dp); free(w->gsum); free(w->dlsel); free(w->carry); free(w->acc_a);
+    free(w->gsum); free(w->dlsel); free(w->carry); free(w->acc_a);
     free(w->acc_b);
 }
 
@@ -112,13 +111,12 @@ static int scratch_alloc(scratch *w, size_t H, size_t D)
     w->ftile = malloc(T * T * sizeof(float));
     w->p = malloc(H * T * T * sizeof(float));
     w->g = malloc(H * T * T * sizeof(float));
-    w->dp = malloc(T * T * sizeof(float));
     w->gsum = malloc(T * T * sizeof(float));
     w->dlsel = malloc(T * T * sizeof(float));
     w->carry = malloc(T * sizeof(float));
     w->acc_a = malloc(H * T * D * sizeof(float));
     w->acc_b = malloc(H * T * D * sizeof(float));
-    return w->ls && w->sel && w->ftile && w->p && w->g && w->dp &&
+    return w->ls && w->sel && w->ftile && w->p && w->g &&
            w->gsum && w->dlsel && w->carry && w->acc_a && w->acc_b;
 }
 
@@ -132,16 +130,22 @@ static void tile_probs_and_grads(const problem *pr, size_t b, const tile_pos *tp
         memset(w->gsum, 0, T * T * sizeof(float));
         mask_of_tile(&pr->sel, b, tp->i0 / T, kb, w->ls, w->sel, w->ftile);
     }
+    size_t nvis[T];
+    visible_keys(tp->i0, tp->j0, tp->rows, tp->ncols, nvis);
     for (size_t h = 0; h < H; h++) {
         const size_t row0 = (b * H + h) * N + tp->i0;                      /* row (b, h, i0) */
+        const float *kt_h = block_tile(pr->kt, b, h, kb, H, pr->nqb, D);
+        const float *vt_h = block_tile(pr->vt, b, h, kb, H, pr->nqb, D);
         float *p_h = w->p + h * T * T;
-        if (pr->selective && h == s) memcpy(p_h, w->ls, T * T * sizeof(float));
-        else pr->kern->gemm_nt(pr->q + row0 * D, tp->rows, block_tile(pr->kt, b, h, kb, H, pr->nqb, D),
-                               D, pr->scale, p_h);
-        recompute_probs(p_h, tp, pr->lse + row0, pr->kern);                /* P = exp(L-F-lse) */
-        pr->kern->gemm_nt(pr->dout + row0 * D, tp->rows,
-                          block_tile(pr->vt, b, h, kb, H, pr->nqb, D), D, 1.0f, w->dp);
-        pr->kern->softmax_grad(p_h, w->dp, pr->delta + row0, tp->rows, w->g + h * T * T,
+        if (pr->selective && h == s) {                                     /* L_s is ls */
+            memcpy(p_h, w->ls, T * T * sizeof(float));
+            recompute_probs(p_h, tp, pr->lse + row0, pr->kern);            /* P = exp(L-F-lse) */
+        } else {
+            pr->kern->gemm_nt_probs(pr->q + row0 * D, tp->rows, kt_h, D, pr->scale, tp->ftile,
+                                    nvis, pr->lse + row0, p_h);            /* P = exp(L-F-lse) */
+        }
+        pr->kern->gemm_nt_grad(pr->dout + row0 * D, tp->rows, vt_h, D, p_h,    /* dP = dout v^T, */
+                               pr->delta + row0, w->g + h * T * T,          /* G = P (dP - delta) */
                                pr->selective ? w->gsum : NULL);
     }
 }

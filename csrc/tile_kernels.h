@@ -18,6 +18,15 @@ typedef struct {
      * key tile. This is L = scale * q k^T for one tile (and dP = dout v^T in the backward). */
     void (*gemm_nt)(const float *x, size_t rows, const float *yt, size_t D, float scale,
                     float *out);
+    /* gemm_nt finished in registers with masked_logits and exp_rows: out (rows, TILE) =
+     * exp(scale * x yt - f - shift[r]) on the first nvis[r] keys of row r, 0 on the others; f may
+     * be NULL. The backward's P = exp(L - F - lse), without storing L. */
+    void (*gemm_nt_probs)(const float *x, size_t rows, const float *yt, size_t D, float scale,
+                          const float *f, const size_t *nvis, const float *shift, float *out);
+    /* gemm_nt finished with softmax_grad: g (rows, TILE) = p * (x yt - shift[r]), gsum += g when
+     * not NULL. The backward's G = P * (dP - delta), without storing dP = dout v^T. */
+    void (*gemm_nt_grad)(const float *x, size_t rows, const float *yt, size_t D, const float *p,
+                         const float *shift, float *g, float *gsum);
     /* acc (rows, D) = alpha[r] * acc + p (rows, TILE) @ y (ncols, D), using the first ncols
      * columns of p; alpha may be NULL (1). This is acc = alpha acc + P v, the online softmax's
      * rescale and accumulate (and dq += G k in the backward). */

@@ -23,44 +23,6 @@ static inline __attribute__((always_inline)) vf K(load)(const float *p) { vf v; 
 static inline __attribute__((always_inline)) void K(store)(float *p, vf v) { memcpy(p, &v, sizeof v); }
 
 /* ---------------------------------------------------------------------------------------------
- * gemm_nt: out (rows, 64) = scale * x (rows, D) @ yt (D, 64)
- * Register block: ROW_BLOCK rows x 64 columns of accumulators, one pass over d. */
-static void K(gemm_nt)(const float *restrict x, size_t rows, const float *restrict yt, size_t D,
-                       float scale, float *restrict out)
-{
-    size_t i = 0;
-    for (; i + ROW_BLOCK <= rows; i += ROW_BLOCK) {
-        vf c[ROW_BLOCK][4];
-        for (int r = 0; r < ROW_BLOCK; r++)
-            for (int u = 0; u < 4; u++) c[r][u] = (vf){0};
-        for (size_t d = 0; d < D; d++) {
-            const float *yt_d = yt + d * SELATTN_TILE;
-            vf y0 = K(load)(yt_d), y1 = K(load)(yt_d + 16);
-            vf y2 = K(load)(yt_d + 32), y3 = K(load)(yt_d + 48);
-            for (int r = 0; r < ROW_BLOCK; r++) {
-                float a = x[(i + r) * D + d];
-                c[r][0] += a * y0; c[r][1] += a * y1; c[r][2] += a * y2; c[r][3] += a * y3;
-            }
-        }
-        for (int r = 0; r < ROW_BLOCK; r++)
-            for (int u = 0; u < 4; u++)
-                K(store)(out + (i + r) * SELATTN_TILE + 16 * u, scale * c[r][u]);
-    }
-    for (; i < rows; i++) { /* leftover rows, one at a time */
-        vf c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0};
-        for (size_t d = 0; d < D; d++) {
-            const float *yt_d = yt + d * SELATTN_TILE;
-            float a = x[i * D + d];
-            c0 += a * K(load)(yt_d);      c1 += a * K(load)(yt_d + 16);
-            c2 += a * K(load)(yt_d + 32); c3 += a * K(load)(yt_d + 48);
-        }
-        float *out_i = out + i * SELATTN_TILE;
-        K(store)(out_i, scale * c0);      K(store)(out_i + 16, scale * c1);
-        K(store)(out_i + 32, scale * c2); K(store)(out_i + 48, scale * c3);
-    }
-}
-
-/* ---------------------------------------------------------------------------------------------
  * gemm_acc: acc (rows, D) = alpha[r] * acc + p (rows, 64)[:, :ncols] @ y (ncols, D)
  * (alpha may be NULL: 1). The rescale of the online softmax is applied while acc is loaded.
  * gemm_acc_t: acc (rows, D) = alpha[r] * acc + p^T @ y, where p is (ncols, 64) and its first
@@ -184,6 +146,96 @@ static inline __attribute__((always_inline)) vf K(exp16)(vf x)
     vf e = poly * (r * r) + r + 1.0f;
     vf two_n = (vf)((ni + 127) << 23);
     return (vf)((vi)(e * two_n) & ~underflow);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * gemm_nt: out (rows, 64) = scale * x (rows, D) @ yt (D, 64)
+ * Register block: ROW_BLOCK rows x 64 columns of accumulators, one pass over d. Two variants
+ * finish the product in registers instead of storing it (the backward's tile, fused):
+ *   gemm_nt_probs: out = exp(scale * x yt - f - shift[r]) on the first nvis[r] keys of row r, 0
+ *                  on the others (f may be NULL): P recomputed from the log-sum-exp;
+ *   gemm_nt_grad:  g = p * (x yt - shift[r]) and gsum += g (gsum may be NULL): dP never stored.
+ * The operations per element are those of gemm_nt + masked_logits + exp_rows (resp.
+ * gemm_nt + softmax_grad), in the same order. */
+enum { NT_PLAIN, NT_PROBS, NT_GRAD };
+
+static inline __attribute__((always_inline)) void K(nt_finish)(
+    const int mode, vf c, size_t i, int u, float scale, float *restrict out,
+    const float *restrict f, const size_t *restrict nvis, const float *restrict shift,
+    const float *restrict p, float *restrict gsum)
+{
+    const size_t e = i * SELATTN_TILE + 16 * u;
+    if (mode == NT_PLAIN) {
+        K(store)(out + e, scale * c);
+    } else if (mode == NT_PROBS) {
+        vi lane;
+        for (int w = 0; w < 16; w++) lane[w] = w;
+        vf x = scale * c;
+        if (f) x -= K(load)(f + e);
+        x = K(select)(lane + 16 * u < (int)nvis[i], x, (vf){0} - INFINITY);
+        K(store)(out + e, K(exp16)(x - shift[i]));
+    } else {
+        vf g = K(load)(p + e) * (c - shift[i]);
+        K(store)(out + e, g);
+        if (gsum) K(store)(gsum + e, K(load)(gsum + e) + g);
+    }
+}
+
+static inline __attribute__((always_inline)) void K(gemm_nt_impl)(
+    const int mode, const float *restrict x, size_t rows, const float *restrict yt, size_t D,
+    float scale, float *restrict out, const float *restrict f, const size_t *restrict nvis,
+    const float *restrict shift, const float *restrict p, float *restrict gsum)
+{
+    size_t i = 0;
+    for (; i + ROW_BLOCK <= rows; i += ROW_BLOCK) {
+        vf c[ROW_BLOCK][4];
+        for (int r = 0; r < ROW_BLOCK; r++)
+            for (int u = 0; u < 4; u++) c[r][u] = (vf){0};
+        for (size_t d = 0; d < D; d++) {
+            const float *yt_d = yt + d * SELATTN_TILE;
+            vf y0 = K(load)(yt_d), y1 = K(load)(yt_d + 16);
+            vf y2 = K(load)(yt_d + 32), y3 = K(load)(yt_d + 48);
+            for (int r = 0; r < ROW_BLOCK; r++) {
+                float a = x[(i + r) * D + d];
+                c[r][0] += a * y0; c[r][1] += a * y1; c[r][2] += a * y2; c[r][3] += a * y3;
+            }
+        }
+        for (int r = 0; r < ROW_BLOCK; r++)
+            for (int u = 0; u < 4; u++)
+                K(nt_finish)(mode, c[r][u], i + r, u, scale, out, f, nvis, shift, p, gsum);
+    }
+    for (; i < rows; i++) { /* leftover rows, one at a time */
+        vf c[4] = {{0}, {0}, {0}, {0}};
+        for (size_t d = 0; d < D; d++) {
+            const float *yt_d = yt + d * SELATTN_TILE;
+            float a = x[i * D + d];
+            c[0] += a * K(load)(yt_d);      c[1] += a * K(load)(yt_d + 16);
+            c[2] += a * K(load)(yt_d + 32); c[3] += a * K(load)(yt_d + 48);
+        }
+        for (int u = 0; u < 4; u++)
+            K(nt_finish)(mode, c[u], i, u, scale, out, f, nvis, shift, p, gsum);
+    }
+}
+
+static void K(gemm_nt)(const float *restrict x, size_t rows, const float *restrict yt, size_t D,
+                       float scale, float *restrict out)
+{
+    K(gemm_nt_impl)(NT_PLAIN, x, rows, yt, D, scale, out, NULL, NULL, NULL, NULL, NULL);
+}
+
+static void K(gemm_nt_probs)(const float *restrict x, size_t rows, const float *restrict yt,
+                             size_t D, float scale, const float *restrict f,
+                             const size_t *restrict nvis, const float *restrict shift,
+                             float *restrict out)
+{
+    K(gemm_nt_impl)(NT_PROBS, x, rows, yt, D, scale, out, f, nvis, shift, NULL, NULL);
+}
+
+static void K(gemm_nt_grad)(const float *restrict x, size_t rows, const float *restrict yt,
+                            size_t D, const float *restrict p, const float *restrict shift,
+                            float *restrict g, float *restrict gsum)
+{
+    K(gemm_nt_impl)(NT_GRAD, x, rows, yt, D, 1.0f, g, NULL, NULL, shift, p, gsum);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -366,6 +418,8 @@ static void K(transpose)(const float *restrict x, size_t ldx, size_t rows, size_
 const selattn_kernels CAT(selattn_kernels, KERNEL_ISA) = {
     .name = KERNEL_NAME,
     .gemm_nt = K(gemm_nt),
+    .gemm_nt_probs = K(gemm_nt_probs),
+    .gemm_nt_grad = K(gemm_nt_grad),
     .gemm_acc = K(gemm_acc),
     .gemm_acc_t = K(gemm_acc_t),
     .masked_logits = K(masked_logits),
