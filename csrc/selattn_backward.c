@@ -60,22 +60,6 @@ static void recompute_probs(float *x, const tile_pos *tp, const float *lse_bhi,
     kern->exp_rows(x, lse_bhi, tp->rows, NULL);
 }
 
-/* The selector's gradient on one tile. On entry carry (T,) = sum of Gsum over the rows below this
- * tile (i >= i0 + rows); walking rows upwards, dS[m] = -carry, then carry += Gsum[m]
- * (the reverse cumsum of dF = -Gsum). dlsel = dS where S > 0: S is zero exactly where the
- * constraints (BOS, self, future) or the relu cut the gradient. On return carry includes this
- * tile's rows. */
-static void selector_grad_tile(const float *gsum, const float *sel, size_t rows, float *carry,
-                               float *dlsel)
-{
-    for (size_t r = rows; r-- > 0;) {
-        for (size_t c = 0; c < T; c++) {
-            dlsel[r * T + c] = sel[r * T + c] > 0.0f ? -carry[c] : 0.0f;
-            carry[c] += gsum[r * T + c];
-        }
-    }
-}
-
 /* The problem every tile of the backward reads. */
 typedef struct {
     const float *q, *k, *v, *lse, *dout, *delta;
@@ -92,7 +76,7 @@ typedef struct {
     float *ls, *sel;     /* (T, T) selector logits and S */
     float *ftile;        /* (T, T) F */
     float *p, *g;        /* (H, T, T) P and G of every head */
-    float *gsum, *dlsel; /* (T, T) sum_h G_h; the selector logit gradient */
+    float *gsum;         /* (T, T) sum_h G_h */
     float *carry;        /* (T,) reverse cumsum carry */
     float *acc_a, *acc_b;/* (H, T, D) dk or dq; dv */
 } scratch;
@@ -100,7 +84,7 @@ typedef struct {
 static void scratch_free(scratch *w)
 {
     free(w->ls); free(w->sel); free(w->ftile); free(w->p); free(w->g);
-    free(w->gsum); free(w->dlsel); free(w->carry); free(w->acc_a);
+    free(w->gsum); free(w->carry); free(w->acc_a);
     free(w->acc_b);
 }
 
@@ -112,12 +96,11 @@ static int scratch_alloc(scratch *w, size_t H, size_t D)
     w->p = malloc(H * T * T * sizeof(float));
     w->g = malloc(H * T * T * sizeof(float));
     w->gsum = malloc(T * T * sizeof(float));
-    w->dlsel = malloc(T * T * sizeof(float));
     w->carry = malloc(T * sizeof(float));
     w->acc_a = malloc(H * T * D * sizeof(float));
     w->acc_b = malloc(H * T * D * sizeof(float));
     return w->ls && w->sel && w->ftile && w->p && w->g &&
-           w->gsum && w->dlsel && w->carry && w->acc_a && w->acc_b;
+           w->gsum && w->carry && w->acc_a && w->acc_b;
 }
 
 /* For one tile: the selector's logits, S and F (when selective), then P_h and G_h of every head,
@@ -173,8 +156,8 @@ static void key_block_grads(const problem *pr, size_t b, size_t kb, scratch *w, 
         const tile_pos tp = {i0, j0, rows, ncols, pr->selective ? w->ftile : NULL};
         tile_probs_and_grads(pr, b, &tp, w);
         if (pr->selective) {
-            selector_grad_tile(w->gsum, w->sel, rows, w->carry, w->dlsel);
-            for (size_t e = 0; e < rows * T; e++) w->g[pr->s * T * T + e] += w->dlsel[e];
+            /* dS = reverse cumsum of dF = -gsum, gated where S > 0, into G_s (§ 7) */
+            pr->kern->selector_grad(w->gsum, w->sel, rows, w->carry, w->g + pr->s * T * T);
         }
         for (size_t h = 0; h < H; h++) {
             const size_t row0 = (b * H + h) * N + i0;                      /* row (b, h, i0) */
@@ -219,8 +202,8 @@ int selattn_backward(const float *q, const float *k, const float *v,
     int rc = (!delta || !kt || !vt || (nchunks > 1 && !dq_parts)) ? SELATTN_ENOMEM : SELATTN_OK;
     if (rc == SELATTN_OK) {
         /* Pass 0: transposed key and value tiles */
-        transpose_blocks(k, B, H, N, D, kt, nthreads);
-        transpose_blocks(v, B, H, N, D, vt, nthreads);
+        transpose_blocks(kern, k, B, H, N, D, kt, nthreads);
+        transpose_blocks(kern, v, B, H, N, D, vt, nthreads);
     }
     if (rc == SELATTN_OK && selective) {
         /* Pass 1-2: the mask entering each query block, as in the forward */

@@ -80,7 +80,7 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
         fstart = malloc(B * nqb * N * sizeof(float));
         if (!kt_s || !fstart) { free(kt_s); free(fstart); return SELATTN_ENOMEM; }
         for (size_t b = 0; b < B; b++)
-            transpose_blocks(k + (b * H + s) * N * D, 1, 1, N, D, kt_s + b * nqb * D * T,
+            transpose_blocks(kern, k + (b * H + s) * N * D, 1, 1, N, D, kt_s + b * nqb * D * T,
                              nthreads);
         sp.kt = kt_s;
         /* Pass 1-2: Fstart */

@@ -18,7 +18,7 @@ int selattn_accumulated_mask(const float *q, const float *k,
     float *fstart = malloc(B * nqb * N * sizeof(float));     /* (B, nqb, N) */
     float *kt = malloc(B * H * nqb * D * T * sizeof(float)); /* (B, H, nqb, D, T) */
     if (!fstart || !kt) { free(fstart); free(kt); return SELATTN_ENOMEM; }
-    transpose_blocks(k, B, H, N, D, kt, nthreads);
+    transpose_blocks(kern, k, B, H, N, D, kt, nthreads);
     const selector sp = {kern, q, kt, fstart, H, N, D, nqb, selector_head, protect_bos, scale,
                          H, selector_head};
     int rc = selector_block_prefix(&sp, B, fstart, nthreads);

@@ -9,20 +9,16 @@
 
 #define T SELATTN_TILE
 
-void transpose_blocks(const float *x, size_t B, size_t H, size_t N, size_t D, float *xt,
-                      int nthreads)
+void transpose_blocks(const selattn_kernels *kern, const float *x, size_t B, size_t H, size_t N,
+                      size_t D, float *xt, int nthreads)
 {
     const size_t nqb = num_blocks(N);
     #pragma omp parallel for num_threads(team_size(nthreads)) schedule(static)
     for (size_t task = 0; task < B * H * nqb; task++) {
         const size_t bh = task / nqb, kb = task % nqb;
-        const size_t j0 = kb * T, ncols = block_len(N, j0);
+        const size_t j0 = kb * T;
         const float *x_bhj = x + (bh * N + j0) * D;      /* (ncols, D) */
-        float *xt_bhj = xt + task * D * T;               /* (D, T) */
-        for (size_t d = 0; d < D; d++) {
-            for (size_t c = 0; c < ncols; c++) xt_bhj[d * T + c] = x_bhj[c * D + d];
-            for (size_t c = ncols; c < T; c++) xt_bhj[d * T + c] = 0.0f;
-        }
+        kern->transpose(x_bhj, D, block_len(N, j0), D, xt + task * D * T);   /* (D, T) */
     }
 }
 

@@ -34,8 +34,8 @@ static inline size_t block_len(size_t N, size_t start)
 
 /* xt (B, H, nqb, D, TILE) = every key block of x (B, H, N, D) transposed, zero-padded past N.
  * The tile kernels read keys (and, in the backward, values) in this layout. */
-void transpose_blocks(const float *x, size_t B, size_t H, size_t N, size_t D, float *xt,
-                      int nthreads);
+void transpose_blocks(const selattn_kernels *kern, const float *x, size_t B, size_t H, size_t N,
+                      size_t D, float *xt, int nthreads);
 
 /* The transposed tile of block kb of head (b, h) inside transpose_blocks' output: (D, TILE). */
 static inline const float *block_tile(const float *xt, size_t b, size_t h, size_t kb, size_t H,

@@ -59,6 +59,10 @@ typedef struct {
                       float *alpha);
     /* xt (ncols, TILE)[c, r] = x[r * ldx + c] for r < rows, 0 for r >= rows. */
     void (*transpose)(const float *x, size_t ldx, size_t rows, size_t ncols, float *xt);
+    /* The selector's gradient on one tile, rows bottom-up: g[m, c] -= carry[c] where
+     * sel[m, c] > 0, then carry[c] += gsum[m, c] (the reverse cumsum of dF = -gsum). */
+    void (*selector_grad)(const float *gsum, const float *sel, size_t rows, float *carry,
+                          float *g);
 } selattn_kernels;
 
 /* The kernel set for this CPU (a pointer to a constant table; no state is kept).

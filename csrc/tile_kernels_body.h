@@ -415,6 +415,27 @@ static void K(transpose)(const float *restrict x, size_t ldx, size_t rows, size_
 #undef TR_HI
 #undef TR_ROUND
 
+/* ---------------------------------------------------------------------------------------------
+ * selector_grad: the selector's extra gradient on one tile, added into its G (rows, 64). carry
+ * (64,) holds, per key, the sum of gsum over the rows below the tile; walking rows upwards,
+ * g[m] -= carry where sel[m] > 0 (dS = -carry, gated by S > 0), then carry += gsum[m]. */
+static void K(selector_grad)(const float *restrict gsum, const float *restrict sel, size_t rows,
+                             float *restrict carry, float *restrict g)
+{
+    const vf zero = {0};
+    vf cr[4];
+    for (int u = 0; u < 4; u++) cr[u] = K(load)(carry + 16 * u);
+    for (size_t r = rows; r-- > 0;) {
+        for (int u = 0; u < 4; u++) {
+            const size_t e = r * SELATTN_TILE + 16 * u;
+            vf gv = K(load)(g + e);
+            K(store)(g + e, K(select)(K(load)(sel + e) > zero, gv - cr[u], gv));
+            cr[u] += K(load)(gsum + e);
+        }
+    }
+    for (int u = 0; u < 4; u++) K(store)(carry + 16 * u, cr[u]);
+}
+
 const selattn_kernels CAT(selattn_kernels, KERNEL_ISA) = {
     .name = KERNEL_NAME,
     .gemm_nt = K(gemm_nt),
@@ -428,4 +449,5 @@ const selattn_kernels CAT(selattn_kernels, KERNEL_ISA) = {
     .softmax_grad = K(softmax_grad),
     .softmax_t = K(softmax_t),
     .transpose = K(transpose),
+    .selector_grad = K(selector_grad),
 };
