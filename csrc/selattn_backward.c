@@ -194,11 +194,11 @@ int selattn_backward(const float *q, const float *k, const float *v,
     const size_t nel = B * H * N * D;                  /* elements of q (and of dq) */
     const int team = team_size(nthreads);
     float *fstart = NULL;                              /* (B, nqb, N) */
-    float *delta = malloc(B * H * N * sizeof(float));  /* (B, H, N) */
-    float *kt = malloc(B * H * nqb * D * T * sizeof(float)); /* (B, H, nqb, D, T) */
-    float *vt = malloc(B * H * nqb * D * T * sizeof(float)); /* (B, H, nqb, D, T) */
+    float *delta = big_alloc(B * H * N * sizeof(float));  /* (B, H, N) */
+    float *kt = big_alloc(B * H * nqb * D * T * sizeof(float)); /* (B, H, nqb, D, T) */
+    float *vt = big_alloc(B * H * nqb * D * T * sizeof(float)); /* (B, H, nqb, D, T) */
     /* (nchunks - 1, B, H, N, D) partial sums of dq; chunk 0 adds into dq itself */
-    float *dq_parts = nchunks > 1 ? malloc((nchunks - 1) * nel * sizeof(float)) : NULL;
+    float *dq_parts = nchunks > 1 ? big_alloc((nchunks - 1) * nel * sizeof(float)) : NULL;
     int rc = (!delta || !kt || !vt || (nchunks > 1 && !dq_parts)) ? SELATTN_ENOMEM : SELATTN_OK;
     if (rc == SELATTN_OK) {
         /* Pass 0: transposed key and value tiles */
@@ -207,7 +207,7 @@ int selattn_backward(const float *q, const float *k, const float *v,
     }
     if (rc == SELATTN_OK && selective) {
         /* Pass 1-2: the mask entering each query block, as in the forward */
-        fstart = malloc(B * nqb * N * sizeof(float));
+        fstart = big_alloc(B * nqb * N * sizeof(float));
         const selector sp = {kern, q, kt, NULL, H, N, D, nqb, selector_head, protect_bos, scale,
                              H, selector_head};
         rc = !fstart ? SELATTN_ENOMEM : selector_block_prefix(&sp, B, fstart, nthreads);

@@ -76,8 +76,8 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
     selector sp = {kern, q, NULL, NULL, H, N, D, nqb, s, protect_bos, scale, 1, 0};
     if (selective) {
         /* Pass 0: the selector head's key tiles, transposed (1/H of k) */
-        kt_s = malloc(B * nqb * D * T * sizeof(float));
-        fstart = malloc(B * nqb * N * sizeof(float));
+        kt_s = big_alloc(B * nqb * D * T * sizeof(float));
+        fstart = big_alloc(B * nqb * N * sizeof(float));
         if (!kt_s || !fstart) { free(kt_s); free(fstart); return SELATTN_ENOMEM; }
         for (size_t b = 0; b < B; b++)
             transpose_blocks(kern, k + (b * H + s) * N * D, 1, 1, N, D, kt_s + b * nqb * D * T,

@@ -15,8 +15,8 @@ int selattn_accumulated_mask(const float *q, const float *k,
 {
     const selattn_kernels *kern = selattn_select_kernels();
     const size_t nqb = num_blocks(N);
-    float *fstart = malloc(B * nqb * N * sizeof(float));     /* (B, nqb, N) */
-    float *kt = malloc(B * H * nqb * D * T * sizeof(float)); /* (B, H, nqb, D, T) */
+    float *fstart = big_alloc(B * nqb * N * sizeof(float));     /* (B, nqb, N) */
+    float *kt = big_alloc(B * H * nqb * D * T * sizeof(float)); /* (B, H, nqb, D, T) */
     if (!fstart || !kt) { free(fstart); free(kt); return SELATTN_ENOMEM; }
     transpose_blocks(kern, k, B, H, N, D, kt, nthreads);
     const selector sp = {kern, q, kt, fstart, H, N, D, nqb, selector_head, protect_bos, scale,

@@ -32,6 +32,10 @@ static inline size_t block_len(size_t N, size_t start)
     return N - start < SELATTN_TILE ? N - start : SELATTN_TILE;
 }
 
+/* malloc for the per-call buffers of several MiB (transposed tiles, Fstart, partial sums):
+ * on Linux 2 MiB aligned and advised to use huge pages. Release with free(). */
+void *big_alloc(size_t bytes);
+
 /* xt (B, H, nqb, D, TILE) = every key block of x (B, H, N, D) transposed, zero-padded past N.
  * The tile kernels read keys (and, in the backward, values) in this layout. */
 void transpose_blocks(const selattn_kernels *kern, const float *x, size_t B, size_t H, size_t N,
