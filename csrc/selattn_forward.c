@@ -115,8 +115,9 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
         float *m = malloc(H * T * sizeof(float));          /* (H, T) running row max */
         float *l = malloc(H * T * sizeof(float));          /* (H, T) running row sum */
         float *alpha = malloc(T * sizeof(float));          /* (T,) rescale factors */
+        float *colmax = malloc(T * sizeof(float));         /* (T,) row max of one logit tile */
         float *acc = malloc(H * T * D * sizeof(float));    /* (H, T, D) unnormalised output */
-        if (!ls || !sel || !ftile || !ft || !x || !qt || !m || !l || !alpha || !acc) {
+        if (!ls || !sel || !ftile || !ft || !x || !qt || !m || !l || !alpha || !colmax || !acc) {
             #pragma omp atomic write
             failed = 1;
         }
@@ -153,10 +154,15 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
                 for (size_t h = 0; h < H; h++) {
                     const float *k_bhj = k + ((b * H + h) * N + j0) * D;  /* (ncols, D) */
                     const float *v_bhj = v + ((b * H + h) * N + j0) * D;  /* (ncols, D) */
-                    if (selective && h == s) kern->transpose(ls, T, rows, T, x);
-                    else kern->gemm_nt(k_bhj, ncols, qt + h * D * T, D, scale, x);
                     float *m_h = m + h * T, *l_h = l + h * T, *acc_h = acc + h * T * D;
-                    kern->softmax_t(x, masked ? ft : NULL, ncols, off, m_h, l_h, alpha);
+                    if (selective && h == s) {       /* L_s is the selector's ls, transposed */
+                        kern->transpose(ls, T, rows, T, x);
+                        kern->softmax_t(x, ft, ncols, off, NULL, m_h, l_h, alpha);
+                    } else {                         /* x = L - F, masked; colmax its row max */
+                        kern->gemm_nt_logits(k_bhj, ncols, qt + h * D * T, D, scale,
+                                             masked ? ft : NULL, off, x, colmax);
+                        kern->softmax_t(x, NULL, ncols, off, colmax, m_h, l_h, alpha);
+                    }
                     kern->gemm_acc_t(x, rows, v_bhj, ncols, D, alpha, acc_h); /* alpha acc + P v */
                 }
             }
@@ -173,7 +179,7 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
             }
         }
         free(ls); free(sel); free(ftile); free(ft); free(x); free(qt); free(m); free(l);
-        free(alpha); free(acc);
+        free(alpha); free(colmax); free(acc);
     }
     free(tmin); free(tmax); free(fstart); free(kt_s);
     return failed ? SELATTN_ENOMEM : SELATTN_OK;

@@ -27,6 +27,11 @@ typedef struct {
      * not NULL. The backward's G = P * (dP - delta), without storing dP = dout v^T. */
     void (*gemm_nt_grad)(const float *x, size_t rows, const float *yt, size_t D, const float *p,
                          const float *shift, float *g, float *gsum);
+    /* The forward's key-major logit tile, finished in registers: x (ncols keys, TILE rows) =
+     * scale * k (ncols, D) @ qt (D, TILE) - f, -inf where r + off < c (off >= TILE: no mask);
+     * f (TILE, TILE) key-major or NULL. colmax (TILE,) = the max over the keys of each row. */
+    void (*gemm_nt_logits)(const float *k, size_t ncols, const float *qt, size_t D, float scale,
+                           const float *f, int off, float *x, float *colmax);
     /* acc (rows, D) = alpha[r] * acc + p (rows, TILE) @ y (ncols, D), using the first ncols
      * columns of p; alpha may be NULL (1). This is acc = alpha acc + P v, the online softmax's
      * rescale and accumulate (and dq += G k in the backward). */
@@ -53,10 +58,11 @@ typedef struct {
                          float *g, float *gsum);
     /* One online-softmax step on a key-major tile x (ncols keys, TILE query rows):
      * x[c, r] <- exp(x - f - m_new[r]) where r + off >= c (the causal mask; off >= TILE: no mask),
-     * 0 elsewhere; f may be NULL. m, l (TILE,) running max and sum; alpha (TILE,) gets
-     * exp(m_old - m_new) (1 for a row whose max is still -inf). */
-    void (*softmax_t)(float *x, const float *f, size_t ncols, int off, float *m, float *l,
-                      float *alpha);
+     * 0 elsewhere; f may be NULL. With colmax (from gemm_nt_logits), x is already masked and
+     * colmax is its row max: only the exponentials are left. m, l (TILE,) running max and sum;
+     * alpha (TILE,) gets exp(m_old - m_new) (1 for a row whose max is still -inf). */
+    void (*softmax_t)(float *x, const float *f, size_t ncols, int off, const float *colmax,
+                      float *m, float *l, float *alpha);
     /* xt (ncols, TILE)[c, r] = x[r * ldx + c] for r < rows, 0 for r >= rows. */
     void (*transpose)(const float *x, size_t ldx, size_t rows, size_t ncols, float *xt);
     /* The selector's gradient on one tile, rows bottom-up: g[m, c] -= carry[c] where

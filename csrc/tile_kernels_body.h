@@ -155,17 +155,29 @@ static inline __attribute__((always_inline)) vf K(exp16)(vf x)
  *   gemm_nt_probs: out = exp(scale * x yt - f - shift[r]) on the first nvis[r] keys of row r, 0
  *                  on the others (f may be NULL): P recomputed from the log-sum-exp;
  *   gemm_nt_grad:  g = p * (x yt - shift[r]) and gsum += g (gsum may be NULL): dP never stored.
+ *   gemm_nt_logits: the forward's key-major tile x (ncols keys, 64 rows) = scale * k qt - f,
+ *                  -inf where key c is hidden from row r (r + off < c), and colmax (64,) = the
+ *                  max over the keys per row: the first half of softmax_t.
  * The operations per element are those of gemm_nt + masked_logits + exp_rows (resp.
  * gemm_nt + softmax_grad), in the same order. */
-enum { NT_PLAIN, NT_PROBS, NT_GRAD };
+enum { NT_PLAIN, NT_PROBS, NT_GRAD, NT_LOGITS };
 
 static inline __attribute__((always_inline)) void K(nt_finish)(
     const int mode, vf c, size_t i, int u, float scale, float *restrict out,
     const float *restrict f, const size_t *restrict nvis, const float *restrict shift,
-    const float *restrict p, float *restrict gsum)
+    const float *restrict p, float *restrict gsum, int off, vf *restrict mx)
 {
     const size_t e = i * SELATTN_TILE + 16 * u;
-    if (mode == NT_PLAIN) {
+    if (mode == NT_LOGITS) {        /* key-major: i is a key, the lanes are query rows */
+        vi lane;
+        for (int w = 0; w < 16; w++) lane[w] = w;
+        vf x = scale * c;
+        if (f) x -= K(load)(f + e);
+        if (off < SELATTN_TILE)
+            x = K(select)(lane + (16 * u + off) >= (int)i, x, (vf){0} - INFINITY);
+        K(store)(out + e, x);
+        mx[u] = K(select)(x > mx[u], x, mx[u]);
+    } else if (mode == NT_PLAIN) {
         K(store)(out + e, scale * c);
     } else if (mode == NT_PROBS) {
         vi lane;
@@ -184,8 +196,12 @@ static inline __attribute__((always_inline)) void K(nt_finish)(
 static inline __attribute__((always_inline)) void K(gemm_nt_impl)(
     const int mode, const float *restrict x, size_t rows, const float *restrict yt, size_t D,
     float scale, float *restrict out, const float *restrict f, const size_t *restrict nvis,
-    const float *restrict shift, const float *restrict p, float *restrict gsum)
+    const float *restrict shift, const float *restrict p, float *restrict gsum, int off,
+    float *restrict colmax)
 {
+    vf mx[4];
+    if (mode == NT_LOGITS)
+        for (int u = 0; u < 4; u++) mx[u] = (vf){0} - INFINITY;
     size_t i = 0;
     for (; i + ROW_BLOCK <= rows; i += ROW_BLOCK) {
         vf c[ROW_BLOCK][4];
@@ -202,7 +218,8 @@ static inline __attribute__((always_inline)) void K(gemm_nt_impl)(
         }
         for (int r = 0; r < ROW_BLOCK; r++)
             for (int u = 0; u < 4; u++)
-                K(nt_finish)(mode, c[r][u], i + r, u, scale, out, f, nvis, shift, p, gsum);
+                K(nt_finish)(mode, c[r][u], i + r, u, scale, out, f, nvis, shift, p, gsum, off,
+                             mx);
     }
     for (; i < rows; i++) { /* leftover rows, one at a time */
         vf c[4] = {{0}, {0}, {0}, {0}};
@@ -213,14 +230,16 @@ static inline __attribute__((always_inline)) void K(gemm_nt_impl)(
             c[2] += a * K(load)(yt_d + 32); c[3] += a * K(load)(yt_d + 48);
         }
         for (int u = 0; u < 4; u++)
-            K(nt_finish)(mode, c[u], i, u, scale, out, f, nvis, shift, p, gsum);
+            K(nt_finish)(mode, c[u], i, u, scale, out, f, nvis, shift, p, gsum, off, mx);
     }
+    if (mode == NT_LOGITS)
+        for (int u = 0; u < 4; u++) K(store)(colmax + 16 * u, mx[u]);
 }
 
 static void K(gemm_nt)(const float *restrict x, size_t rows, const float *restrict yt, size_t D,
                        float scale, float *restrict out)
 {
-    K(gemm_nt_impl)(NT_PLAIN, x, rows, yt, D, scale, out, NULL, NULL, NULL, NULL, NULL);
+    K(gemm_nt_impl)(NT_PLAIN, x, rows, yt, D, scale, out, NULL, NULL, NULL, NULL, NULL, 0, NULL);
 }
 
 static void K(gemm_nt_probs)(const float *restrict x, size_t rows, const float *restrict yt,
@@ -228,14 +247,22 @@ static void K(gemm_nt_probs)(const float *restrict x, size_t rows, const float *
                              const size_t *restrict nvis, const float *restrict shift,
                              float *restrict out)
 {
-    K(gemm_nt_impl)(NT_PROBS, x, rows, yt, D, scale, out, f, nvis, shift, NULL, NULL);
+    K(gemm_nt_impl)(NT_PROBS, x, rows, yt, D, scale, out, f, nvis, shift, NULL, NULL, 0, NULL);
 }
 
 static void K(gemm_nt_grad)(const float *restrict x, size_t rows, const float *restrict yt,
                             size_t D, const float *restrict p, const float *restrict shift,
                             float *restrict g, float *restrict gsum)
 {
-    K(gemm_nt_impl)(NT_GRAD, x, rows, yt, D, 1.0f, g, NULL, NULL, shift, p, gsum);
+    K(gemm_nt_impl)(NT_GRAD, x, rows, yt, D, 1.0f, g, NULL, NULL, shift, p, gsum, 0, NULL);
+}
+
+static void K(gemm_nt_logits)(const float *restrict k, size_t ncols, const float *restrict qt,
+                              size_t D, float scale, const float *restrict f, int off,
+                              float *restrict x, float *restrict colmax)
+{
+    K(gemm_nt_impl)(NT_LOGITS, k, ncols, qt, D, scale, x, f, NULL, NULL, NULL, NULL, off,
+                    colmax);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -317,19 +344,27 @@ static void K(softmax_grad)(const float *restrict p, const float *restrict dp,
  * softmax_t: one online-softmax step on a key-major tile x (ncols keys, 64 query rows): query
  * rows are the 16-wide lanes, so row maxima and sums are plain lane-wise operations.
  * x[c, r] <- exp(x[c, r] - f[c, r] - m_new[r]) where key c is visible to row r (r + off >= c;
- * off >= 64 means every key is visible), 0 elsewhere; f may be NULL (F = 0). m, l (64,) are the
+ * off >= 64 means every key is visible), 0 elsewhere; f may be NULL (F = 0). When colmax is not
+ * NULL, x is already L - F with the mask applied and colmax its max per row (gemm_nt_logits), so
+ * only the exponentials are left; f and off are then not read. m, l (64,) are the
  * running max and sum, alpha (64,) receives exp(m_old - m_new). A row whose max is still -inf
  * (only evicted keys so far) keeps l = 0 and gets alpha = 1. Keys are summed in order c = 0, 1,
  * ... in every lane, so the bits do not depend on anything but the inputs. */
 static void K(softmax_t)(float *restrict x, const float *restrict f, size_t ncols, int off,
-                         float *restrict m, float *restrict l, float *restrict alpha)
+                         const float *restrict colmax, float *restrict m, float *restrict l,
+                         float *restrict alpha)
 {
     const vf neg_inf = (vf){0} - INFINITY;
     vi lane;
     for (int u = 0; u < 16; u++) lane[u] = u;
     vf mx[4], shift[4], sum[4];
     for (int u = 0; u < 4; u++) mx[u] = K(load)(m + 16 * u);
-    if (off >= SELATTN_TILE) {        /* below the diagonal: every key visible, no mask */
+    if (colmax) {                     /* x is already masked (gemm_nt_logits) */
+        for (int u = 0; u < 4; u++) {
+            vf cm = K(load)(colmax + 16 * u);
+            mx[u] = K(select)(cm > mx[u], cm, mx[u]);
+        }
+    } else if (off >= SELATTN_TILE) {        /* below the diagonal: every key visible, no mask */
         for (size_t c = 0; c < ncols; c++) {
             for (int u = 0; u < 4; u++) {
                 vf xv = K(load)(x + c * SELATTN_TILE + 16 * u);
@@ -441,6 +476,7 @@ const selattn_kernels CAT(selattn_kernels, KERNEL_ISA) = {
     .gemm_nt = K(gemm_nt),
     .gemm_nt_probs = K(gemm_nt_probs),
     .gemm_nt_grad = K(gemm_nt_grad),
+    .gemm_nt_logits = K(gemm_nt_logits),
     .gemm_acc = K(gemm_acc),
     .gemm_acc_t = K(gemm_acc_t),
     .masked_logits = K(masked_logits),
