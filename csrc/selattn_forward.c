@@ -25,6 +25,7 @@
 #include "omp_compat.h"
 
 #define T SELATTN_TILE
+#define QPAIR 2    /* query blocks per task, walking the key tiles together */
 
 /* Extremes of evict_at over each key tile: tmin/tmax (B, nqb). A tile whose tmax <= i0 is
  * invisible to every query from i0 on; one whose tmin >= the block's end needs no marking. */
@@ -101,22 +102,25 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
     }
     const int masked = selective || evict_at;        /* is there an F tile to subtract? */
 
-    const size_t ntasks = B * nqb;
+    /* Tasks: (b, pair of query blocks), biggest first. The two blocks of a pair walk the key
+     * tiles together, so each key and value tile is used twice while it is in cache; each block
+     * keeps its own state and order of operations, so pairing changes no bit. */
+    const size_t npairs = (nqb + QPAIR - 1) / QPAIR, ntasks = B * npairs;
     int failed = 0;
     #pragma omp parallel num_threads(team_size(nthreads))
     {
-        /* per-thread scratch; nothing here grows with N */
-        float *ls = malloc(T * T * sizeof(float));         /* (T, T) selector logits, row-major */
-        float *sel = malloc(T * T * sizeof(float));        /* (T, T) S tile */
-        float *ftile = malloc(T * T * sizeof(float));      /* (T, T) F tile */
-        float *ft = malloc(T * T * sizeof(float));         /* (T keys, T rows) F, key-major */
-        float *x = malloc(T * T * sizeof(float));          /* (T keys, T rows) logits, then P */
-        float *qt = malloc(H * D * T * sizeof(float));     /* (H, D, T) the query block, transposed */
-        float *m = malloc(H * T * sizeof(float));          /* (H, T) running row max */
-        float *l = malloc(H * T * sizeof(float));          /* (H, T) running row sum */
-        float *alpha = malloc(T * sizeof(float));          /* (T,) rescale factors */
-        float *colmax = malloc(T * sizeof(float));         /* (T,) row max of one logit tile */
-        float *acc = malloc(H * T * D * sizeof(float));    /* (H, T, D) unnormalised output */
+        /* per-thread scratch; nothing here grows with N. g indexes the blocks of the pair. */
+        float *ls = malloc(QPAIR * T * T * sizeof(float));     /* (g, T, T) selector logits */
+        float *ft = malloc(QPAIR * T * T * sizeof(float));     /* (g, T keys, T rows) F */
+        float *sel = malloc(T * T * sizeof(float));            /* (T, T) S tile */
+        float *ftile = malloc(T * T * sizeof(float));          /* (T, T) F tile, row-major */
+        float *x = malloc(T * T * sizeof(float));              /* (T keys, T rows) logits, P */
+        float *qt = malloc(QPAIR * H * D * T * sizeof(float)); /* (g, H, D, T) q, transposed */
+        float *m = malloc(QPAIR * H * T * sizeof(float));      /* (g, H, T) running row max */
+        float *l = malloc(QPAIR * H * T * sizeof(float));      /* (g, H, T) running row sum */
+        float *alpha = malloc(T * sizeof(float));              /* (T,) rescale factors */
+        float *colmax = malloc(T * sizeof(float));             /* (T,) row max of a logit tile */
+        float *acc = malloc(QPAIR * H * T * D * sizeof(float));/* (g, H, T, D) unnormalised out */
         if (!ls || !sel || !ftile || !ft || !x || !qt || !m || !l || !alpha || !colmax || !acc) {
             #pragma omp atomic write
             failed = 1;
@@ -125,58 +129,75 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
         #pragma omp for schedule(dynamic, 1)
         for (size_t task = 0; task < ntasks; task++) {
             if (failed) continue;
-            size_t b, qb;
-            query_block_task(task, nqb, &b, &qb);
-            const size_t i0 = qb * T, rows = block_len(N, i0);
-            for (size_t hr = 0; hr < H * T; hr++) { m[hr] = -INFINITY; l[hr] = 0.0f; }
-            memset(acc, 0, H * T * D * sizeof(float));
-            /* 3.0 the query block of every head, transposed and zero-padded: qt_h (D, T) */
-            for (size_t h = 0; h < H; h++) {
-                const float *q_bhi = q + ((b * H + h) * N + i0) * D;      /* (rows, D) */
-                kern->transpose(q_bhi, D, rows, D, qt + h * D * T);
+            const size_t b = task / npairs, qb0 = (npairs - 1 - task % npairs) * QPAIR;
+            const size_t nb = nqb - qb0 < QPAIR ? nqb - qb0 : QPAIR;   /* blocks in the pair */
+            size_t i0[QPAIR], rows[QPAIR];
+            for (size_t g = 0; g < nb; g++) {
+                i0[g] = (qb0 + g) * T;
+                rows[g] = block_len(N, i0[g]);
+                for (size_t hr = 0; hr < H * T; hr++) { m[g * H * T + hr] = -INFINITY; l[g * H * T + hr] = 0.0f; }
+                memset(acc + g * H * T * D, 0, H * T * D * sizeof(float));
+                /* 3.0 the query block of every head, transposed and zero-padded: qt_h (D, T) */
+                for (size_t h = 0; h < H; h++) {
+                    const float *q_bhi = q + ((b * H + h) * N + i0[g]) * D;   /* (rows, D) */
+                    kern->transpose(q_bhi, D, rows[g], D, qt + (g * H + h) * D * T);
+                }
             }
 
-            for (size_t kb = 0; kb <= qb; kb++) {
+            for (size_t kb = 0; kb < qb0 + nb; kb++) {
                 const size_t j0 = kb * T, ncols = block_len(N, j0);
-                if (evict_at && tmax[b * nqb + kb] <= (int64_t)i0) continue;  /* all evicted */
-                const int off = i0 - j0 < T ? (int)(i0 - j0) : (int)T;  /* causal mask: r + off >= c */
-                /* 3a. selector logits -> S -> F for this tile, once for all heads (§§ 2-4) */
-                if (selective) {
-                    mask_of_tile(&sp, b, qb, kb, ls, sel, ftile);
-                    kern->transpose(ftile, T, rows, T, ft);
-                } else if (evict_at) {
-                    memset(ft, 0, T * T * sizeof(float));
+                int active[QPAIR], off[QPAIR];
+                for (size_t g = 0; g < nb; g++) {
+                    const size_t qb = qb0 + g;
+                    active[g] = kb <= qb && !(evict_at && tmax[b * nqb + kb] <= (int64_t)i0[g]);
+                    if (!active[g]) continue;                     /* future, or all evicted */
+                    off[g] = i0[g] - j0 < T ? (int)(i0[g] - j0) : (int)T;  /* mask: r + off >= c */
+                    float *ft_g = ft + g * T * T;
+                    /* 3a. selector logits -> S -> F for this tile, once for all heads (§§ 2-4) */
+                    if (selective) {
+                        mask_of_tile(&sp, b, qb, kb, ls + g * T * T, sel, ftile);
+                        kern->transpose(ftile, T, rows[g], T, ft_g);
+                    } else if (evict_at) {
+                        memset(ft_g, 0, T * T * sizeof(float));
+                    }
+                    if (evict_at && tmin[b * nqb + kb] < (int64_t)(i0[g] + rows[g]))
+                        mark_evicted(ft_g, evict_at + b * N + j0, i0[g], rows[g], ncols);
                 }
-                if (evict_at && tmin[b * nqb + kb] < (int64_t)(i0 + rows))
-                    mark_evicted(ft, evict_at + b * N + j0, i0, rows, ncols);
                 /* 3b. every head: softmax(L - F) v, online over key tiles (§ 5), on key-major
                  * tiles: x (ncols, T) = scale * k_h q_h^T */
                 for (size_t h = 0; h < H; h++) {
                     const float *k_bhj = k + ((b * H + h) * N + j0) * D;  /* (ncols, D) */
                     const float *v_bhj = v + ((b * H + h) * N + j0) * D;  /* (ncols, D) */
-                    float *m_h = m + h * T, *l_h = l + h * T, *acc_h = acc + h * T * D;
-                    if (selective && h == s) {       /* L_s is the selector's ls, transposed */
-                        kern->transpose(ls, T, rows, T, x);
-                        kern->softmax_t(x, ft, ncols, off, NULL, m_h, l_h, alpha);
-                    } else {                         /* x = L - F, masked; colmax its row max */
-                        kern->gemm_nt_logits(k_bhj, ncols, qt + h * D * T, D, scale,
-                                             masked ? ft : NULL, off, x, colmax);
-                        kern->softmax_t(x, NULL, ncols, off, colmax, m_h, l_h, alpha);
+                    for (size_t g = 0; g < nb; g++) {
+                        if (!active[g]) continue;
+                        const size_t gh = g * H + h;
+                        float *m_h = m + gh * T, *l_h = l + gh * T, *acc_h = acc + gh * T * D;
+                        float *ft_g = masked ? ft + g * T * T : NULL;
+                        if (selective && h == s) {   /* L_s is the selector's ls, transposed */
+                            kern->transpose(ls + g * T * T, T, rows[g], T, x);
+                            kern->softmax_t(x, ft_g, ncols, off[g], NULL, m_h, l_h, alpha);
+                        } else {                     /* x = L - F, masked; colmax its row max */
+                            kern->gemm_nt_logits(k_bhj, ncols, qt + gh * D * T, D, scale, ft_g,
+                                                 off[g], x, colmax);
+                            kern->softmax_t(x, NULL, ncols, off[g], colmax, m_h, l_h, alpha);
+                        }
+                        kern->gemm_acc_t(x, rows[g], v_bhj, ncols, D, alpha, acc_h); /* + P v */
                     }
-                    kern->gemm_acc_t(x, rows, v_bhj, ncols, D, alpha, acc_h); /* alpha acc + P v */
                 }
             }
             /* 3c. normalise and keep the log-sum-exp for the backward */
-            for (size_t h = 0; h < H; h++) {
-                float *out_bhi = out + ((b * H + h) * N + i0) * D;        /* (rows, D) */
-                float *lse_bhi = lse ? lse + (b * H + h) * N + i0 : NULL;  /* (rows,) */
-                for (size_t r = 0; r < rows; r++) {
-                    const float inv = 1.0f / l[h * T + r];
-                    for (size_t d = 0; d < D; d++)
-                        out_bhi[r * D + d] = acc[(h * T + r) * D + d] * inv;
-                    if (lse) lse_bhi[r] = m[h * T + r] + logf(l[h * T + r]);
+            for (size_t g = 0; g < nb; g++)
+                for (size_t h = 0; h < H; h++) {
+                    const size_t gh = g * H + h;
+                    float *out_bhi = out + ((b * H + h) * N + i0[g]) * D;        /* (rows, D) */
+                    float *lse_bhi = lse ? lse + (b * H + h) * N + i0[g] : NULL;  /* (rows,) */
+                    for (size_t r = 0; r < rows[g]; r++) {
+                        const float inv = 1.0f / l[gh * T + r];
+                        for (size_t d = 0; d < D; d++)
+                            out_bhi[r * D + d] = acc[(gh * T + r) * D + d] * inv;
+                        if (lse) lse_bhi[r] = m[gh * T + r] + logf(l[gh * T + r]);
+                    }
                 }
-            }
         }
         free(ls); free(sel); free(ftile); free(ft); free(x); free(qt); free(m); free(l);
         free(alpha); free(colmax); free(acc);
