@@ -2,11 +2,17 @@
  * over key tiles, with the accumulated mask F rebuilt tile by tile (selector_mask.h).
  * Reference: forward() in reference/attention.py; the design is in docs/kernel-design.md.
  *
- * Pass 0 (transpose_blocks): every key tile transposed once, kt (B, H, nqb, D, T).
+ * Pass 0 (transpose_blocks): the selector head's key tiles transposed once, kt_s (B, nqb, D, T).
  * Pass 1-2 (selector_block_prefix): Fstart (B, nqb, N), the mask carried into each query block.
- * Pass 3 (here): for each (b, query block) in parallel, for each key tile left to right:
- *   3a. the selector head's logit tile -> S tile -> F tile (shared by all heads);
- *   3b. for each head: logits - F, causal mask, online softmax, acc += P v.
+ * Pass 3 (here): for each (b, pair of query blocks) in parallel, each block's queries transposed
+ * (qt), then for each key tile left to right:
+ *   3a. for each block: the selector head's logit tile -> S tile -> F tile (shared by all heads),
+ *       transposed to key-major;
+ *   3b. for each head and block: the key-major logit tile x = scale * k qt - F, causally masked
+ *       (gemm_nt_logits), online softmax (softmax_t), acc = alpha acc + P v (gemm_acc_t);
+ *   3c. out = acc / l, lse = m + log l.
+ * Key-major tiles (keys down, query rows across the vector lanes) make the softmax's row max and
+ * sum lane-wise, and need no transposed copy of k: the keys are read where they are.
  *
  * Pruned prefill (forward_with_evictions): key j is visible to query i only while i < evict_at[j]
  * (the KV cache's eviction schedule, kv_cache.c). Evicted keys get F = +inf in the F tile, and key
