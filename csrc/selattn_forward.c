@@ -119,7 +119,6 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
         float *ls = malloc(QPAIR * T * T * sizeof(float));     /* (g, T, T) selector logits */
         float *ft = malloc(QPAIR * T * T * sizeof(float));     /* (g, T keys, T rows) F */
         float *sel = malloc(T * T * sizeof(float));            /* (T, T) S tile */
-        float *ftile = malloc(T * T * sizeof(float));          /* (T, T) F tile, row-major */
         float *x = malloc(T * T * sizeof(float));              /* (T keys, T rows) logits, P */
         float *qt = malloc(QPAIR * H * D * T * sizeof(float)); /* (g, H, D, T) q, transposed */
         float *m = malloc(QPAIR * H * T * sizeof(float));      /* (g, H, T) running row max */
@@ -127,7 +126,7 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
         float *alpha = malloc(T * sizeof(float));              /* (T,) rescale factors */
         float *colmax = malloc(T * sizeof(float));             /* (T,) row max of a logit tile */
         float *acc = malloc(QPAIR * H * T * D * sizeof(float));/* (g, H, T, D) unnormalised out */
-        if (!ls || !sel || !ftile || !ft || !x || !qt || !m || !l || !alpha || !colmax || !acc) {
+        if (!ls || !sel || !ft || !x || !qt || !m || !l || !alpha || !colmax || !acc) {
             #pragma omp atomic write
             failed = 1;
         }
@@ -161,8 +160,7 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
                     float *ft_g = ft + g * T * T;
                     /* 3a. selector logits -> S -> F for this tile, once for all heads (§§ 2-4) */
                     if (selective) {
-                        mask_of_tile(&sp, b, qb, kb, ls + g * T * T, sel, ftile);
-                        kern->transpose(ftile, T, rows[g], T, ft_g);
+                        mask_of_tile_t(&sp, b, qb, kb, ls + g * T * T, sel, ft_g);
                     } else if (evict_at) {
                         memset(ft_g, 0, T * T * sizeof(float));
                     }
@@ -205,7 +203,7 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
                     }
                 }
         }
-        free(ls); free(sel); free(ftile); free(ft); free(x); free(qt); free(m); free(l);
+        free(ls); free(sel); free(ft); free(x); free(qt); free(m); free(l);
         free(alpha); free(colmax); free(acc);
     }
     free(tmin); free(tmax); free(fstart); free(kt_s);

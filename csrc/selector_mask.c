@@ -78,17 +78,33 @@ void selection_of_tile(const selector *sp, size_t b, size_t qb, size_t kb, float
     selection_tile(sp->kern, ls, i0, j0, rows, block_len(sp->N, j0), sp->protect_bos, sel);
 }
 
-void mask_of_tile(const selector *sp, size_t b, size_t qb, size_t kb, float *ls, float *sel,
-                  float *f)
+/* The Fstart entries of tile (qb, kb): ncols of them, zero-padded to T. */
+static void fstart_cols_of_tile(const selector *sp, size_t b, size_t qb, size_t kb,
+                                float *fstart_cols)
 {
-    selection_of_tile(sp, b, qb, kb, ls, sel);
     /* The row of Fstart has N entries: the last key tile has only ncols of them. Copy those and
      * zero-pad, so mask_tile's T-wide loop never reads past the row (past the buffer at its end). */
     const size_t j0 = kb * T, ncols = block_len(sp->N, j0);
-    float fstart_cols[T];
     memcpy(fstart_cols, sp->fstart + (b * sp->nqb + qb) * sp->N + j0, ncols * sizeof(float));
     for (size_t c = ncols; c < T; c++) fstart_cols[c] = 0.0f;
+}
+
+void mask_of_tile(const selector *sp, size_t b, size_t qb, size_t kb, float *ls, float *sel,
+                  float *f)
+{
+    float fstart_cols[T];
+    selection_of_tile(sp, b, qb, kb, ls, sel);
+    fstart_cols_of_tile(sp, b, qb, kb, fstart_cols);
     mask_tile(sel, fstart_cols, block_len(sp->N, qb * T), f);
+}
+
+void mask_of_tile_t(const selector *sp, size_t b, size_t qb, size_t kb, float *ls, float *sel,
+                    float *ft)
+{
+    float fstart_cols[T];
+    selection_of_tile(sp, b, qb, kb, ls, sel);
+    fstart_cols_of_tile(sp, b, qb, kb, fstart_cols);
+    sp->kern->mask_tile_t(sel, fstart_cols, block_len(sp->N, qb * T), ft);
 }
 
 int selector_block_prefix(const selector *sp_in, size_t B, float *fstart, int nthreads)
@@ -120,9 +136,10 @@ int selector_block_prefix(const selector *sp_in, size_t B, float *fstart, int nt
             memset(colsum, 0, N * sizeof(float));
             for (size_t kb = 0; kb <= qb; kb++) {
                 const size_t j0 = kb * T, ncols = block_len(N, j0);
+                float sums[T];
                 selection_of_tile(&sp, b, qb, kb, ls, sel);
-                for (size_t r = 0; r < rows; r++)
-                    for (size_t c = 0; c < ncols; c++) colsum[j0 + c] += sel[r * T + c];
+                sp.kern->column_sums(sel, rows, sums);        /* rows in order, from 0 */
+                memcpy(colsum + j0, sums, ncols * sizeof(float));
             }
         }
         free(ls); free(sel);

@@ -89,6 +89,11 @@ void selection_of_tile(const selector *sp, size_t b, size_t qb, size_t kb, float
 void mask_of_tile(const selector *sp, size_t b, size_t qb, size_t kb, float *ls, float *sel,
                   float *f);
 
+/* mask_of_tile with the F tile key-major: ft (T keys, T rows), zero for rows past the block
+ * (the forward's layout; the same sums as mask_of_tile).  (§§ 1-4) */
+void mask_of_tile_t(const selector *sp, size_t b, size_t qb, size_t kb, float *ls, float *sel,
+                    float *ft);
+
 /* Fstart (B, nqb, N): the exclusive prefix over query blocks of the column sums of S, for the
  * selector sp (whose fstart is not read). Returns SELATTN_OK or SELATTN_ENOMEM. */
 int selector_block_prefix(const selector *sp, size_t B, float *fstart, int nthreads);

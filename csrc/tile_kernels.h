@@ -65,6 +65,11 @@ typedef struct {
                       float *m, float *l, float *alpha);
     /* xt (ncols, TILE)[c, r] = x[r * ldx + c] for r < rows, 0 for r >= rows. */
     void (*transpose)(const float *x, size_t ldx, size_t rows, size_t ncols, float *xt);
+    /* The F tile, key-major: ft (TILE, TILE)[c, r] = fstart_cols[c] + sum_{r' < r} sel[r', c] for
+     * r < rows, 0 for r >= rows (mask_tile's sums, in its order, stored transposed). */
+    void (*mask_tile_t)(const float *sel, const float *fstart_cols, size_t rows, float *ft);
+    /* sums (TILE,) = the column sums of x (rows, TILE), rows added in order from row 0. */
+    void (*column_sums)(const float *x, size_t rows, float *sums);
     /* The selector's gradient on one tile, rows bottom-up: g[m, c] -= carry[c] where
      * sel[m, c] > 0, then carry[c] += gsum[m, c] (the reverse cumsum of dF = -gsum). */
     void (*selector_grad)(const float *gsum, const float *sel, size_t rows, float *carry,

@@ -446,6 +446,31 @@ static void K(transpose)(const float *restrict x, size_t ldx, size_t rows, size_
         for (size_t r = 0; r < SELATTN_TILE; r++)
             xt[c0 * SELATTN_TILE + r] = r < rows ? x[r * ldx + c0] : 0.0f;
 }
+/* mask_tile_t: mask_tile (selector_mask.h) written key-major: ft (64 keys, 64 rows)[c, r] =
+ * fstart_cols[c] + sum_{r' < r} sel[r', c] for r < rows, 0 for r >= rows. The sums run down the
+ * rows in order, as in mask_tile, and each 16 x 16 block is transposed in registers on its way
+ * out, so F reaches the forward's key-major tiles without a row-major copy. */
+static void K(mask_tile_t)(const float *restrict sel, const float *restrict fstart_cols,
+                           size_t rows, float *restrict ft)
+{
+    vf fs[4], part[4];
+    for (int u = 0; u < 4; u++) { fs[u] = K(load)(fstart_cols + 16 * u); part[u] = (vf){0}; }
+    for (size_t r0 = 0; r0 < SELATTN_TILE; r0 += 16)
+        for (int u = 0; u < 4; u++) {
+            vf a[16];
+            for (size_t i = 0; i < 16; i++) {
+                if (r0 + i < rows) {
+                    a[i] = fs[u] + part[u];
+                    part[u] += K(load)(sel + (r0 + i) * SELATTN_TILE + 16 * u);
+                } else {
+                    a[i] = (vf){0};
+                }
+            }
+            TR_ROUND(8) TR_ROUND(4) TR_ROUND(2) TR_ROUND(1)
+            for (size_t j = 0; j < 16; j++) K(store)(ft + (16 * u + j) * SELATTN_TILE + r0, a[j]);
+        }
+}
+
 #undef TR_LO
 #undef TR_HI
 #undef TR_ROUND
@@ -471,6 +496,17 @@ static void K(selector_grad)(const float *restrict gsum, const float *restrict s
     for (int u = 0; u < 4; u++) K(store)(carry + 16 * u, cr[u]);
 }
 
+/* ---------------------------------------------------------------------------------------------
+ * column_sums: sums (64,) = sum over r < rows of x[r, :], rows added in order from 0 (the order
+ * mask_tile's partial sums use, so Fstart and the in-block part of F agree bit for bit). */
+static void K(column_sums)(const float *restrict x, size_t rows, float *restrict sums)
+{
+    vf part[4] = {{0}, {0}, {0}, {0}};
+    for (size_t r = 0; r < rows; r++)
+        for (int u = 0; u < 4; u++) part[u] += K(load)(x + r * SELATTN_TILE + 16 * u);
+    for (int u = 0; u < 4; u++) K(store)(sums + 16 * u, part[u]);
+}
+
 const selattn_kernels CAT(selattn_kernels, KERNEL_ISA) = {
     .name = KERNEL_NAME,
     .gemm_nt = K(gemm_nt),
@@ -485,5 +521,7 @@ const selattn_kernels CAT(selattn_kernels, KERNEL_ISA) = {
     .softmax_grad = K(softmax_grad),
     .softmax_t = K(softmax_t),
     .transpose = K(transpose),
+    .mask_tile_t = K(mask_tile_t),
+    .column_sums = K(column_sums),
     .selector_grad = K(selector_grad),
 };
