@@ -193,6 +193,7 @@ int selattn_backward(const float *q, const float *k, const float *v,
     const size_t nchunks = nqb < SELATTN_DQ_CHUNKS ? nqb : SELATTN_DQ_CHUNKS;
     const size_t nel = B * H * N * D;                  /* elements of q (and of dq) */
     const int team = team_size(nthreads);
+    (void)team;                                        /* unused in a serial build */
     float *fstart = NULL;                              /* (B, nqb, N) */
     float *delta = big_alloc(B * H * N * sizeof(float));  /* (B, H, N) */
     float *kt = big_alloc(B * H * nqb * D * T * sizeof(float)); /* (B, H, nqb, D, T) */
