@@ -165,11 +165,12 @@ static void key_block_grads(const problem *pr, size_t b, size_t kb, scratch *w, 
             const float *dout_bhi = pr->dout + row0 * D;                   /* (rows, D) */
             const float *k_bhj = pr->k + ((b * H + h) * N + j0) * D;       /* (ncols, D) */
             const float *g_h = w->g + h * T * T;
-            pr->kern->gemm_acc_t(w->p + h * T * T, ncols, dout_bhi, rows, D, NULL, /* dv += P^T dout */
-                                 w->acc_b + h * T * D);
+            pr->kern->gemm_acc_t(w->p + h * T * T, ncols, dout_bhi, rows, D, NULL,
+                                 w->acc_b + h * T * D);                 /* dv += P^T dout */
             pr->kern->gemm_acc_t(g_h, ncols, q_bhi, rows, D, NULL,            /* dk += G^T q */
                                  w->acc_a + h * T * D);
-            pr->kern->gemm_acc(g_h, rows, k_bhj, ncols, D, NULL, dq_part + row0 * D); /* dq += G k */
+            pr->kern->gemm_acc(g_h, rows, k_bhj, ncols, D, NULL,
+                               dq_part + row0 * D);                     /* dq += G k */
         }
     }
     for (size_t h = 0; h < H; h++) {
@@ -225,7 +226,8 @@ int selattn_backward(const float *q, const float *k, const float *v,
         for (size_t d = 0; d < D; d++) acc += dout[row * D + d] * out[row * D + d];
         delta[row] = acc;
         memset(dq + row * D, 0, D * sizeof(float));
-        for (size_t c = 1; c < nchunks; c++) memset(dq_parts + (c - 1) * nel + row * D, 0, D * sizeof(float));
+        for (size_t c = 1; c < nchunks; c++)
+            memset(dq_parts + (c - 1) * nel + row * D, 0, D * sizeof(float));
     }
 
     const problem pr = {q, k, v, lse, dout, delta, kt, vt,

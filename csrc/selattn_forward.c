@@ -140,7 +140,10 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
             for (size_t g = 0; g < nb; g++) {
                 i0[g] = (qb0 + g) * T;
                 rows[g] = block_len(N, i0[g]);
-                for (size_t hr = 0; hr < H * T; hr++) { m[g * H * T + hr] = -INFINITY; l[g * H * T + hr] = 0.0f; }
+                for (size_t hr = g * H * T; hr < (g + 1) * H * T; hr++) {
+                    m[hr] = -INFINITY;
+                    l[hr] = 0.0f;
+                }
                 memset(acc + g * H * T * D, 0, H * T * D * sizeof(float));
                 /* 3.0 the query block of every head, transposed and zero-padded: qt_h (D, T) */
                 for (size_t h = 0; h < H; h++) {
