@@ -211,8 +211,9 @@ int selattn_backward(const float *q, const float *k, const float *v,
         /* Pass 1-2: the mask entering each query block, as in the forward */
         fstart = big_alloc(B * nqb * N * sizeof(float));
         const selector sp = {kern, q, kt, NULL, H, N, D, nqb, selector_head, protect_bos, scale,
-                             H, selector_head};
-        rc = !fstart ? SELATTN_ENOMEM : selector_block_prefix(&sp, B, fstart, nthreads);
+                             H, selector_head, 0, nqb};
+        rc = !fstart ? SELATTN_ENOMEM
+             : selector_block_prefix(&sp, B, 0, nqb, NULL, fstart, nthreads);
     }
     if (rc != SELATTN_OK) {
         free(fstart); free(delta); free(kt); free(vt); free(dq_parts);
@@ -232,7 +233,7 @@ int selattn_backward(const float *q, const float *k, const float *v,
 
     const problem pr = {q, k, v, lse, dout, delta, kt, vt,
                         {kern, q, kt, fstart, H, N, D, nqb, selector_head, protect_bos, scale,
-                         H, selector_head},
+                         H, selector_head, 0, nqb},
                         H, N, D, nqb, selector_head, selective, scale, kern};
     int failed = 0;
     #pragma omp parallel num_threads(team)

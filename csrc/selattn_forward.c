@@ -32,6 +32,7 @@
 
 #define T SELATTN_TILE
 #define QPAIR 2    /* query blocks per task, walking the key tiles together */
+#define FSTART_GROUP 64 /* query blocks whose Fstart is held at once (a multiple of QPAIR) */
 
 /* Extremes of evict_at over each key tile: tmin/tmax (B, nqb). A tile whose tmax <= i0 is
  * invisible to every query from i0 on; one whose tmin >= the block's end needs no marking. */
@@ -78,21 +79,24 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
     const selattn_kernels *kern = selattn_select_kernels();
     const size_t nqb = num_blocks(N);
     const size_t s = selector_head;
+    const size_t group = nqb < FSTART_GROUP ? nqb : FSTART_GROUP;
     float *kt_s = NULL;                     /* (B, 1, nqb, D, T) the selector head's key tiles */
-    float *fstart = NULL;                   /* (B, nqb, N) mask entering each block */
-    selector sp = {kern, q, NULL, NULL, H, N, D, nqb, s, protect_bos, scale, 1, 0};
+    float *fstart = NULL;                   /* (B, group, N) mask entering each block of a group */
+    float *carry = NULL;                    /* (B, N) sum of S over the blocks before the group */
+    selector sp = {kern, q, NULL, NULL, H, N, D, nqb, s, protect_bos, scale, 1, 0, 0, group};
     if (selective) {
         /* Pass 0: the selector head's key tiles, transposed (1/H of k) */
         kt_s = big_alloc(B * nqb * D * T * sizeof(float));
-        fstart = big_alloc(B * nqb * N * sizeof(float));
-        if (!kt_s || !fstart) { free(kt_s); free(fstart); return SELATTN_ENOMEM; }
+        fstart = big_alloc(B * group * N * sizeof(float));
+        carry = calloc(B * N, sizeof(float));
+        if (!kt_s || !fstart || !carry) {
+            free(kt_s); free(fstart); free(carry);
+            return SELATTN_ENOMEM;
+        }
         for (size_t b = 0; b < B; b++)
             transpose_blocks(kern, k + (b * H + s) * N * D, 1, 1, N, D, kt_s + b * nqb * D * T,
                              nthreads);
         sp.kt = kt_s;
-        /* Pass 1-2: Fstart */
-        int rc = selector_block_prefix(&sp, B, fstart, nthreads);
-        if (rc != SELATTN_OK) { free(fstart); free(kt_s); return rc; }
         sp.fstart = fstart;
     }
 
@@ -101,114 +105,129 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
         tmin = malloc(B * nqb * sizeof(int64_t));
         tmax = malloc(B * nqb * sizeof(int64_t));
         if (!tmin || !tmax) {
-            free(tmin); free(tmax); free(fstart); free(kt_s);
+            free(tmin); free(tmax); free(fstart); free(carry); free(kt_s);
             return SELATTN_ENOMEM;
         }
         evicted_tile_bounds(evict_at, B, N, tmin, tmax);
     }
     const int masked = selective || evict_at;        /* is there an F tile to subtract? */
 
-    /* Tasks: (b, pair of query blocks), biggest first. The two blocks of a pair walk the key
-     * tiles together, so each key and value tile is used twice while it is in cache; each block
-     * keeps its own state and order of operations, so pairing changes no bit. */
-    const size_t npairs = (nqb + QPAIR - 1) / QPAIR, ntasks = B * npairs;
+    /* Query blocks are taken in groups of FSTART_GROUP, so Fstart is held for one group at a
+     * time ((B, group, N) instead of (B, nqb, N)): passes 1-2 for a group, carried on from the
+     * groups before it, then pass 3 for the group's blocks. */
     int failed = 0;
-    #pragma omp parallel num_threads(team_size(nthreads))
-    {
-        /* per-thread scratch; nothing here grows with N. g indexes the blocks of the pair. */
-        float *ls = malloc(QPAIR * T * T * sizeof(float));     /* (g, T, T) selector logits */
-        float *ft = malloc(QPAIR * T * T * sizeof(float));     /* (g, T keys, T rows) F */
-        float *sel = malloc(T * T * sizeof(float));            /* (T, T) S tile */
-        float *x = malloc(T * T * sizeof(float));              /* (T keys, T rows) logits, P */
-        float *qt = malloc(QPAIR * H * D * T * sizeof(float)); /* (g, H, D, T) q, transposed */
-        float *m = malloc(QPAIR * H * T * sizeof(float));      /* (g, H, T) running row max */
-        float *l = malloc(QPAIR * H * T * sizeof(float));      /* (g, H, T) running row sum */
-        float *alpha = malloc(T * sizeof(float));              /* (T,) rescale factors */
-        float *colmax = malloc(T * sizeof(float));             /* (T,) row max of a logit tile */
-        float *acc = malloc(QPAIR * H * T * D * sizeof(float));/* (g, H, T, D) unnormalised out */
-        if (!ls || !sel || !ft || !x || !qt || !m || !l || !alpha || !colmax || !acc) {
-            #pragma omp atomic write
-            failed = 1;
-        }
-        #pragma omp barrier /* every thread sees `failed` before the loop reads it */
-        #pragma omp for schedule(dynamic, 1)
-        for (size_t task = 0; task < ntasks; task++) {
-            if (failed) continue;
-            const size_t b = task / npairs, qb0 = (npairs - 1 - task % npairs) * QPAIR;
-            const size_t nb = nqb - qb0 < QPAIR ? nqb - qb0 : QPAIR;   /* blocks in the pair */
-            size_t i0[QPAIR], rows[QPAIR];
-            for (size_t g = 0; g < nb; g++) {
-                i0[g] = (qb0 + g) * T;
-                rows[g] = block_len(N, i0[g]);
-                for (size_t hr = g * H * T; hr < (g + 1) * H * T; hr++) {
-                    m[hr] = -INFINITY;
-                    l[hr] = 0.0f;
-                }
-                memset(acc + g * H * T * D, 0, H * T * D * sizeof(float));
-                /* 3.0 the query block of every head, transposed and zero-padded: qt_h (D, T) */
-                for (size_t h = 0; h < H; h++) {
-                    const float *q_bhi = q + ((b * H + h) * N + i0[g]) * D;   /* (rows, D) */
-                    kern->transpose(q_bhi, D, rows[g], D, qt + (g * H + h) * D * T);
-                }
+    for (size_t g0 = 0; g0 < nqb && !failed; g0 += group) {
+        /* Tasks: (b, pair of query blocks), biggest first. The two blocks of a pair walk the key
+         * tiles together, so each key and value tile is used twice while it is in cache; each block
+         * keeps its own state and order of operations, so pairing changes no bit. */
+        const size_t nq = nqb - g0 < group ? nqb - g0 : group;     /* blocks in this group */
+        const size_t npairs = (nq + QPAIR - 1) / QPAIR, ntasks = B * npairs;
+        if (selective) {
+            /* Pass 1-2: Fstart of the group's blocks, carried on from the groups before */
+            sp.fs_qb0 = g0;
+            if (selector_block_prefix(&sp, B, g0, nq, carry, fstart, nthreads) != SELATTN_OK) {
+                failed = 1;
+                break;
             }
-
-            for (size_t kb = 0; kb < qb0 + nb; kb++) {
-                const size_t j0 = kb * T, ncols = block_len(N, j0);
-                int active[QPAIR], off[QPAIR];
+        }
+        #pragma omp parallel num_threads(team_size(nthreads))
+        {
+            /* per-thread scratch; nothing here grows with N. g indexes the blocks of the pair. */
+            float *ls = malloc(QPAIR * T * T * sizeof(float));     /* (g, T, T) selector logits */
+            float *ft = malloc(QPAIR * T * T * sizeof(float));     /* (g, T keys, T rows) F */
+            float *sel = malloc(T * T * sizeof(float));            /* (T, T) S tile */
+            float *x = malloc(T * T * sizeof(float));              /* (T keys, T rows) logits, P */
+            float *qt = malloc(QPAIR * H * D * T * sizeof(float)); /* (g, H, D, T) q, transposed */
+            float *m = malloc(QPAIR * H * T * sizeof(float));      /* (g, H, T) running row max */
+            float *l = malloc(QPAIR * H * T * sizeof(float));      /* (g, H, T) running row sum */
+            float *alpha = malloc(T * sizeof(float));              /* (T,) rescale factors */
+            float *colmax = malloc(T * sizeof(float));             /* (T,) row max of a tile */
+            float *acc = malloc(QPAIR * H * T * D * sizeof(float)); /* (g, H, T, D) out, unscaled */
+            if (!ls || !sel || !ft || !x || !qt || !m || !l || !alpha || !colmax || !acc) {
+                #pragma omp atomic write
+                failed = 1;
+            }
+            #pragma omp barrier /* every thread sees `failed` before the loop reads it */
+            #pragma omp for schedule(dynamic, 1)
+            for (size_t task = 0; task < ntasks; task++) {
+                if (failed) continue;
+                const size_t b = task / npairs, qb0 = g0 + (npairs - 1 - task % npairs) * QPAIR;
+                const size_t nb = g0 + nq - qb0 < QPAIR ? g0 + nq - qb0 : QPAIR;  /* in the pair */
+                size_t i0[QPAIR], rows[QPAIR];
                 for (size_t g = 0; g < nb; g++) {
-                    const size_t qb = qb0 + g;
-                    active[g] = kb <= qb && !(evict_at && tmax[b * nqb + kb] <= (int64_t)i0[g]);
-                    if (!active[g]) continue;                     /* future, or all evicted */
-                    off[g] = i0[g] - j0 < T ? (int)(i0[g] - j0) : (int)T;  /* mask: r + off >= c */
-                    float *ft_g = ft + g * T * T;
-                    /* 3a. selector logits -> S -> F for this tile, once for all heads (§§ 2-4) */
-                    if (selective) {
-                        mask_of_tile_t(&sp, b, qb, kb, ls + g * T * T, sel, ft_g);
-                    } else if (evict_at) {
-                        memset(ft_g, 0, T * T * sizeof(float));
+                    i0[g] = (qb0 + g) * T;
+                    rows[g] = block_len(N, i0[g]);
+                    for (size_t hr = g * H * T; hr < (g + 1) * H * T; hr++) {
+                        m[hr] = -INFINITY;
+                        l[hr] = 0.0f;
                     }
-                    if (evict_at && tmin[b * nqb + kb] < (int64_t)(i0[g] + rows[g]))
-                        mark_evicted(ft_g, evict_at + b * N + j0, i0[g], rows[g], ncols);
+                    memset(acc + g * H * T * D, 0, H * T * D * sizeof(float));
+                    /* 3.0 the query block of every head, transposed and zero-padded: qt_h (D, T) */
+                    for (size_t h = 0; h < H; h++) {
+                        const float *q_bhi = q + ((b * H + h) * N + i0[g]) * D;   /* (rows, D) */
+                        kern->transpose(q_bhi, D, rows[g], D, qt + (g * H + h) * D * T);
+                    }
                 }
-                /* 3b. every head: softmax(L - F) v, online over key tiles (§ 5), on key-major
-                 * tiles: x (ncols, T) = scale * k_h q_h^T */
-                for (size_t h = 0; h < H; h++) {
-                    const float *k_bhj = k + ((b * H + h) * N + j0) * D;  /* (ncols, D) */
-                    const float *v_bhj = v + ((b * H + h) * N + j0) * D;  /* (ncols, D) */
+
+                for (size_t kb = 0; kb < qb0 + nb; kb++) {
+                    const size_t j0 = kb * T, ncols = block_len(N, j0);
+                    int active[QPAIR], off[QPAIR];
                     for (size_t g = 0; g < nb; g++) {
-                        if (!active[g]) continue;
-                        const size_t gh = g * H + h;
-                        float *m_h = m + gh * T, *l_h = l + gh * T, *acc_h = acc + gh * T * D;
-                        float *ft_g = masked ? ft + g * T * T : NULL;
-                        if (selective && h == s) {   /* L_s is the selector's ls, transposed */
-                            kern->transpose(ls + g * T * T, T, rows[g], T, x);
-                            kern->softmax_t(x, ft_g, ncols, off[g], NULL, m_h, l_h, alpha);
-                        } else {                     /* x = L - F, masked; colmax its row max */
-                            kern->gemm_nt_logits(k_bhj, ncols, qt + gh * D * T, D, scale, ft_g,
-                                                 off[g], x, colmax);
-                            kern->softmax_t(x, NULL, ncols, off[g], colmax, m_h, l_h, alpha);
+                        const size_t qb = qb0 + g;
+                        active[g] = kb <= qb && !(evict_at && tmax[b * nqb + kb] <= (int64_t)i0[g]);
+                        if (!active[g]) continue;                     /* future, or all evicted */
+                        /* the causal mask: row r sees key c when r + off >= c */
+                        off[g] = i0[g] - j0 < T ? (int)(i0[g] - j0) : (int)T;
+                        float *ft_g = ft + g * T * T;
+                        /* 3a. selector logits -> S -> F for this tile, for all heads (§§ 2-4) */
+                        if (selective) {
+                            mask_of_tile_t(&sp, b, qb, kb, ls + g * T * T, sel, ft_g);
+                        } else if (evict_at) {
+                            memset(ft_g, 0, T * T * sizeof(float));
                         }
-                        kern->gemm_acc_t(x, rows[g], v_bhj, ncols, D, alpha, acc_h); /* + P v */
+                        if (evict_at && tmin[b * nqb + kb] < (int64_t)(i0[g] + rows[g]))
+                            mark_evicted(ft_g, evict_at + b * N + j0, i0[g], rows[g], ncols);
+                    }
+                    /* 3b. every head: softmax(L - F) v, online over key tiles (§ 5), on key-major
+                     * tiles: x (ncols, T) = scale * k_h q_h^T */
+                    for (size_t h = 0; h < H; h++) {
+                        const float *k_bhj = k + ((b * H + h) * N + j0) * D;  /* (ncols, D) */
+                        const float *v_bhj = v + ((b * H + h) * N + j0) * D;  /* (ncols, D) */
+                        for (size_t g = 0; g < nb; g++) {
+                            if (!active[g]) continue;
+                            const size_t gh = g * H + h;
+                            float *m_h = m + gh * T, *l_h = l + gh * T, *acc_h = acc + gh * T * D;
+                            float *ft_g = masked ? ft + g * T * T : NULL;
+                            if (selective && h == s) {   /* L_s is the selector's ls, transposed */
+                                kern->transpose(ls + g * T * T, T, rows[g], T, x);
+                                kern->softmax_t(x, ft_g, ncols, off[g], NULL, m_h, l_h, alpha);
+                            } else {                     /* x = L - F, masked; colmax its row max */
+                                kern->gemm_nt_logits(k_bhj, ncols, qt + gh * D * T, D, scale, ft_g,
+                                                     off[g], x, colmax);
+                                kern->softmax_t(x, NULL, ncols, off[g], colmax, m_h, l_h, alpha);
+                            }
+                            kern->gemm_acc_t(x, rows[g], v_bhj, ncols, D, alpha, acc_h); /* + P v */
+                        }
                     }
                 }
+                /* 3c. normalise and keep the log-sum-exp for the backward */
+                for (size_t g = 0; g < nb; g++)
+                    for (size_t h = 0; h < H; h++) {
+                        const size_t gh = g * H + h;
+                        float *out_bhi = out + ((b * H + h) * N + i0[g]) * D;        /* (rows, D) */
+                        float *lse_bhi = lse ? lse + (b * H + h) * N + i0[g] : NULL;  /* (rows,) */
+                        for (size_t r = 0; r < rows[g]; r++) {
+                            const float inv = 1.0f / l[gh * T + r];
+                            for (size_t d = 0; d < D; d++)
+                                out_bhi[r * D + d] = acc[(gh * T + r) * D + d] * inv;
+                            if (lse) lse_bhi[r] = m[gh * T + r] + logf(l[gh * T + r]);
+                        }
+                    }
             }
-            /* 3c. normalise and keep the log-sum-exp for the backward */
-            for (size_t g = 0; g < nb; g++)
-                for (size_t h = 0; h < H; h++) {
-                    const size_t gh = g * H + h;
-                    float *out_bhi = out + ((b * H + h) * N + i0[g]) * D;        /* (rows, D) */
-                    float *lse_bhi = lse ? lse + (b * H + h) * N + i0[g] : NULL;  /* (rows,) */
-                    for (size_t r = 0; r < rows[g]; r++) {
-                        const float inv = 1.0f / l[gh * T + r];
-                        for (size_t d = 0; d < D; d++)
-                            out_bhi[r * D + d] = acc[(gh * T + r) * D + d] * inv;
-                        if (lse) lse_bhi[r] = m[gh * T + r] + logf(l[gh * T + r]);
-                    }
-                }
+            free(ls); free(sel); free(ft); free(x); free(qt); free(m); free(l);
+            free(alpha); free(colmax); free(acc);
         }
-        free(ls); free(sel); free(ft); free(x); free(qt); free(m); free(l);
-        free(alpha); free(colmax); free(acc);
     }
-    free(tmin); free(tmax); free(fstart); free(kt_s);
+    free(tmin); free(tmax); free(fstart); free(carry); free(kt_s);
     return failed ? SELATTN_ENOMEM : SELATTN_OK;
 }

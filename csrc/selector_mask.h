@@ -69,9 +69,11 @@ void selection_tile(const selattn_kernels *kern, const float *ls, size_t i0, siz
 void mask_tile(const float *sel, const float *fstart_cols, size_t rows, float *f);
 
 /* What building the selector's tiles reads: q (B, H, N, D), transposed key tiles kt, and
- * fstart (B, nqb, N) (not read by selection_of_tile). kt holds kt_heads heads per batch element
+ * fstart (not read by selection_of_tile). kt holds kt_heads heads per batch element
  * (transpose_blocks' (B, kt_heads, nqb, D, TILE)), the selector head's tiles at index kt_head:
- * all heads (kt_heads = H, kt_head = s), or the selector head alone (kt_heads = 1, kt_head = 0). */
+ * all heads (kt_heads = H, kt_head = s), or the selector head alone (kt_heads = 1, kt_head = 0).
+ * fstart holds the rows of fs_rows query blocks from block fs_qb0 on, (B, fs_rows, N): all of
+ * them (fs_qb0 = 0, fs_rows = nqb), or one group of blocks (the forward). */
 typedef struct {
     const selattn_kernels *kern;
     const float *q, *kt, *fstart;
@@ -79,6 +81,7 @@ typedef struct {
     int protect_bos;
     float scale;
     size_t kt_heads, kt_head;
+    size_t fs_qb0, fs_rows;
 } selector;
 
 /* For the tile at (query block qb, key block kb) of batch element b: ls (T, T) = the selector's
@@ -94,8 +97,12 @@ void mask_of_tile(const selector *sp, size_t b, size_t qb, size_t kb, float *ls,
 void mask_of_tile_t(const selector *sp, size_t b, size_t qb, size_t kb, float *ls, float *sel,
                     float *ft);
 
-/* Fstart (B, nqb, N): the exclusive prefix over query blocks of the column sums of S, for the
- * selector sp (whose fstart is not read). Returns SELATTN_OK or SELATTN_ENOMEM. */
-int selector_block_prefix(const selector *sp, size_t B, float *fstart, int nthreads);
+/* Fstart of the nq query blocks from qb0 on, fstart (B, nq, N): the exclusive prefix over query
+ * blocks of the column sums of S, for the selector sp (whose fstart is not read). carry (B, N)
+ * holds the sums of S over the blocks before qb0 and is advanced past the nq blocks; NULL means
+ * qb0 = 0 (start from 0, nothing kept). The sums run in block order, so a prefix computed group by
+ * group has the same bits as one computed at once. Returns SELATTN_OK or SELATTN_ENOMEM. */
+int selector_block_prefix(const selector *sp, size_t B, size_t qb0, size_t nq, float *carry,
+                          float *fstart, int nthreads);
 
 #endif /* SELATTN_SELECTOR_MASK_H */
