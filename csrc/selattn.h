@@ -84,6 +84,9 @@ int selattn_kv_step(selattn_kv_cache *c, const float *q, const float *k, const f
 int selattn_kv_prefill(selattn_kv_cache *c, const float *q, const float *k, const float *v,
                        size_t N, float *out, int check_finite, int nthreads);
 
+/* 1 when none of x[0..n) is NaN or infinite, else 0 (the Python wrappers' input check). */
+int selattn_all_finite(const float *x, size_t n, int nthreads);
+
 /* Threads and build facts. */
 int selattn_openmp_enabled(void);
 int selattn_max_threads(void);

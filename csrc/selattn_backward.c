@@ -16,14 +16,16 @@
  *   0.   kt, vt (B, H, nqb, D, T): key and value tiles transposed once (transpose_blocks).
  *   1-2. Fstart (B, nqb, N), exactly as in the forward (selector_block_prefix).
  *   3.   delta (B, H, N) = rowsum(dout * out).
- *   4.   per (b, key block) in parallel, query blocks from the last one up: recompute P and G for
- *        every head, accumulate dv and dk for the key block; carry the reverse cumsum of
- *        Gsum = sum_h G_h down the key block's columns, which gives dLsel for dk_s, and record the
- *        carry entering each query block in Rstart (B, nqb, N).
- *   5.   per (b, query block) in parallel: recompute P and G, rebuild dLsel from Rstart plus the
- *        in-block reverse cumsum, accumulate dq.
- * dk/dv are owned by key blocks and dq by query blocks, so no two threads ever add into the same
- * value and the result does not depend on the thread count.
+ *   4.   key blocks are dealt to SELATTN_DQ_CHUNKS chunks; per (b, chunk) in parallel, for each
+ *        key block of the chunk, query blocks from the last one up: recompute P and G for every
+ *        head, accumulate dv and dk for the key block (owned: one task per key block); carry the
+ *        reverse cumsum of Gsum = sum_h G_h down the key block's columns, which gives dLsel; add
+ *        G k into the chunk's own partial sum of dq.
+ *   5.   dq = scale * (sum of the chunks' partial sums, in chunk order).
+ * dk/dv are owned by key blocks and each partial sum of dq by one chunk, walked in a fixed order;
+ * the chunks are a constant, not the thread count, so the result does not depend on the thread
+ * count. P and G are computed once per tile (5 products per head and tile, like a fused
+ * attention backward with atomics), at the price of SELATTN_DQ_CHUNKS - 1 extra dq-sized buffers.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -35,6 +37,10 @@
 #include "omp_compat.h"
 
 #define T SELATTN_TILE
+
+/* dq is summed over key blocks; the key blocks are dealt to this many chunks (a constant, never the
+ * thread count, so the sums do not depend on it), each adding into its own copy of dq. */
+#define SELATTN_DQ_CHUNKS 2
 
 /* Everything one (query block, key block) tile needs to recompute P and G. */
 typedef struct {
@@ -54,22 +60,6 @@ static void recompute_probs(float *x, const tile_pos *tp, const float *lse_bhi,
     kern->exp_rows(x, lse_bhi, tp->rows, NULL);
 }
 
-/* The selector's gradient on one tile. On entry carry (T,) = sum of Gsum over the rows below this
- * tile (i >= i0 + rows); walking rows upwards, dS[m] = -carry, then carry += Gsum[m]
- * (the reverse cumsum of dF = -Gsum). dlsel = dS where S > 0: S is zero exactly where the
- * constraints (BOS, self, future) or the relu cut the gradient. On return carry includes this
- * tile's rows. */
-static void selector_grad_tile(const float *gsum, const float *sel, size_t rows, float *carry,
-                               float *dlsel)
-{
-    for (size_t r = rows; r-- > 0;) {
-        for (size_t c = 0; c < T; c++) {
-            dlsel[r * T + c] = sel[r * T + c] > 0.0f ? -carry[c] : 0.0f;
-            carry[c] += gsum[r * T + c];
-        }
-    }
-}
-
 /* The problem every tile of the backward reads. */
 typedef struct {
     const float *q, *k, *v, *lse, *dout, *delta;
@@ -86,8 +76,7 @@ typedef struct {
     float *ls, *sel;     /* (T, T) selector logits and S */
     float *ftile;        /* (T, T) F */
     float *p, *g;        /* (H, T, T) P and G of every head */
-    float *dp;           /* (T, T) dP of one head */
-    float *gsum, *dlsel; /* (T, T) sum_h G_h; the selector logit gradient */
+    float *gsum;         /* (T, T) sum_h G_h */
     float *carry;        /* (T,) reverse cumsum carry */
     float *acc_a, *acc_b;/* (H, T, D) dk or dq; dv */
 } scratch;
@@ -95,7 +84,7 @@ typedef struct {
 static void scratch_free(scratch *w)
 {
     free(w->ls); free(w->sel); free(w->ftile); free(w->p); free(w->g);
-    free(w->dp); free(w->gsum); free(w->dlsel); free(w->carry); free(w->acc_a);
+    free(w->gsum); free(w->carry); free(w->acc_a);
     free(w->acc_b);
 }
 
@@ -106,14 +95,12 @@ static int scratch_alloc(scratch *w, size_t H, size_t D)
     w->ftile = malloc(T * T * sizeof(float));
     w->p = malloc(H * T * T * sizeof(float));
     w->g = malloc(H * T * T * sizeof(float));
-    w->dp = malloc(T * T * sizeof(float));
     w->gsum = malloc(T * T * sizeof(float));
-    w->dlsel = malloc(T * T * sizeof(float));
     w->carry = malloc(T * sizeof(float));
     w->acc_a = malloc(H * T * D * sizeof(float));
     w->acc_b = malloc(H * T * D * sizeof(float));
-    return w->ls && w->sel && w->ftile && w->p && w->g && w->dp &&
-           w->gsum && w->dlsel && w->carry && w->acc_a && w->acc_b;
+    return w->ls && w->sel && w->ftile && w->p && w->g &&
+           w->gsum && w->carry && w->acc_a && w->acc_b;
 }
 
 /* For one tile: the selector's logits, S and F (when selective), then P_h and G_h of every head,
@@ -126,23 +113,38 @@ static void tile_probs_and_grads(const problem *pr, size_t b, const tile_pos *tp
         memset(w->gsum, 0, T * T * sizeof(float));
         mask_of_tile(&pr->sel, b, tp->i0 / T, kb, w->ls, w->sel, w->ftile);
     }
+    size_t nvis[T];
+    visible_keys(tp->i0, tp->j0, tp->rows, tp->ncols, nvis);
     for (size_t h = 0; h < H; h++) {
         const size_t row0 = (b * H + h) * N + tp->i0;                      /* row (b, h, i0) */
+        const float *kt_h = block_tile(pr->kt, b, h, kb, H, pr->nqb, D);
+        const float *vt_h = block_tile(pr->vt, b, h, kb, H, pr->nqb, D);
         float *p_h = w->p + h * T * T;
-        if (pr->selective && h == s) memcpy(p_h, w->ls, T * T * sizeof(float));
-        else pr->kern->gemm_nt(pr->q + row0 * D, tp->rows, block_tile(pr->kt, b, h, kb, H, pr->nqb, D),
-                               D, pr->scale, p_h);
-        recompute_probs(p_h, tp, pr->lse + row0, pr->kern);                /* P = exp(L-F-lse) */
-        pr->kern->gemm_nt(pr->dout + row0 * D, tp->rows,
-                          block_tile(pr->vt, b, h, kb, H, pr->nqb, D), D, 1.0f, w->dp);
-        pr->kern->softmax_grad(p_h, w->dp, pr->delta + row0, tp->rows, w->g + h * T * T,
+        if (pr->selective && h == s) {                                     /* L_s is ls */
+            memcpy(p_h, w->ls, T * T * sizeof(float));
+            recompute_probs(p_h, tp, pr->lse + row0, pr->kern);            /* P = exp(L-F-lse) */
+        } else {
+            pr->kern->gemm_nt_probs(pr->q + row0 * D, tp->rows, kt_h, D, pr->scale, tp->ftile,
+                                    nvis, pr->lse + row0, p_h);            /* P = exp(L-F-lse) */
+        }
+        pr->kern->gemm_nt_grad(pr->dout + row0 * D, tp->rows, vt_h, D, p_h,    /* dP = dout v^T, */
+                               pr->delta + row0, w->g + h * T * T,          /* G = P (dP - delta) */
                                pr->selective ? w->gsum : NULL);
     }
 }
 
-/* Pass 4 for one (b, key block): dk and dv of the block, and Rstart of every query block. */
-static void key_block_grads(const problem *pr, size_t b, size_t kb, float *rstart, scratch *w,
-                            float *dk, float *dv)
+/* Key block kb belongs to dq chunk dq_chunk(kb, nchunks): a snake over the chunks
+ * (0 1 2 3 3 2 1 0 0 1 ...), so every chunk gets about the same number of tiles. */
+static size_t dq_chunk(size_t kb, size_t nchunks)
+{
+    const size_t p = kb % (2 * nchunks);
+    return p < nchunks ? p : 2 * nchunks - 1 - p;
+}
+
+/* Pass 4 for one (b, key block): dk and dv of the block, and its share of dq added into
+ * dq_part (B, H, N, D), the partial sum of the block's dq chunk. */
+static void key_block_grads(const problem *pr, size_t b, size_t kb, scratch *w, float *dk,
+                            float *dv, float *dq_part)
 {
     const size_t H = pr->H, N = pr->N, D = pr->D, nqb = pr->nqb;
     const size_t j0 = kb * T, ncols = block_len(N, j0);
@@ -154,17 +156,21 @@ static void key_block_grads(const problem *pr, size_t b, size_t kb, float *rstar
         const tile_pos tp = {i0, j0, rows, ncols, pr->selective ? w->ftile : NULL};
         tile_probs_and_grads(pr, b, &tp, w);
         if (pr->selective) {
-            memcpy(rstart + (b * nqb + qb) * N + j0, w->carry, ncols * sizeof(float));
-            selector_grad_tile(w->gsum, w->sel, rows, w->carry, w->dlsel);
-            for (size_t e = 0; e < rows * T; e++) w->g[pr->s * T * T + e] += w->dlsel[e];
+            /* dS = reverse cumsum of dF = -gsum, gated where S > 0, into G_s (§ 7) */
+            pr->kern->selector_grad(w->gsum, w->sel, rows, w->carry, w->g + pr->s * T * T);
         }
         for (size_t h = 0; h < H; h++) {
-            const float *q_bhi = pr->q + ((b * H + h) * N + i0) * D;       /* (rows, D) */
-            const float *dout_bhi = pr->dout + ((b * H + h) * N + i0) * D; /* (rows, D) */
-            pr->kern->gemm_acc_t(w->p + h * T * T, ncols, dout_bhi, rows, D,  /* dv += P^T dout */
-                                 w->acc_b + h * T * D);
-            pr->kern->gemm_acc_t(w->g + h * T * T, ncols, q_bhi, rows, D,     /* dk += G^T q */
+            const size_t row0 = (b * H + h) * N + i0;                      /* row (b, h, i0) */
+            const float *q_bhi = pr->q + row0 * D;                         /* (rows, D) */
+            const float *dout_bhi = pr->dout + row0 * D;                   /* (rows, D) */
+            const float *k_bhj = pr->k + ((b * H + h) * N + j0) * D;       /* (ncols, D) */
+            const float *g_h = w->g + h * T * T;
+            pr->kern->gemm_acc_t(w->p + h * T * T, ncols, dout_bhi, rows, D, NULL,
+                                 w->acc_b + h * T * D);                 /* dv += P^T dout */
+            pr->kern->gemm_acc_t(g_h, ncols, q_bhi, rows, D, NULL,            /* dk += G^T q */
                                  w->acc_a + h * T * D);
+            pr->kern->gemm_acc(g_h, rows, k_bhj, ncols, D, NULL,
+                               dq_part + row0 * D);                     /* dq += G k */
         }
     }
     for (size_t h = 0; h < H; h++) {
@@ -177,35 +183,6 @@ static void key_block_grads(const problem *pr, size_t b, size_t kb, float *rstar
     }
 }
 
-/* Pass 5 for one (b, query block): dq of the block. */
-static void query_block_grads(const problem *pr, size_t b, size_t qb, const float *rstart,
-                              scratch *w, float *dq)
-{
-    const size_t H = pr->H, N = pr->N, D = pr->D, nqb = pr->nqb;
-    const size_t i0 = qb * T, rows = block_len(N, i0);
-    memset(w->acc_a, 0, H * T * D * sizeof(float));
-    for (size_t kb = 0; kb <= qb; kb++) {
-        const size_t j0 = kb * T, ncols = block_len(N, j0);
-        const tile_pos tp = {i0, j0, rows, ncols, pr->selective ? w->ftile : NULL};
-        tile_probs_and_grads(pr, b, &tp, w);
-        if (pr->selective) {
-            memcpy(w->carry, rstart + (b * nqb + qb) * N + j0, ncols * sizeof(float));
-            for (size_t c = ncols; c < T; c++) w->carry[c] = 0.0f;
-            selector_grad_tile(w->gsum, w->sel, rows, w->carry, w->dlsel);
-            for (size_t e = 0; e < rows * T; e++) w->g[pr->s * T * T + e] += w->dlsel[e];
-        }
-        for (size_t h = 0; h < H; h++) {                                   /* dq += G k */
-            const float *k_bhj = pr->k + ((b * H + h) * N + j0) * D;       /* (ncols, D) */
-            pr->kern->gemm_acc(w->g + h * T * T, rows, k_bhj, ncols, D, NULL,
-                               w->acc_a + h * T * D);
-        }
-    }
-    for (size_t h = 0; h < H; h++) {
-        float *dq_bhi = dq + ((b * H + h) * N + i0) * D;                   /* (rows, D) */
-        for (size_t e = 0; e < rows * D; e++) dq_bhi[e] = pr->scale * w->acc_a[h * T * D + e];
-    }
-}
-
 int selattn_backward(const float *q, const float *k, const float *v,
                      const float *out, const float *lse, const float *dout,
                      size_t B, size_t H, size_t N, size_t D,
@@ -214,40 +191,49 @@ int selattn_backward(const float *q, const float *k, const float *v,
 {
     const selattn_kernels *kern = selattn_select_kernels();
     const size_t nqb = num_blocks(N);
+    const size_t nchunks = nqb < SELATTN_DQ_CHUNKS ? nqb : SELATTN_DQ_CHUNKS;
+    const size_t nel = B * H * N * D;                  /* elements of q (and of dq) */
     const int team = team_size(nthreads);
-    float *fstart = NULL, *rstart = NULL;              /* (B, nqb, N) each */
-    float *delta = malloc(B * H * N * sizeof(float));  /* (B, H, N) */
-    float *kt = malloc(B * H * nqb * D * T * sizeof(float)); /* (B, H, nqb, D, T) */
-    float *vt = malloc(B * H * nqb * D * T * sizeof(float)); /* (B, H, nqb, D, T) */
-    int rc = (!delta || !kt || !vt) ? SELATTN_ENOMEM : SELATTN_OK;
+    (void)team;                                        /* unused in a serial build */
+    float *fstart = NULL;                              /* (B, nqb, N) */
+    float *delta = big_alloc(B * H * N * sizeof(float));  /* (B, H, N) */
+    float *kt = big_alloc(B * H * nqb * D * T * sizeof(float)); /* (B, H, nqb, D, T) */
+    float *vt = big_alloc(B * H * nqb * D * T * sizeof(float)); /* (B, H, nqb, D, T) */
+    /* (nchunks - 1, B, H, N, D) partial sums of dq; chunk 0 adds into dq itself */
+    float *dq_parts = nchunks > 1 ? big_alloc((nchunks - 1) * nel * sizeof(float)) : NULL;
+    int rc = (!delta || !kt || !vt || (nchunks > 1 && !dq_parts)) ? SELATTN_ENOMEM : SELATTN_OK;
     if (rc == SELATTN_OK) {
         /* Pass 0: transposed key and value tiles */
-        transpose_blocks(k, B, H, N, D, kt, nthreads);
-        transpose_blocks(v, B, H, N, D, vt, nthreads);
+        transpose_blocks(kern, k, B, H, N, D, kt, nthreads);
+        transpose_blocks(kern, v, B, H, N, D, vt, nthreads);
     }
     if (rc == SELATTN_OK && selective) {
         /* Pass 1-2: the mask entering each query block, as in the forward */
-        fstart = malloc(B * nqb * N * sizeof(float));
-        rstart = malloc(B * nqb * N * sizeof(float));
-        rc = (!fstart || !rstart) ? SELATTN_ENOMEM
-             : selector_block_prefix(q, kt, B, H, N, D, selector_head, protect_bos, scale, kern,
-                                     fstart, nthreads);
+        fstart = big_alloc(B * nqb * N * sizeof(float));
+        const selector sp = {kern, q, kt, NULL, H, N, D, nqb, selector_head, protect_bos, scale,
+                             H, selector_head, 0, nqb};
+        rc = !fstart ? SELATTN_ENOMEM
+             : selector_block_prefix(&sp, B, 0, nqb, NULL, fstart, nthreads);
     }
     if (rc != SELATTN_OK) {
-        free(fstart); free(rstart); free(delta); free(kt); free(vt);
+        free(fstart); free(delta); free(kt); free(vt); free(dq_parts);
         return rc;
     }
 
-    /* Pass 3: delta = rowsum(dout * out) */
+    /* Pass 3: delta = rowsum(dout * out); the dq partial sums start at 0 */
     #pragma omp parallel for num_threads(team) schedule(static)
     for (size_t row = 0; row < B * H * N; row++) {
         float acc = 0.0f;
         for (size_t d = 0; d < D; d++) acc += dout[row * D + d] * out[row * D + d];
         delta[row] = acc;
+        memset(dq + row * D, 0, D * sizeof(float));
+        for (size_t c = 1; c < nchunks; c++)
+            memset(dq_parts + (c - 1) * nel + row * D, 0, D * sizeof(float));
     }
 
     const problem pr = {q, k, v, lse, dout, delta, kt, vt,
-                        {kern, q, kt, fstart, H, N, D, nqb, selector_head, protect_bos, scale},
+                        {kern, q, kt, fstart, H, N, D, nqb, selector_head, protect_bos, scale,
+                         H, selector_head, 0, nqb},
                         H, N, D, nqb, selector_head, selective, scale, kern};
     int failed = 0;
     #pragma omp parallel num_threads(team)
@@ -258,21 +244,30 @@ int selattn_backward(const float *q, const float *k, const float *v,
             failed = 1;
         }
         #pragma omp barrier /* every thread sees `failed` before the loops read it */
-        /* Pass 4: key blocks own dk and dv; kb = 0 has the most work, so it goes first */
+        /* Pass 4: one task per (b, dq chunk); it walks the chunk's key blocks in increasing
+         * order, so each partial sum of dq is added up in the same order for any team size. */
         #pragma omp for schedule(dynamic, 1)
-        for (size_t task = 0; task < B * nqb; task++)
-            if (!failed) key_block_grads(&pr, task / nqb, task % nqb, rstart, &w, dk, dv);
-        /* (the loop's implicit barrier: every Rstart value is written before pass 5 reads it) */
+        for (size_t task = 0; task < B * nchunks; task++) {
+            const size_t b = task / nchunks, c = task % nchunks;
+            float *dq_part = c == 0 ? dq : dq_parts + (c - 1) * nel;
+            for (size_t kb = 0; kb < nqb && !failed; kb++)
+                if (dq_chunk(kb, nchunks) == c) key_block_grads(&pr, b, kb, &w, dk, dv, dq_part);
+        }
+        /* (the loop's implicit barrier: every partial sum is complete) */
 
-        /* Pass 5: query blocks own dq, biggest first */
-        #pragma omp for schedule(dynamic, 1)
-        for (size_t task = 0; task < B * nqb; task++) {
-            size_t b, qb;
-            query_block_task(task, nqb, &b, &qb);
-            if (!failed) query_block_grads(&pr, b, qb, rstart, &w, dq);
+        /* Pass 5: dq = scale * (part_0 + part_1 + ...), in chunk order */
+        #pragma omp for schedule(static)
+        for (size_t row = 0; row < B * H * N; row++) {
+            if (failed) continue;
+            float *dq_row = dq + row * D;
+            for (size_t c = 1; c < nchunks; c++) {
+                const float *part = dq_parts + (c - 1) * nel + row * D;
+                for (size_t d = 0; d < D; d++) dq_row[d] += part[d];
+            }
+            for (size_t d = 0; d < D; d++) dq_row[d] *= scale;
         }
         scratch_free(&w);
     }
-    free(fstart); free(rstart); free(delta); free(kt); free(vt);
+    free(fstart); free(delta); free(kt); free(vt); free(dq_parts);
     return failed ? SELATTN_ENOMEM : SELATTN_OK;
 }

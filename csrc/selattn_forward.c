@@ -2,11 +2,17 @@
  * over key tiles, with the accumulated mask F rebuilt tile by tile (selector_mask.h).
  * Reference: forward() in reference/attention.py; the design is in docs/kernel-design.md.
  *
- * Pass 0 (transpose_blocks): every key tile transposed once, kt (B, H, nqb, D, T).
+ * Pass 0 (transpose_blocks): the selector head's key tiles transposed once, kt_s (B, nqb, D, T).
  * Pass 1-2 (selector_block_prefix): Fstart (B, nqb, N), the mask carried into each query block.
- * Pass 3 (here): for each (b, query block) in parallel, for each key tile left to right:
- *   3a. the selector head's logit tile -> S tile -> F tile (shared by all heads);
- *   3b. for each head: logits - F, causal mask, online softmax, acc += P v.
+ * Pass 3 (here): for each (b, pair of query blocks) in parallel, each block's queries transposed
+ * (qt), then for each key tile left to right:
+ *   3a. for each block: the selector head's logit tile -> S tile -> F tile (shared by all heads),
+ *       transposed to key-major;
+ *   3b. for each head and block: the key-major logit tile x = scale * k qt - F, causally masked
+ *       (gemm_nt_logits), online softmax (softmax_t), acc = alpha acc + P v (gemm_acc_t);
+ *   3c. out = acc / l, lse = m + log l.
+ * Key-major tiles (keys down, query rows across the vector lanes) make the softmax's row max and
+ * sum lane-wise, and need no transposed copy of k: the keys are read where they are.
  *
  * Pruned prefill (forward_with_evictions): key j is visible to query i only while i < evict_at[j]
  * (the KV cache's eviction schedule, kv_cache.c). Evicted keys get F = +inf in the F tile, and key
@@ -25,27 +31,8 @@
 #include "omp_compat.h"
 
 #define T SELATTN_TILE
-
-/* One online-softmax step for `rows` query rows of one head on one key tile.
- * x (T, T) holds the logits L on entry and p = exp(L - F - m_new) on return; m, l (rows,) are the
- * running max and sum; alpha (rows,) receives exp(m_old - m_new), the factor by which the old
- * accumulator must be rescaled. */
-static void softmax_tile_step(float *x, const float *f, const size_t *nvis, size_t rows,
-                              const selattn_kernels *kern, float *m, float *l, float *alpha)
-{
-    float m_new[T], shift[T], sum[T];
-    kern->masked_logits(x, f, nvis, rows, m_new);              /* L - F, causal   (§ 5) */
-    for (size_t r = 0; r < rows; r++) {
-        m_new[r] = m[r] > m_new[r] ? m[r] : m_new[r];
-        /* A row that has seen only evicted keys so far (max -inf) keeps acc = l = 0: shift by 0
-         * so exp(-inf - shift) is 0, not NaN. Without evictions every row sees a key per tile. */
-        shift[r] = m_new[r] == -INFINITY ? 0.0f : m_new[r];
-        alpha[r] = m_new[r] == -INFINITY ? 1.0f : expf(m[r] - m_new[r]);
-        m[r] = m_new[r];
-    }
-    kern->exp_rows(x, shift, rows, sum);
-    for (size_t r = 0; r < rows; r++) l[r] = l[r] * alpha[r] + sum[r];
-}
+#define QPAIR 2    /* query blocks per task, walking the key tiles together */
+#define FSTART_GROUP 64 /* query blocks whose Fstart is held at once (a multiple of QPAIR) */
 
 /* Extremes of evict_at over each key tile: tmin/tmax (B, nqb). A tile whose tmax <= i0 is
  * invisible to every query from i0 on; one whose tmin >= the block's end needs no marking. */
@@ -66,13 +53,13 @@ static void evicted_tile_bounds(const int64_t *evict_at, size_t B, size_t N, int
         }
 }
 
-/* f (rows, T) <- +inf where key j0 + c was evicted before query i0 + r attends. */
-static void mark_evicted(float *f, const int64_t *evict_at_j, size_t i0, size_t rows,
+/* ft (T keys, T rows) <- +inf where key j0 + c was evicted before query i0 + r attends. */
+static void mark_evicted(float *ft, const int64_t *evict_at_j, size_t i0, size_t rows,
                          size_t ncols)
 {
-    for (size_t r = 0; r < rows; r++)
-        for (size_t c = 0; c < ncols; c++)
-            if ((int64_t)(i0 + r) >= evict_at_j[c]) f[r * T + c] = INFINITY;
+    for (size_t c = 0; c < ncols; c++)
+        for (size_t r = 0; r < rows; r++)
+            if ((int64_t)(i0 + r) >= evict_at_j[c]) ft[c * T + r] = INFINITY;
 }
 
 int selattn_forward(const float *q, const float *k, const float *v,
@@ -92,95 +79,155 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
     const selattn_kernels *kern = selattn_select_kernels();
     const size_t nqb = num_blocks(N);
     const size_t s = selector_head;
-    float *kt = malloc(B * H * nqb * D * T * sizeof(float));   /* (B, H, nqb, D, T) */
-    float *fstart = NULL;                            /* (B, nqb, N) mask entering each block */
-    if (!kt) return SELATTN_ENOMEM;
-    transpose_blocks(k, B, H, N, D, kt, nthreads);
+    const size_t group = nqb < FSTART_GROUP ? nqb : FSTART_GROUP;
+    float *kt_s = NULL;                     /* (B, 1, nqb, D, T) the selector head's key tiles */
+    float *fstart = NULL;                   /* (B, group, N) mask entering each block of a group */
+    float *carry = NULL;                    /* (B, N) sum of S over the blocks before the group */
+    selector sp = {kern, q, NULL, NULL, H, N, D, nqb, s, protect_bos, scale, 1, 0, 0, group};
     if (selective) {
-        fstart = malloc(B * nqb * N * sizeof(float));
-        int rc = !fstart ? SELATTN_ENOMEM
-                 : selector_block_prefix(q, kt, B, H, N, D, s, protect_bos, scale, kern, fstart,
-                                         nthreads);
-        if (rc != SELATTN_OK) { free(fstart); free(kt); return rc; }
+        /* Pass 0: the selector head's key tiles, transposed (1/H of k) */
+        kt_s = big_alloc(B * nqb * D * T * sizeof(float));
+        fstart = big_alloc(B * group * N * sizeof(float));
+        carry = calloc(B * N, sizeof(float));
+        if (!kt_s || !fstart || !carry) {
+            free(kt_s); free(fstart); free(carry);
+            return SELATTN_ENOMEM;
+        }
+        for (size_t b = 0; b < B; b++)
+            transpose_blocks(kern, k + (b * H + s) * N * D, 1, 1, N, D, kt_s + b * nqb * D * T,
+                             nthreads);
+        sp.kt = kt_s;
+        sp.fstart = fstart;
     }
 
     int64_t *tmin = NULL, *tmax = NULL;              /* (B, nqb) evict_at per key tile */
     if (evict_at) {
         tmin = malloc(B * nqb * sizeof(int64_t));
         tmax = malloc(B * nqb * sizeof(int64_t));
-        if (!tmin || !tmax) { free(tmin); free(tmax); free(fstart); free(kt); return SELATTN_ENOMEM; }
+        if (!tmin || !tmax) {
+            free(tmin); free(tmax); free(fstart); free(carry); free(kt_s);
+            return SELATTN_ENOMEM;
+        }
         evicted_tile_bounds(evict_at, B, N, tmin, tmax);
     }
     const int masked = selective || evict_at;        /* is there an F tile to subtract? */
 
-    const size_t ntasks = B * nqb;
-    const selector sp = {kern, q, kt, fstart, H, N, D, nqb, s, protect_bos, scale};
+    /* Query blocks are taken in groups of FSTART_GROUP, so Fstart is held for one group at a
+     * time ((B, group, N) instead of (B, nqb, N)): passes 1-2 for a group, carried on from the
+     * groups before it, then pass 3 for the group's blocks. */
     int failed = 0;
-    #pragma omp parallel num_threads(team_size(nthreads))
-    {
-        /* per-thread scratch; nothing here grows with N */
-        float *ls = malloc(T * T * sizeof(float));         /* (T, T) selector-head logits */
-        float *sel = malloc(T * T * sizeof(float));        /* (T, T) S tile */
-        float *ftile = malloc(T * T * sizeof(float));      /* (T, T) F tile */
-        float *x = malloc(T * T * sizeof(float));          /* (T, T) logits, then P */
-        float *m = malloc(H * T * sizeof(float));          /* (H, T) running row max */
-        float *l = malloc(H * T * sizeof(float));          /* (H, T) running row sum */
-        float *alpha = malloc(T * sizeof(float));          /* (T,) rescale factors */
-        float *acc = malloc(H * T * D * sizeof(float));    /* (H, T, D) unnormalised output */
-        if (!ls || !sel || !ftile || !x || !m || !l || !alpha || !acc) {
-            #pragma omp atomic write
-            failed = 1;
+    for (size_t g0 = 0; g0 < nqb && !failed; g0 += group) {
+        /* Tasks: (b, pair of query blocks), biggest first. The two blocks of a pair walk the key
+         * tiles together, so each key and value tile is used twice while it is in cache; each block
+         * keeps its own state and order of operations, so pairing changes no bit. */
+        const size_t nq = nqb - g0 < group ? nqb - g0 : group;     /* blocks in this group */
+        const size_t npairs = (nq + QPAIR - 1) / QPAIR, ntasks = B * npairs;
+        if (selective) {
+            /* Pass 1-2: Fstart of the group's blocks, carried on from the groups before */
+            sp.fs_qb0 = g0;
+            if (selector_block_prefix(&sp, B, g0, nq, carry, fstart, nthreads) != SELATTN_OK) {
+                failed = 1;
+                break;
+            }
         }
-        #pragma omp barrier /* every thread sees `failed` before the loop reads it */
-        #pragma omp for schedule(dynamic, 1)
-        for (size_t task = 0; task < ntasks; task++) {
-            if (failed) continue;
-            size_t b, qb;
-            query_block_task(task, nqb, &b, &qb);
-            const size_t i0 = qb * T, rows = block_len(N, i0);
-            for (size_t hr = 0; hr < H * T; hr++) { m[hr] = -INFINITY; l[hr] = 0.0f; }
-            memset(acc, 0, H * T * D * sizeof(float));
-
-            for (size_t kb = 0; kb <= qb; kb++) {
-                const size_t j0 = kb * T, ncols = block_len(N, j0);
-                if (evict_at && tmax[b * nqb + kb] <= (int64_t)i0) continue;  /* all evicted */
-                size_t nvis[T];
-                visible_keys(i0, j0, rows, ncols, nvis);
-                /* 3a. selector logits -> S -> F for this tile, once for all heads (§§ 2-4) */
-                if (selective) mask_of_tile(&sp, b, qb, kb, ls, sel, ftile);
-                else if (evict_at) memset(ftile, 0, T * T * sizeof(float));
-                if (evict_at && tmin[b * nqb + kb] < (int64_t)(i0 + rows))
-                    mark_evicted(ftile, evict_at + b * N + j0, i0, rows, ncols);
-                /* 3b. every head: softmax(L - F) v, online over key tiles (§ 5) */
-                for (size_t h = 0; h < H; h++) {
-                    const float *q_bhi = q + ((b * H + h) * N + i0) * D;  /* (rows, D) */
-                    const float *v_bhj = v + ((b * H + h) * N + j0) * D;  /* (ncols, D) */
-                    if (selective && h == s) {
-                        memcpy(x, ls, T * T * sizeof(float));
-                    } else {
-                        kern->gemm_nt(q_bhi, rows, block_tile(kt, b, h, kb, H, nqb, D), D, scale,
-                                      x);
+        #pragma omp parallel num_threads(team_size(nthreads))
+        {
+            /* per-thread scratch; nothing here grows with N. g indexes the blocks of the pair. */
+            float *ls = malloc(QPAIR * T * T * sizeof(float));     /* (g, T, T) selector logits */
+            float *ft = malloc(QPAIR * T * T * sizeof(float));     /* (g, T keys, T rows) F */
+            float *sel = malloc(T * T * sizeof(float));            /* (T, T) S tile */
+            float *x = malloc(T * T * sizeof(float));              /* (T keys, T rows) logits, P */
+            float *qt = malloc(QPAIR * H * D * T * sizeof(float)); /* (g, H, D, T) q, transposed */
+            float *m = malloc(QPAIR * H * T * sizeof(float));      /* (g, H, T) running row max */
+            float *l = malloc(QPAIR * H * T * sizeof(float));      /* (g, H, T) running row sum */
+            float *alpha = malloc(T * sizeof(float));              /* (T,) rescale factors */
+            float *colmax = malloc(T * sizeof(float));             /* (T,) row max of a tile */
+            float *acc = malloc(QPAIR * H * T * D * sizeof(float)); /* (g, H, T, D) out, unscaled */
+            if (!ls || !sel || !ft || !x || !qt || !m || !l || !alpha || !colmax || !acc) {
+                #pragma omp atomic write
+                failed = 1;
+            }
+            #pragma omp barrier /* every thread sees `failed` before the loop reads it */
+            #pragma omp for schedule(dynamic, 1)
+            for (size_t task = 0; task < ntasks; task++) {
+                if (failed) continue;
+                const size_t b = task / npairs, qb0 = g0 + (npairs - 1 - task % npairs) * QPAIR;
+                const size_t nb = g0 + nq - qb0 < QPAIR ? g0 + nq - qb0 : QPAIR;  /* in the pair */
+                size_t i0[QPAIR], rows[QPAIR];
+                for (size_t g = 0; g < nb; g++) {
+                    i0[g] = (qb0 + g) * T;
+                    rows[g] = block_len(N, i0[g]);
+                    for (size_t hr = g * H * T; hr < (g + 1) * H * T; hr++) {
+                        m[hr] = -INFINITY;
+                        l[hr] = 0.0f;
                     }
-                    float *m_h = m + h * T, *l_h = l + h * T, *acc_h = acc + h * T * D;
-                    softmax_tile_step(x, masked ? ftile : NULL, nvis, rows, kern, m_h, l_h, alpha);
-                    kern->gemm_acc(x, rows, v_bhj, ncols, D, alpha, acc_h);   /* alpha acc + P v */
+                    memset(acc + g * H * T * D, 0, H * T * D * sizeof(float));
+                    /* 3.0 the query block of every head, transposed and zero-padded: qt_h (D, T) */
+                    for (size_t h = 0; h < H; h++) {
+                        const float *q_bhi = q + ((b * H + h) * N + i0[g]) * D;   /* (rows, D) */
+                        kern->transpose(q_bhi, D, rows[g], D, qt + (g * H + h) * D * T);
+                    }
                 }
-            }
-            /* normalise and keep the log-sum-exp for the backward */
-            for (size_t h = 0; h < H; h++) {
-                float *out_bhi = out + ((b * H + h) * N + i0) * D;        /* (rows, D) */
-                float *lse_bhi = lse ? lse + (b * H + h) * N + i0 : NULL;  /* (rows,) */
-                for (size_t r = 0; r < rows; r++) {
-                    const float inv = 1.0f / l[h * T + r];
-                    for (size_t d = 0; d < D; d++)
-                        out_bhi[r * D + d] = acc[(h * T + r) * D + d] * inv;
-                    if (lse) lse_bhi[r] = m[h * T + r] + logf(l[h * T + r]);
+
+                for (size_t kb = 0; kb < qb0 + nb; kb++) {
+                    const size_t j0 = kb * T, ncols = block_len(N, j0);
+                    int active[QPAIR], off[QPAIR];
+                    for (size_t g = 0; g < nb; g++) {
+                        const size_t qb = qb0 + g;
+                        active[g] = kb <= qb && !(evict_at && tmax[b * nqb + kb] <= (int64_t)i0[g]);
+                        if (!active[g]) continue;                     /* future, or all evicted */
+                        /* the causal mask: row r sees key c when r + off >= c */
+                        off[g] = i0[g] - j0 < T ? (int)(i0[g] - j0) : (int)T;
+                        float *ft_g = ft + g * T * T;
+                        /* 3a. selector logits -> S -> F for this tile, for all heads (§§ 2-4) */
+                        if (selective) {
+                            mask_of_tile_t(&sp, b, qb, kb, ls + g * T * T, sel, ft_g);
+                        } else if (evict_at) {
+                            memset(ft_g, 0, T * T * sizeof(float));
+                        }
+                        if (evict_at && tmin[b * nqb + kb] < (int64_t)(i0[g] + rows[g]))
+                            mark_evicted(ft_g, evict_at + b * N + j0, i0[g], rows[g], ncols);
+                    }
+                    /* 3b. every head: softmax(L - F) v, online over key tiles (§ 5), on key-major
+                     * tiles: x (ncols, T) = scale * k_h q_h^T */
+                    for (size_t h = 0; h < H; h++) {
+                        const float *k_bhj = k + ((b * H + h) * N + j0) * D;  /* (ncols, D) */
+                        const float *v_bhj = v + ((b * H + h) * N + j0) * D;  /* (ncols, D) */
+                        for (size_t g = 0; g < nb; g++) {
+                            if (!active[g]) continue;
+                            const size_t gh = g * H + h;
+                            float *m_h = m + gh * T, *l_h = l + gh * T, *acc_h = acc + gh * T * D;
+                            float *ft_g = masked ? ft + g * T * T : NULL;
+                            if (selective && h == s) {   /* L_s is the selector's ls, transposed */
+                                kern->transpose(ls + g * T * T, T, rows[g], T, x);
+                                kern->softmax_t(x, ft_g, ncols, off[g], NULL, m_h, l_h, alpha);
+                            } else {                     /* x = L - F, masked; colmax its row max */
+                                kern->gemm_nt_logits(k_bhj, ncols, qt + gh * D * T, D, scale, ft_g,
+                                                     off[g], x, colmax);
+                                kern->softmax_t(x, NULL, ncols, off[g], colmax, m_h, l_h, alpha);
+                            }
+                            kern->gemm_acc_t(x, rows[g], v_bhj, ncols, D, alpha, acc_h); /* + P v */
+                        }
+                    }
                 }
+                /* 3c. normalise and keep the log-sum-exp for the backward */
+                for (size_t g = 0; g < nb; g++)
+                    for (size_t h = 0; h < H; h++) {
+                        const size_t gh = g * H + h;
+                        float *out_bhi = out + ((b * H + h) * N + i0[g]) * D;        /* (rows, D) */
+                        float *lse_bhi = lse ? lse + (b * H + h) * N + i0[g] : NULL;  /* (rows,) */
+                        for (size_t r = 0; r < rows[g]; r++) {
+                            const float inv = 1.0f / l[gh * T + r];
+                            for (size_t d = 0; d < D; d++)
+                                out_bhi[r * D + d] = acc[(gh * T + r) * D + d] * inv;
+                            if (lse) lse_bhi[r] = m[gh * T + r] + logf(l[gh * T + r]);
+                        }
+                    }
             }
+            free(ls); free(sel); free(ft); free(x); free(qt); free(m); free(l);
+            free(alpha); free(colmax); free(acc);
         }
-        free(ls); free(sel); free(ftile); free(x); free(m); free(l); free(alpha);
-        free(acc);
     }
-    free(tmin); free(tmax); free(fstart); free(kt);
+    free(tmin); free(tmax); free(fstart); free(carry); free(kt_s);
     return failed ? SELATTN_ENOMEM : SELATTN_OK;
 }

@@ -15,15 +15,14 @@ int selattn_accumulated_mask(const float *q, const float *k,
 {
     const selattn_kernels *kern = selattn_select_kernels();
     const size_t nqb = num_blocks(N);
-    float *fstart = malloc(B * nqb * N * sizeof(float));     /* (B, nqb, N) */
-    float *kt = malloc(B * H * nqb * D * T * sizeof(float)); /* (B, H, nqb, D, T) */
+    float *fstart = big_alloc(B * nqb * N * sizeof(float));     /* (B, nqb, N) */
+    float *kt = big_alloc(B * H * nqb * D * T * sizeof(float)); /* (B, H, nqb, D, T) */
     if (!fstart || !kt) { free(fstart); free(kt); return SELATTN_ENOMEM; }
-    transpose_blocks(k, B, H, N, D, kt, nthreads);
-    int rc = selector_block_prefix(q, kt, B, H, N, D, selector_head, protect_bos, scale, kern,
-                                   fstart, nthreads);
+    transpose_blocks(kern, k, B, H, N, D, kt, nthreads);
+    const selector sp = {kern, q, kt, fstart, H, N, D, nqb, selector_head, protect_bos, scale,
+                         H, selector_head, 0, nqb};
+    int rc = selector_block_prefix(&sp, B, 0, nqb, NULL, fstart, nthreads);
     if (rc != SELATTN_OK) { free(fstart); free(kt); return rc; }
-
-    const selector sp = {kern, q, kt, fstart, H, N, D, nqb, selector_head, protect_bos, scale};
     int failed = 0;
     #pragma omp parallel num_threads(team_size(nthreads))
     {

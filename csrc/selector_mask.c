@@ -2,6 +2,9 @@
  * Reference: accumulated_mask_from_logits in reference/attention.py (docs §§ 2-4). */
 #include <stdlib.h>
 #include <string.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "selattn.h"
 #include "selector_mask.h"
@@ -9,20 +12,32 @@
 
 #define T SELATTN_TILE
 
-void transpose_blocks(const float *x, size_t B, size_t H, size_t N, size_t D, float *xt,
-                      int nthreads)
+void *big_alloc(size_t bytes)
+{
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    /* 2 MiB aligned, and asked for huge pages: a fresh buffer of several MiB then costs a few
+     * page faults instead of one per 4 KiB, and the tile loops fewer TLB misses. */
+    const size_t huge = (size_t)2 << 20;
+    if (bytes >= huge) {
+        void *p = NULL;
+        if (posix_memalign(&p, huge, bytes) != 0) return NULL;
+        madvise(p, bytes, MADV_HUGEPAGE);          /* advice only: failure changes nothing */
+        return p;
+    }
+#endif
+    return malloc(bytes);
+}
+
+void transpose_blocks(const selattn_kernels *kern, const float *x, size_t B, size_t H, size_t N,
+                      size_t D, float *xt, int nthreads)
 {
     const size_t nqb = num_blocks(N);
     #pragma omp parallel for num_threads(team_size(nthreads)) schedule(static)
     for (size_t task = 0; task < B * H * nqb; task++) {
         const size_t bh = task / nqb, kb = task % nqb;
-        const size_t j0 = kb * T, ncols = block_len(N, j0);
+        const size_t j0 = kb * T;
         const float *x_bhj = x + (bh * N + j0) * D;      /* (ncols, D) */
-        float *xt_bhj = xt + task * D * T;               /* (D, T) */
-        for (size_t d = 0; d < D; d++) {
-            for (size_t c = 0; c < ncols; c++) xt_bhj[d * T + c] = x_bhj[c * D + d];
-            for (size_t c = ncols; c < T; c++) xt_bhj[d * T + c] = 0.0f;
-        }
+        kern->transpose(x_bhj, D, block_len(N, j0), D, xt + task * D * T);   /* (D, T) */
     }
 }
 
@@ -57,34 +72,52 @@ void selection_of_tile(const selector *sp, size_t b, size_t qb, size_t kb, float
 {
     const size_t i0 = qb * T, j0 = kb * T, rows = block_len(sp->N, i0);
     const float *q_bsi = sp->q + ((b * sp->H + sp->s) * sp->N + i0) * sp->D;    /* (rows, D) */
-    sp->kern->gemm_nt(q_bsi, rows, block_tile(sp->kt, b, sp->s, kb, sp->H, sp->nqb, sp->D),
+    sp->kern->gemm_nt(q_bsi, rows,
+                      block_tile(sp->kt, b, sp->kt_head, kb, sp->kt_heads, sp->nqb, sp->D),
                       sp->D, sp->scale, ls);
     selection_tile(sp->kern, ls, i0, j0, rows, block_len(sp->N, j0), sp->protect_bos, sel);
+}
+
+/* The Fstart entries of tile (qb, kb): ncols of them, zero-padded to T. */
+static void fstart_cols_of_tile(const selector *sp, size_t b, size_t qb, size_t kb,
+                                float *fstart_cols)
+{
+    /* The row of Fstart has N entries: the last key tile has only ncols of them. Copy those and
+     * zero-pad, so mask_tile's T-wide loop never reads past the row (past the buffer at its end). */
+    const size_t j0 = kb * T, ncols = block_len(sp->N, j0);
+    const float *fstart_bq = sp->fstart + (b * sp->fs_rows + (qb - sp->fs_qb0)) * sp->N;
+    memcpy(fstart_cols, fstart_bq + j0, ncols * sizeof(float));
+    for (size_t c = ncols; c < T; c++) fstart_cols[c] = 0.0f;
 }
 
 void mask_of_tile(const selector *sp, size_t b, size_t qb, size_t kb, float *ls, float *sel,
                   float *f)
 {
-    selection_of_tile(sp, b, qb, kb, ls, sel);
-    /* The row of Fstart has N entries: the last key tile has only ncols of them. Copy those and
-     * zero-pad, so mask_tile's T-wide loop never reads past the row (past the buffer at its end). */
-    const size_t j0 = kb * T, ncols = block_len(sp->N, j0);
     float fstart_cols[T];
-    memcpy(fstart_cols, sp->fstart + (b * sp->nqb + qb) * sp->N + j0, ncols * sizeof(float));
-    for (size_t c = ncols; c < T; c++) fstart_cols[c] = 0.0f;
+    selection_of_tile(sp, b, qb, kb, ls, sel);
+    fstart_cols_of_tile(sp, b, qb, kb, fstart_cols);
     mask_tile(sel, fstart_cols, block_len(sp->N, qb * T), f);
 }
 
-int selector_block_prefix(const float *q, const float *kt, size_t B, size_t H, size_t N,
-                          size_t D, size_t selector_head, int protect_bos, float scale,
-                          const selattn_kernels *kern, float *fstart, int nthreads)
+void mask_of_tile_t(const selector *sp, size_t b, size_t qb, size_t kb, float *ls, float *sel,
+                    float *ft)
 {
-    const size_t nqb = num_blocks(N);
-    const size_t ntasks = B * nqb;
-    const selector sp = {kern, q, kt, NULL, H, N, D, nqb, selector_head, protect_bos, scale};
+    float fstart_cols[T];
+    selection_of_tile(sp, b, qb, kb, ls, sel);
+    fstart_cols_of_tile(sp, b, qb, kb, fstart_cols);
+    sp->kern->mask_tile_t(sel, fstart_cols, block_len(sp->N, qb * T), ft);
+}
+
+int selector_block_prefix(const selector *sp_in, size_t B, size_t qb0, size_t nq, float *carry,
+                          float *fstart, int nthreads)
+{
+    const size_t N = sp_in->N;
+    const size_t ntasks = B * nq;
+    selector sp = *sp_in;
+    sp.fstart = NULL;
     int failed = 0;
 
-    /* Pass 1: each query block's column sums of S, fstart[b, qb, j] = sum_{m in qb} S[m, j].
+    /* Pass 1: each query block's column sums of S, fstart[b, qb - qb0, j] = sum_{m in qb} S[m, j].
      * Every (b, qb) writes only its own row of fstart, so the blocks run in parallel. */
     #pragma omp parallel num_threads(team_size(nthreads))
     {
@@ -98,34 +131,37 @@ int selector_block_prefix(const float *q, const float *kt, size_t B, size_t H, s
         #pragma omp for schedule(dynamic, 1)
         for (size_t task = 0; task < ntasks; task++) {
             if (failed) continue;
-            size_t b, qb;
-            query_block_task(task, nqb, &b, &qb);
-            const size_t i0 = qb * T, rows = block_len(N, i0);
-            float *colsum = fstart + (b * nqb + qb) * N;                      /* (N,) */
+            size_t b, q;
+            query_block_task(task, nq, &b, &q);
+            const size_t qb = qb0 + q, i0 = qb * T, rows = block_len(N, i0);
+            float *colsum = fstart + (b * nq + q) * N;                        /* (N,) */
             memset(colsum, 0, N * sizeof(float));
             for (size_t kb = 0; kb <= qb; kb++) {
                 const size_t j0 = kb * T, ncols = block_len(N, j0);
+                float sums[T];
                 selection_of_tile(&sp, b, qb, kb, ls, sel);
-                for (size_t r = 0; r < rows; r++)
-                    for (size_t c = 0; c < ncols; c++) colsum[j0 + c] += sel[r * T + c];
+                sp.kern->column_sums(sel, rows, sums);        /* rows in order, from 0 */
+                memcpy(colsum + j0, sums, ncols * sizeof(float));
             }
         }
         free(ls); free(sel);
     }
     if (failed) return SELATTN_ENOMEM;
 
-    /* Pass 2: exclusive prefix over blocks, in place: fstart[b, qb, j] = sum_{qb' < qb} ...
+    /* Pass 2: exclusive prefix over blocks, in place, from the carry: fstart[b, qb - qb0, j] =
+     * sum_{qb' < qb} ...
      * Columns are independent, so they run in parallel; each keeps the block order. */
     #pragma omp parallel for num_threads(team_size(nthreads)) schedule(static)
     for (size_t bj = 0; bj < B * N; bj++) {
         const size_t b = bj / N, j = bj % N;
-        float running = 0.0f;
-        for (size_t qb = 0; qb < nqb; qb++) {
-            float *cell = fstart + (b * nqb + qb) * N + j;
+        float running = carry ? carry[bj] : 0.0f;
+        for (size_t q = 0; q < nq; q++) {
+            float *cell = fstart + (b * nq + q) * N + j;
             const float block_sum = *cell;
             *cell = running;
             running += block_sum;
         }
+        if (carry) carry[bj] = running;
     }
     return SELATTN_OK;
 }

@@ -32,10 +32,14 @@ static inline size_t block_len(size_t N, size_t start)
     return N - start < SELATTN_TILE ? N - start : SELATTN_TILE;
 }
 
+/* malloc for the per-call buffers of several MiB (transposed tiles, Fstart, partial sums):
+ * on Linux 2 MiB aligned and advised to use huge pages. Release with free(). */
+void *big_alloc(size_t bytes);
+
 /* xt (B, H, nqb, D, TILE) = every key block of x (B, H, N, D) transposed, zero-padded past N.
  * The tile kernels read keys (and, in the backward, values) in this layout. */
-void transpose_blocks(const float *x, size_t B, size_t H, size_t N, size_t D, float *xt,
-                      int nthreads);
+void transpose_blocks(const selattn_kernels *kern, const float *x, size_t B, size_t H, size_t N,
+                      size_t D, float *xt, int nthreads);
 
 /* The transposed tile of block kb of head (b, h) inside transpose_blocks' output: (D, TILE). */
 static inline const float *block_tile(const float *xt, size_t b, size_t h, size_t kb, size_t H,
@@ -64,14 +68,20 @@ void selection_tile(const selattn_kernels *kern, const float *ls, size_t i0, siz
  * so a partial last key tile passes a zero-padded copy (mask_of_tile does).  (§ 4) */
 void mask_tile(const float *sel, const float *fstart_cols, size_t rows, float *f);
 
-/* What building the selector's tiles reads: q (B, H, N, D), the transposed key tiles kt, and
- * fstart (B, nqb, N) (not read by selection_of_tile). */
+/* What building the selector's tiles reads: q (B, H, N, D), transposed key tiles kt, and
+ * fstart (not read by selection_of_tile). kt holds kt_heads heads per batch element
+ * (transpose_blocks' (B, kt_heads, nqb, D, TILE)), the selector head's tiles at index kt_head:
+ * all heads (kt_heads = H, kt_head = s), or the selector head alone (kt_heads = 1, kt_head = 0).
+ * fstart holds the rows of fs_rows query blocks from block fs_qb0 on, (B, fs_rows, N): all of
+ * them (fs_qb0 = 0, fs_rows = nqb), or one group of blocks (the forward). */
 typedef struct {
     const selattn_kernels *kern;
     const float *q, *kt, *fstart;
     size_t H, N, D, nqb, s;     /* s: the selector head */
     int protect_bos;
     float scale;
+    size_t kt_heads, kt_head;
+    size_t fs_qb0, fs_rows;
 } selector;
 
 /* For the tile at (query block qb, key block kb) of batch element b: ls (T, T) = the selector's
@@ -82,10 +92,17 @@ void selection_of_tile(const selector *sp, size_t b, size_t qb, size_t kb, float
 void mask_of_tile(const selector *sp, size_t b, size_t qb, size_t kb, float *ls, float *sel,
                   float *f);
 
-/* Fstart (B, nqb, N): the exclusive prefix over query blocks of the column sums of S.
- * kt is transpose_blocks(k). Returns SELATTN_OK or SELATTN_ENOMEM. */
-int selector_block_prefix(const float *q, const float *kt, size_t B, size_t H, size_t N,
-                          size_t D, size_t selector_head, int protect_bos, float scale,
-                          const selattn_kernels *kern, float *fstart, int nthreads);
+/* mask_of_tile with the F tile key-major: ft (T keys, T rows), zero for rows past the block
+ * (the forward's layout; the same sums as mask_of_tile).  (§§ 1-4) */
+void mask_of_tile_t(const selector *sp, size_t b, size_t qb, size_t kb, float *ls, float *sel,
+                    float *ft);
+
+/* Fstart of the nq query blocks from qb0 on, fstart (B, nq, N): the exclusive prefix over query
+ * blocks of the column sums of S, for the selector sp (whose fstart is not read). carry (B, N)
+ * holds the sums of S over the blocks before qb0 and is advanced past the nq blocks; NULL means
+ * qb0 = 0 (start from 0, nothing kept). The sums run in block order, so a prefix computed group by
+ * group has the same bits as one computed at once. Returns SELATTN_OK or SELATTN_ENOMEM. */
+int selector_block_prefix(const selector *sp, size_t B, size_t qb0, size_t nq, float *carry,
+                          float *fstart, int nthreads);
 
 #endif /* SELATTN_SELECTOR_MASK_H */

@@ -23,48 +23,11 @@ static inline __attribute__((always_inline)) vf K(load)(const float *p) { vf v; 
 static inline __attribute__((always_inline)) void K(store)(float *p, vf v) { memcpy(p, &v, sizeof v); }
 
 /* ---------------------------------------------------------------------------------------------
- * gemm_nt: out (rows, 64) = scale * x (rows, D) @ yt (D, 64)
- * Register block: ROW_BLOCK rows x 64 columns of accumulators, one pass over d. */
-static void K(gemm_nt)(const float *restrict x, size_t rows, const float *restrict yt, size_t D,
-                       float scale, float *restrict out)
-{
-    size_t i = 0;
-    for (; i + ROW_BLOCK <= rows; i += ROW_BLOCK) {
-        vf c[ROW_BLOCK][4];
-        for (int r = 0; r < ROW_BLOCK; r++)
-            for (int u = 0; u < 4; u++) c[r][u] = (vf){0};
-        for (size_t d = 0; d < D; d++) {
-            const float *yt_d = yt + d * SELATTN_TILE;
-            vf y0 = K(load)(yt_d), y1 = K(load)(yt_d + 16);
-            vf y2 = K(load)(yt_d + 32), y3 = K(load)(yt_d + 48);
-            for (int r = 0; r < ROW_BLOCK; r++) {
-                float a = x[(i + r) * D + d];
-                c[r][0] += a * y0; c[r][1] += a * y1; c[r][2] += a * y2; c[r][3] += a * y3;
-            }
-        }
-        for (int r = 0; r < ROW_BLOCK; r++)
-            for (int u = 0; u < 4; u++)
-                K(store)(out + (i + r) * SELATTN_TILE + 16 * u, scale * c[r][u]);
-    }
-    for (; i < rows; i++) { /* leftover rows, one at a time */
-        vf c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0};
-        for (size_t d = 0; d < D; d++) {
-            const float *yt_d = yt + d * SELATTN_TILE;
-            float a = x[i * D + d];
-            c0 += a * K(load)(yt_d);      c1 += a * K(load)(yt_d + 16);
-            c2 += a * K(load)(yt_d + 32); c3 += a * K(load)(yt_d + 48);
-        }
-        float *out_i = out + i * SELATTN_TILE;
-        K(store)(out_i, scale * c0);      K(store)(out_i + 16, scale * c1);
-        K(store)(out_i + 32, scale * c2); K(store)(out_i + 48, scale * c3);
-    }
-}
-
-/* ---------------------------------------------------------------------------------------------
  * gemm_acc: acc (rows, D) = alpha[r] * acc + p (rows, 64)[:, :ncols] @ y (ncols, D)
  * (alpha may be NULL: 1). The rescale of the online softmax is applied while acc is loaded.
- * gemm_acc_t: acc (rows, D) += p^T @ y, where p is (ncols, 64) and its first `rows` columns are
- * used: the products with a transposed tile (dv += P^T dout, dk += G^T q), without transposing.
+ * gemm_acc_t: acc (rows, D) = alpha[r] * acc + p^T @ y, where p is (ncols, 64) and its first
+ * `rows` columns are used: the products with a transposed tile (the forward's P v on a
+ * key-major tile, dv += P^T dout, dk += G^T q), without transposing.
  * Register block: ROW_BLOCK rows x 64 values of d; then 16-wide, then scalar tails of D.
  * `p_at(i, j)` is the coefficient of y row j in acc row i. */
 static inline __attribute__((always_inline)) void K(gemm_acc_impl)(
@@ -123,9 +86,10 @@ static void K(gemm_acc)(const float *restrict p, size_t rows, const float *restr
 }
 
 static void K(gemm_acc_t)(const float *restrict p, size_t rows, const float *restrict y,
-                          size_t ncols, size_t D, float *restrict acc)
+                          size_t ncols, size_t D, const float *restrict alpha,
+                          float *restrict acc)
 {
-    K(gemm_acc_impl)(p, rows, y, ncols, D, NULL, acc, 1);
+    K(gemm_acc_impl)(p, rows, y, ncols, D, alpha, acc, 1);
 }
 
 static inline __attribute__((always_inline)) vf K(select)(vi mask, vf a, vf b) /* mask ? a : b */
@@ -182,6 +146,123 @@ static inline __attribute__((always_inline)) vf K(exp16)(vf x)
     vf e = poly * (r * r) + r + 1.0f;
     vf two_n = (vf)((ni + 127) << 23);
     return (vf)((vi)(e * two_n) & ~underflow);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * gemm_nt: out (rows, 64) = scale * x (rows, D) @ yt (D, 64)
+ * Register block: ROW_BLOCK rows x 64 columns of accumulators, one pass over d. Two variants
+ * finish the product in registers instead of storing it (the backward's tile, fused):
+ *   gemm_nt_probs: out = exp(scale * x yt - f - shift[r]) on the first nvis[r] keys of row r, 0
+ *                  on the others (f may be NULL): P recomputed from the log-sum-exp;
+ *   gemm_nt_grad:  g = p * (x yt - shift[r]) and gsum += g (gsum may be NULL): dP never stored.
+ *   gemm_nt_logits: the forward's key-major tile x (ncols keys, 64 rows) = scale * k qt - f,
+ *                  -inf where key c is hidden from row r (r + off < c), and colmax (64,) = the
+ *                  max over the keys per row: the first half of softmax_t.
+ * The operations per element are those of gemm_nt + masked_logits + exp_rows (resp.
+ * gemm_nt + softmax_grad), in the same order. */
+enum { NT_PLAIN, NT_PROBS, NT_GRAD, NT_LOGITS };
+
+static inline __attribute__((always_inline)) void K(nt_finish)(
+    const int mode, vf c, size_t i, int u, float scale, float *restrict out,
+    const float *restrict f, const size_t *restrict nvis, const float *restrict shift,
+    const float *restrict p, float *restrict gsum, int off, vf *restrict mx)
+{
+    const size_t e = i * SELATTN_TILE + 16 * u;
+    if (mode == NT_LOGITS) {        /* key-major: i is a key, the lanes are query rows */
+        vi lane;
+        for (int w = 0; w < 16; w++) lane[w] = w;
+        vf x = scale * c;
+        if (f) x -= K(load)(f + e);
+        if (off < SELATTN_TILE)
+            x = K(select)(lane + (16 * u + off) >= (int)i, x, (vf){0} - INFINITY);
+        K(store)(out + e, x);
+        mx[u] = K(select)(x > mx[u], x, mx[u]);
+    } else if (mode == NT_PLAIN) {
+        K(store)(out + e, scale * c);
+    } else if (mode == NT_PROBS) {
+        vi lane;
+        for (int w = 0; w < 16; w++) lane[w] = w;
+        vf x = scale * c;
+        if (f) x -= K(load)(f + e);
+        x = K(select)(lane + 16 * u < (int)nvis[i], x, (vf){0} - INFINITY);
+        K(store)(out + e, K(exp16)(x - shift[i]));
+    } else {
+        vf g = K(load)(p + e) * (c - shift[i]);
+        K(store)(out + e, g);
+        if (gsum) K(store)(gsum + e, K(load)(gsum + e) + g);
+    }
+}
+
+static inline __attribute__((always_inline)) void K(gemm_nt_impl)(
+    const int mode, const float *restrict x, size_t rows, const float *restrict yt, size_t D,
+    float scale, float *restrict out, const float *restrict f, const size_t *restrict nvis,
+    const float *restrict shift, const float *restrict p, float *restrict gsum, int off,
+    float *restrict colmax)
+{
+    vf mx[4];
+    if (mode == NT_LOGITS)
+        for (int u = 0; u < 4; u++) mx[u] = (vf){0} - INFINITY;
+    size_t i = 0;
+    for (; i + ROW_BLOCK <= rows; i += ROW_BLOCK) {
+        vf c[ROW_BLOCK][4];
+        for (int r = 0; r < ROW_BLOCK; r++)
+            for (int u = 0; u < 4; u++) c[r][u] = (vf){0};
+        for (size_t d = 0; d < D; d++) {
+            const float *yt_d = yt + d * SELATTN_TILE;
+            vf y0 = K(load)(yt_d), y1 = K(load)(yt_d + 16);
+            vf y2 = K(load)(yt_d + 32), y3 = K(load)(yt_d + 48);
+            for (int r = 0; r < ROW_BLOCK; r++) {
+                float a = x[(i + r) * D + d];
+                c[r][0] += a * y0; c[r][1] += a * y1; c[r][2] += a * y2; c[r][3] += a * y3;
+            }
+        }
+        for (int r = 0; r < ROW_BLOCK; r++)
+            for (int u = 0; u < 4; u++)
+                K(nt_finish)(mode, c[r][u], i + r, u, scale, out, f, nvis, shift, p, gsum, off,
+                             mx);
+    }
+    for (; i < rows; i++) { /* leftover rows, one at a time */
+        vf c[4] = {{0}, {0}, {0}, {0}};
+        for (size_t d = 0; d < D; d++) {
+            const float *yt_d = yt + d * SELATTN_TILE;
+            float a = x[i * D + d];
+            c[0] += a * K(load)(yt_d);      c[1] += a * K(load)(yt_d + 16);
+            c[2] += a * K(load)(yt_d + 32); c[3] += a * K(load)(yt_d + 48);
+        }
+        for (int u = 0; u < 4; u++)
+            K(nt_finish)(mode, c[u], i, u, scale, out, f, nvis, shift, p, gsum, off, mx);
+    }
+    if (mode == NT_LOGITS)
+        for (int u = 0; u < 4; u++) K(store)(colmax + 16 * u, mx[u]);
+}
+
+static void K(gemm_nt)(const float *restrict x, size_t rows, const float *restrict yt, size_t D,
+                       float scale, float *restrict out)
+{
+    K(gemm_nt_impl)(NT_PLAIN, x, rows, yt, D, scale, out, NULL, NULL, NULL, NULL, NULL, 0, NULL);
+}
+
+static void K(gemm_nt_probs)(const float *restrict x, size_t rows, const float *restrict yt,
+                             size_t D, float scale, const float *restrict f,
+                             const size_t *restrict nvis, const float *restrict shift,
+                             float *restrict out)
+{
+    K(gemm_nt_impl)(NT_PROBS, x, rows, yt, D, scale, out, f, nvis, shift, NULL, NULL, 0, NULL);
+}
+
+static void K(gemm_nt_grad)(const float *restrict x, size_t rows, const float *restrict yt,
+                            size_t D, const float *restrict p, const float *restrict shift,
+                            float *restrict g, float *restrict gsum)
+{
+    K(gemm_nt_impl)(NT_GRAD, x, rows, yt, D, 1.0f, g, NULL, NULL, shift, p, gsum, 0, NULL);
+}
+
+static void K(gemm_nt_logits)(const float *restrict k, size_t ncols, const float *restrict qt,
+                              size_t D, float scale, const float *restrict f, int off,
+                              float *restrict x, float *restrict colmax)
+{
+    K(gemm_nt_impl)(NT_LOGITS, k, ncols, qt, D, scale, x, f, NULL, NULL, NULL, NULL, off,
+                    colmax);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -258,13 +339,189 @@ static void K(softmax_grad)(const float *restrict p, const float *restrict dp,
     }
 }
 
+
+/* ---------------------------------------------------------------------------------------------
+ * softmax_t: one online-softmax step on a key-major tile x (ncols keys, 64 query rows): query
+ * rows are the 16-wide lanes, so row maxima and sums are plain lane-wise operations.
+ * x[c, r] <- exp(x[c, r] - f[c, r] - m_new[r]) where key c is visible to row r (r + off >= c;
+ * off >= 64 means every key is visible), 0 elsewhere; f may be NULL (F = 0). When colmax is not
+ * NULL, x is already L - F with the mask applied and colmax its max per row (gemm_nt_logits), so
+ * only the exponentials are left; f and off are then not read. m, l (64,) are the
+ * running max and sum, alpha (64,) receives exp(m_old - m_new). A row whose max is still -inf
+ * (only evicted keys so far) keeps l = 0 and gets alpha = 1. Keys are summed in order c = 0, 1,
+ * ... in every lane, so the bits do not depend on anything but the inputs. */
+static void K(softmax_t)(float *restrict x, const float *restrict f, size_t ncols, int off,
+                         const float *restrict colmax, float *restrict m, float *restrict l,
+                         float *restrict alpha)
+{
+    const vf neg_inf = (vf){0} - INFINITY;
+    vi lane;
+    for (int u = 0; u < 16; u++) lane[u] = u;
+    vf mx[4], shift[4], sum[4];
+    for (int u = 0; u < 4; u++) mx[u] = K(load)(m + 16 * u);
+    if (colmax) {                     /* x is already masked (gemm_nt_logits) */
+        for (int u = 0; u < 4; u++) {
+            vf cm = K(load)(colmax + 16 * u);
+            mx[u] = K(select)(cm > mx[u], cm, mx[u]);
+        }
+    } else if (off >= SELATTN_TILE) {        /* below the diagonal: every key visible, no mask */
+        for (size_t c = 0; c < ncols; c++) {
+            for (int u = 0; u < 4; u++) {
+                vf xv = K(load)(x + c * SELATTN_TILE + 16 * u);
+                if (f) xv -= K(load)(f + c * SELATTN_TILE + 16 * u);
+                K(store)(x + c * SELATTN_TILE + 16 * u, xv);
+                mx[u] = K(select)(xv > mx[u], xv, mx[u]);
+            }
+        }
+    } else {
+        for (size_t c = 0; c < ncols; c++) {
+            for (int u = 0; u < 4; u++) {
+                vf xv = K(load)(x + c * SELATTN_TILE + 16 * u);
+                if (f) xv -= K(load)(f + c * SELATTN_TILE + 16 * u);
+                xv = K(select)(lane + (16 * u + off) >= (int)c, xv, neg_inf);
+                K(store)(x + c * SELATTN_TILE + 16 * u, xv);
+                mx[u] = K(select)(xv > mx[u], xv, mx[u]);
+            }
+        }
+    }
+    for (int u = 0; u < 4; u++) {
+        const vi none = mx[u] == neg_inf;
+        const vf m_old = K(load)(m + 16 * u);
+        shift[u] = K(select)(none, (vf){0}, mx[u]);
+        K(store)(alpha + 16 * u, K(select)(none, (vf){0} + 1.0f, K(exp16)(m_old - shift[u])));
+        K(store)(m + 16 * u, mx[u]);
+        sum[u] = (vf){0};
+    }
+    for (size_t c = 0; c < ncols; c++) {
+        for (int u = 0; u < 4; u++) {
+            vf e = K(exp16)(K(load)(x + c * SELATTN_TILE + 16 * u) - shift[u]);
+            K(store)(x + c * SELATTN_TILE + 16 * u, e);
+            sum[u] += e;
+        }
+    }
+    for (int u = 0; u < 4; u++)
+        K(store)(l + 16 * u, K(load)(l + 16 * u) * K(load)(alpha + 16 * u) + sum[u]);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * transpose: xt (ncols, 64)[c, r] = x[r * ldx + c] for r < rows, 0 for r >= rows (a row-major
+ * tile, or a block of rows of q, to key-major / column-major form). In 16 x 16 blocks held
+ * in registers: four rounds swap the off-diagonal 8 x 8, 4 x 4, 2 x 2 and 1 x 1 sub-blocks of
+ * row pairs (i, i + w) with two-register shuffles. */
+#define TR_LO(w) (vi){                                                                            \
+    (0 & w) ? 16 + 0 - w : 0, (1 & w) ? 16 + 1 - w : 1, (2 & w) ? 16 + 2 - w : 2,                 \
+    (3 & w) ? 16 + 3 - w : 3, (4 & w) ? 16 + 4 - w : 4, (5 & w) ? 16 + 5 - w : 5,                 \
+    (6 & w) ? 16 + 6 - w : 6, (7 & w) ? 16 + 7 - w : 7, (8 & w) ? 16 + 8 - w : 8,                 \
+    (9 & w) ? 16 + 9 - w : 9, (10 & w) ? 16 + 10 - w : 10, (11 & w) ? 16 + 11 - w : 11,           \
+    (12 & w) ? 16 + 12 - w : 12, (13 & w) ? 16 + 13 - w : 13, (14 & w) ? 16 + 14 - w : 14,        \
+    (15 & w) ? 16 + 15 - w : 15}
+#define TR_HI(w) (vi){                                                                            \
+    (0 & w) ? 16 + 0 : 0 + w, (1 & w) ? 16 + 1 : 1 + w, (2 & w) ? 16 + 2 : 2 + w,                 \
+    (3 & w) ? 16 + 3 : 3 + w, (4 & w) ? 16 + 4 : 4 + w, (5 & w) ? 16 + 5 : 5 + w,                 \
+    (6 & w) ? 16 + 6 : 6 + w, (7 & w) ? 16 + 7 : 7 + w, (8 & w) ? 16 + 8 : 8 + w,                 \
+    (9 & w) ? 16 + 9 : 9 + w, (10 & w) ? 16 + 10 : 10 + w, (11 & w) ? 16 + 11 : 11 + w,           \
+    (12 & w) ? 16 + 12 : 12 + w, (13 & w) ? 16 + 13 : 13 + w, (14 & w) ? 16 + 14 : 14 + w,        \
+    (15 & w) ? 16 + 15 : 15 + w}
+#define TR_ROUND(w)                                                                               \
+    for (int i = 0; i < 16; i++) {                                                                \
+        if (i & (w)) continue;                                                                    \
+        vf lo = __builtin_shuffle(a[i], a[i + (w)], TR_LO(w));                                    \
+        vf hi = __builtin_shuffle(a[i], a[i + (w)], TR_HI(w));                                    \
+        a[i] = lo; a[i + (w)] = hi;                                                               \
+    }
+
+static void K(transpose)(const float *restrict x, size_t ldx, size_t rows, size_t ncols,
+                         float *restrict xt)
+{
+    size_t c0 = 0;
+    for (; c0 + 16 <= ncols; c0 += 16)
+        for (size_t r0 = 0; r0 < SELATTN_TILE; r0 += 16) {
+            vf a[16];
+            for (size_t i = 0; i < 16; i++)
+                a[i] = r0 + i < rows ? K(load)(x + (r0 + i) * ldx + c0) : (vf){0};
+            TR_ROUND(8) TR_ROUND(4) TR_ROUND(2) TR_ROUND(1)
+            for (size_t j = 0; j < 16; j++) K(store)(xt + (c0 + j) * SELATTN_TILE + r0, a[j]);
+        }
+    for (; c0 < ncols; c0++)                                   /* columns past the last 16 */
+        for (size_t r = 0; r < SELATTN_TILE; r++)
+            xt[c0 * SELATTN_TILE + r] = r < rows ? x[r * ldx + c0] : 0.0f;
+}
+/* mask_tile_t: mask_tile (selector_mask.h) written key-major: ft (64 keys, 64 rows)[c, r] =
+ * fstart_cols[c] + sum_{r' < r} sel[r', c] for r < rows, 0 for r >= rows. The sums run down the
+ * rows in order, as in mask_tile, and each 16 x 16 block is transposed in registers on its way
+ * out, so F reaches the forward's key-major tiles without a row-major copy. */
+static void K(mask_tile_t)(const float *restrict sel, const float *restrict fstart_cols,
+                           size_t rows, float *restrict ft)
+{
+    vf fs[4], part[4];
+    for (int u = 0; u < 4; u++) { fs[u] = K(load)(fstart_cols + 16 * u); part[u] = (vf){0}; }
+    for (size_t r0 = 0; r0 < SELATTN_TILE; r0 += 16)
+        for (int u = 0; u < 4; u++) {
+            vf a[16];
+            for (size_t i = 0; i < 16; i++) {
+                if (r0 + i < rows) {
+                    a[i] = fs[u] + part[u];
+                    part[u] += K(load)(sel + (r0 + i) * SELATTN_TILE + 16 * u);
+                } else {
+                    a[i] = (vf){0};
+                }
+            }
+            TR_ROUND(8) TR_ROUND(4) TR_ROUND(2) TR_ROUND(1)
+            for (size_t j = 0; j < 16; j++) K(store)(ft + (16 * u + j) * SELATTN_TILE + r0, a[j]);
+        }
+}
+
+#undef TR_LO
+#undef TR_HI
+#undef TR_ROUND
+
+/* ---------------------------------------------------------------------------------------------
+ * selector_grad: the selector's extra gradient on one tile, added into its G (rows, 64). carry
+ * (64,) holds, per key, the sum of gsum over the rows below the tile; walking rows upwards,
+ * g[m] -= carry where sel[m] > 0 (dS = -carry, gated by S > 0), then carry += gsum[m]. */
+static void K(selector_grad)(const float *restrict gsum, const float *restrict sel, size_t rows,
+                             float *restrict carry, float *restrict g)
+{
+    const vf zero = {0};
+    vf cr[4];
+    for (int u = 0; u < 4; u++) cr[u] = K(load)(carry + 16 * u);
+    for (size_t r = rows; r-- > 0;) {
+        for (int u = 0; u < 4; u++) {
+            const size_t e = r * SELATTN_TILE + 16 * u;
+            vf gv = K(load)(g + e);
+            K(store)(g + e, K(select)(K(load)(sel + e) > zero, gv - cr[u], gv));
+            cr[u] += K(load)(gsum + e);
+        }
+    }
+    for (int u = 0; u < 4; u++) K(store)(carry + 16 * u, cr[u]);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * column_sums: sums (64,) = sum over r < rows of x[r, :], rows added in order from 0 (the order
+ * mask_tile's partial sums use, so Fstart and the in-block part of F agree bit for bit). */
+static void K(column_sums)(const float *restrict x, size_t rows, float *restrict sums)
+{
+    vf part[4] = {{0}, {0}, {0}, {0}};
+    for (size_t r = 0; r < rows; r++)
+        for (int u = 0; u < 4; u++) part[u] += K(load)(x + r * SELATTN_TILE + 16 * u);
+    for (int u = 0; u < 4; u++) K(store)(sums + 16 * u, part[u]);
+}
+
 const selattn_kernels CAT(selattn_kernels, KERNEL_ISA) = {
     .name = KERNEL_NAME,
     .gemm_nt = K(gemm_nt),
+    .gemm_nt_probs = K(gemm_nt_probs),
+    .gemm_nt_grad = K(gemm_nt_grad),
+    .gemm_nt_logits = K(gemm_nt_logits),
     .gemm_acc = K(gemm_acc),
     .gemm_acc_t = K(gemm_acc_t),
     .masked_logits = K(masked_logits),
     .exp_rows = K(exp_rows),
     .selection = K(selection),
     .softmax_grad = K(softmax_grad),
+    .softmax_t = K(softmax_t),
+    .transpose = K(transpose),
+    .mask_tile_t = K(mask_tile_t),
+    .column_sums = K(column_sums),
+    .selector_grad = K(selector_grad),
 };

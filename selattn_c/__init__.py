@@ -143,8 +143,8 @@ def _c_inputs(arrays, names, check_finite: bool):
     out = []
     for x, name in zip(arrays, names):
         x = as_c_float32(x, name)
-        if check_finite:
-            check_all_finite(x, name)
+        if check_finite and not lib.selattn_all_finite(_ptr(x), x.size, _threads_arg()):
+            check_all_finite(x, name)     # raises the ValueError
         out.append(x)
     return out
 

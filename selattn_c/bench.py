@@ -4,6 +4,7 @@ Run it as a script (it is not a test)::
 
     python -m selattn_c.bench                       # B=1, H=8, D=64, N in 512..4096, all cores
     python -m selattn_c.bench --threads 2           # the setting the performance targets use
+    python -m selattn_c.bench --threads 1,2         # both counts, and the 2-thread speed-up
     python -m selattn_c.bench --sizes 256,512 --repeats 3 --no-torch    # quick look
     python -m selattn_c.bench --markdown            # the same tables as Markdown
     python -m selattn_c.bench --memory              # peak resident memory at N = 16384 instead
@@ -52,15 +53,22 @@ NumPy reference, eager PyTorch) are credited with the same causal count.
 
 Ratio table (of medians), per N: C fwd / SDPA fwd, eager fwd / C fwd (the speed-up over the
 eager listing), C bwd / C fwd, C bwd / SDPA bwd, eager bwd / C bwd, C fwd / C fwd std (the cost
-of selectivity), ref fwd / C fwd, ref bwd / C bwd. At
-N = 2048 the first targets are checked: C fwd <= 1.5x SDPA fwd, C fwd >= 10x faster than the
-eager listing, C bwd <= 4x C fwd (specified for 2 threads).
+of selectivity), ref fwd / C fwd, ref bwd / C bwd. Then the speed targets of issue 7 (specified
+for 2 threads) are checked, PASS or MISS: C fwd <= 1.0x SDPA fwd at N = 2048 and 4096, >= 10x
+faster than the eager listing at N = 2048, >= 50 % of the sgemm rate at N = 2048 and 4096;
+C bwd <= 2.5x C fwd at N = 2048 and 4096, >= 10x faster than eager autograd at N = 2048.
+
+``--threads 1,2`` runs everything once per thread count, each in a fresh process (so OpenBLAS and
+PyTorch start with that count), prints each run's tables, then a speed-up table (medians of the
+first count over the others) and target 6: the C forward at N = 2048 on 2 threads >= 1.7x
+faster than on 1.
 
 ``--memory`` instead runs one forward (and, in a second fresh process, forward + backward) at
 B=1, H=8, N=16384, D=64 and reports the whole process's peak resident set size (interpreter and
 NumPy included) against the bytes of the tensors the call must hold: q, k, v, out for the
-forward; q, k, v, out, dout, dq, dk, dv for forward + backward. The target (the issue's, for
-the forward) is peak < 2x those bytes; ``--memory-n`` changes N.
+forward; q, k, v, out, dout, dq, dk, dv for forward + backward. The target (issue 7, for the
+forward) is peak <= 1.3x those bytes, judged twice: for the whole process and net of the resident
+set after the imports (interpreter, NumPy, the extension); ``--memory-n`` changes N.
 
 Threads: ``--threads T`` (default: all cores) goes to the C library
 (``selattn_c.set_num_threads``), to PyTorch (``torch.set_num_threads``) and to OpenBLAS through
@@ -88,9 +96,10 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence,
 if TYPE_CHECKING:  # numpy is imported in main(), after the thread variables are set
     import numpy as np
 
-TARGET_N = 2048
+TARGET_NS = (2048, 4096)       # the sizes issue 7's speed targets name
 TARGET_THREADS = 2
 SGEMM_N = 2048
+MEMORY_TARGET = 1.3           # issue 7, item 5: peak of a forward <= 1.3x q, k, v, out
 VERIFY_N = 256
 MAX_RUNS_FACTOR = 20          # at most repeats * this many timed runs for fast operations
 _REEXEC_GUARD = "SELATTN_BENCH_REEXEC"
@@ -121,8 +130,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=8, help="H (default 8)")
     p.add_argument("--dim", type=int, default=64, help="D, head size (default 64)")
     p.add_argument("--batch", type=int, default=1, help="B (default 1)")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                   help="threads for every library (default: all cores)")
+    p.add_argument("--threads", default=str(os.cpu_count() or 1),
+                   help="threads for every library (default: all cores); a comma-separated "
+                        "list such as 1,2 runs the benchmark once per count, each in a fresh "
+                        "process, and adds the speed-up table")
     p.add_argument("--repeats", type=int, default=7, help="timed runs per operation (median)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
     p.add_argument("--min-time", type=float, default=0.5,
@@ -141,12 +152,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "--memory-n instead of timing")
     p.add_argument("--memory-n", type=int, default=16384, help="N for --memory (default 16384)")
     p.add_argument("--memory-child", choices=("fwd", "fwdbwd"), help=argparse.SUPPRESS)
+    p.add_argument("--results-json", help=argparse.SUPPRESS)   # a child of --threads 1,2
     args = p.parse_args(argv)
     try:
         args.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     except ValueError:
         p.error(f"--sizes must be comma-separated integers, got {args.sizes!r}")
-    for name in ("heads", "dim", "batch", "threads", "repeats", "memory_n"):
+    try:
+        args.thread_counts = [int(t) for t in str(args.threads).split(",") if t.strip()]
+    except ValueError:
+        p.error(f"--threads must be an integer or comma-separated integers, got {args.threads!r}")
+    if not args.thread_counts or min(args.thread_counts) < 1:
+        p.error("--threads must be >= 1")
+    args.threads = args.thread_counts[-1]
+    for name in ("heads", "dim", "batch", "repeats", "memory_n"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0 or args.min_time < 0:
@@ -571,12 +590,20 @@ RATIOS: List[Tuple[str, str, str]] = [   # (column, numerator row, denominator r
     ("ref bwd / C bwd", REF_BWD, C_BWD),
 ]
 
-# (ratio column, comparison, bound, wording)
-TARGETS: List[Tuple[str, str, float, str]] = [
-    ("C fwd / SDPA fwd", "<=", 1.5, "C forward <= 1.5x the SDPA time"),
-    ("eager fwd / C fwd", ">=", 10.0, "C forward >= 10x faster than eager selective attention"),
-    ("C bwd / C fwd", "<=", 4.0, "C backward <= 4x C forward"),
+C_FWD_SGEMM = "C fwd % sgemm"
+
+# Issue 7's speed targets: (N, column, comparison, bound, wording). Specified for 2 threads.
+TARGETS: List[Tuple[int, str, str, float, str]] = [
+    (2048, "C fwd / SDPA fwd", "<=", 1.0, "1. C forward <= 1.0x the SDPA (causal) time"),
+    (4096, "C fwd / SDPA fwd", "<=", 1.0, "1. C forward <= 1.0x the SDPA (causal) time"),
+    (2048, "eager fwd / C fwd", ">=", 10.0, "1. C forward >= 10x faster than eager selective"),
+    (2048, C_FWD_SGEMM, ">=", 50.0, "2. C forward >= 50% of the sgemm GFLOP/s"),
+    (4096, C_FWD_SGEMM, ">=", 50.0, "2. C forward >= 50% of the sgemm GFLOP/s"),
+    (2048, "C bwd / C fwd", "<=", 2.5, "3. C backward <= 2.5x the C forward"),
+    (4096, "C bwd / C fwd", "<=", 2.5, "3. C backward <= 2.5x the C forward"),
+    (2048, "eager bwd / C bwd", ">=", 10.0, "3. C backward >= 10x faster than eager autograd"),
 ]
+SPEEDUP_TARGET = (2048, C_FWD, 1.7)     # 6. 2 threads over 1, the forward at N = 2048
 
 
 def ratio(by_name: Dict[str, Result], num: str, den: str) -> Optional[float]:
@@ -586,34 +613,40 @@ def ratio(by_name: Dict[str, Result], num: str, den: str) -> Optional[float]:
     return a.median / b.median
 
 
-def ratios_by_n(results: List[Result]) -> Dict[int, Dict[str, Optional[float]]]:
+def ratios_by_n(results: List[Result], sgemm: float) -> Dict[int, Dict[str, Optional[float]]]:
     out: Dict[int, Dict[str, Optional[float]]] = {}
     for n in dict.fromkeys(r.n for r in results):
         by_name = {r.name: r for r in results if r.n == n}
         out[n] = {col: ratio(by_name, num, den) for col, num, den in RATIOS}
+        fwd = by_name.get(C_FWD)
+        out[n][C_FWD_SGEMM] = (100.0 * fwd.gflops() / sgemm
+                               if fwd is not None and fwd.times else None)
     return out
 
 
 def ratio_table(table: Dict[int, Dict[str, Optional[float]]], markdown: bool) -> str:
     headers = ["N", *(col for col, _, _ in RATIOS)]
-    rows = [[str(n), *("-" if r is None else f"{r:.2f}" for r in table[n].values())]
-            for n in table]
+    rows = [[str(n), *("-" if table[n][col] is None else f"{table[n][col]:.2f}"
+                       for col, _, _ in RATIOS)] for n in table]
     return render(headers, rows, markdown, [True] * len(headers))
 
 
+def verdict(value: Optional[float], op: str, bound: float) -> Tuple[str, str]:
+    """(shown value, PASS / MISS / n/a)."""
+    if value is None:
+        return "-", "n/a (not measured)"
+    ok = value <= bound if op == "<=" else value >= bound
+    return f"{value:.2f}", "PASS" if ok else "MISS"
+
+
 def target_lines(table: Dict[int, Dict[str, Optional[float]]], threads: int) -> List[str]:
-    if TARGET_N not in table:
-        return [f"targets: N = {TARGET_N} was not measured"]
-    lines = [f"targets at N = {TARGET_N} (specified for {TARGET_THREADS} threads; "
-             f"this run: {threads}):"]
-    for col, op, bound, words in TARGETS:
-        value = table[TARGET_N][col]
-        if value is None:
-            verdict, shown = "n/a (row missing)", "-"
-        else:
-            ok = value <= bound if op == "<=" else value >= bound
-            verdict, shown = ("PASS" if ok else "MISS"), f"{value:.2f}"
-        lines.append(f"  {words:<58} {col} = {shown:>6} (target {op} {bound:g})  {verdict}")
+    lines = [f"issue 7 targets (specified for {TARGET_THREADS} threads; this run: {threads}):"]
+    for n, col, op, bound, words in TARGETS:
+        shown, result = verdict(table.get(n, {}).get(col), op, bound)
+        lines.append(f"  {words:<50} N={n:<5} {col} = {shown:>6} (target {op} {bound:g})  "
+                     f"{result}")
+    lines.append("  (4. decode: python -m selattn_c.bench_decode; 5. memory: --memory; "
+                 "6. speed-up: --threads 1,2)")
     return lines
 
 
@@ -623,6 +656,7 @@ FOOTNOTES = [
     "the NumPy reference and eager PyTorch, which compute the full N x N. % sgemm = GFLOP/s over",
     "the NumPy float32 matmul rate in the header. Times: median (and min) wall time of the timed",
     "runs after warm-up; bwd rows time the backward call only, their forward ran untimed.",
+    "C fwd % sgemm = the C forward's GFLOP/s as a percentage of the sgemm rate of this run.",
 ]
 
 
@@ -691,7 +725,8 @@ def memory_report(args: argparse.Namespace) -> None:
     print(f"peak resident memory, B={B}, H={H}, N={N}, D={D}, float32, {args.threads} threads, "
           "each case in a fresh process (whole process: interpreter, NumPy, selattn_c)")
     headers = ["case", "tensors", "tensor MiB", "RSS after imports", "RSS before call",
-               "peak RSS", "peak / tensors", "(peak - imports) / tensors", "time s", "< 2x"]
+               "peak RSS", "peak / tensors", "(peak - imports) / tensors", "time s",
+               f"<= {MEMORY_TARGET}x (whole / net)"]
     cases = [("forward", "fwd", "q,k,v,out"),
              ("forward+backward", "fwdbwd", "q,k,v,out,dout,dq,dk,dv")]
     rows = []
@@ -704,12 +739,16 @@ def memory_report(args: argparse.Namespace) -> None:
                      f"{info['rss_after_imports'] / MiB:.0f} MiB",
                      f"{info['rss_before_call'] / MiB:.0f} MiB", f"{info['peak'] / MiB:.0f} MiB",
                      f"{ratio_:.2f}x", f"{above / info['tensor_bytes']:.2f}x", f"{seconds:.1f}",
-                     "PASS" if ratio_ < 2 else "MISS"])
+                     ("PASS" if ratio_ <= MEMORY_TARGET else "MISS") + " / "
+                     + ("PASS" if above / info["tensor_bytes"] <= MEMORY_TARGET else "MISS")])
     print(render(headers, rows, args.markdown, [False, False, True, True, True, True, True, True,
                                                 True, False]))
-    print(f"target (issue): the forward's peak RSS below 2x the bytes of q, k, v and out "
-          f"({4 * B * H * N * D * 4 / MiB:.0f} MiB -> limit "
-          f"{2 * 4 * B * H * N * D * 4 / MiB:.0f} MiB). Peak is ru_maxrss of the child process.")
+    print(f"issue 7 target 5: the forward's peak resident memory <= {MEMORY_TARGET}x the bytes of "
+          f"q, k, v and out ({4 * B * H * N * D * 4 / MiB:.0f} MiB -> "
+          f"{MEMORY_TARGET * 4 * B * H * N * D * 4 / MiB:.0f} MiB). Peak is ru_maxrss of the "
+          "child process. 'whole' counts the whole process (interpreter, NumPy and their "
+          "libraries included); 'net' subtracts the resident set after the imports, i.e. what "
+          "the tensors and the call add.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -770,7 +809,7 @@ def run_benchmark(args: argparse.Namespace) -> None:
     for N in args.sizes:
         results += bench_one_n(np, sc, ref, torch, args, N)
 
-    table = ratios_by_n(results)
+    table = ratios_by_n(results, sgemm)
     print(timing_table(results, sgemm, args.markdown))
     for note in dict.fromkeys(r.note for r in results if r.times is None):
         print(note)
@@ -781,11 +820,75 @@ def run_benchmark(args: argparse.Namespace) -> None:
     print()
     print("\n".join(FOOTNOTES))
     print(f"total wall time: {time.perf_counter() - started:.0f} s; "
-          f"load average (1 min) at end: {load_average()}")
+          f"load average (1 min) at end: {load_average()}", flush=True)
+    if args.results_json:
+        with open(args.results_json, "w", encoding="utf-8") as f:
+            json.dump({"threads": args.threads, "sgemm": sgemm,
+                       "results": [{"n": r.n, "name": r.name, "median": r.median,
+                                    "best": r.best} for r in results]}, f)
+
+
+def run_thread_counts(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    """--threads 1,2: the whole benchmark once per thread count, each in a fresh process (so
+    OpenBLAS starts with that count too), then the speed-up of every row over the first count."""
+    import tempfile
+    runs: List[Dict[str, Any]] = []
+    rest = strip_option(list(argv), "--threads")
+    with tempfile.TemporaryDirectory() as tmp:
+        for t in args.thread_counts:
+            path = os.path.join(tmp, f"threads-{t}.json")
+            env = dict(os.environ, **{key: str(t) for key in _BLAS_ENV})
+            print(f"==== {t} thread(s) ====", flush=True)
+            subprocess.run([sys.executable, "-m", "selattn_c.bench", *rest, "--threads", str(t),
+                            "--results-json", path], env=env, check=True)
+            with open(path, encoding="utf-8") as f:
+                runs.append(json.load(f))
+            print(flush=True)
+    base = runs[0]
+    medians = [{(r["n"], r["name"]): r["median"] for r in run["results"]} for run in runs]
+    print(f"speed-up over {base['threads']} thread(s) (ratio of medians; sgemm: "
+          + ", ".join(f"{run['threads']} threads {run['sgemm']:.1f} GFLOP/s" for run in runs)
+          + ")")
+    headers = ["N", "operation", *(f"{run['threads']} thr ms" for run in runs),
+               *(f"x at {run['threads']}" for run in runs[1:])]
+    rows = []
+    for key, t0 in medians[0].items():
+        if t0 is None or key[1] not in PAIRED + (EAGER_FWD, EAGER_BWD):
+            continue
+        times = [m.get(key) for m in medians]
+        rows.append([str(key[0]), key[1],
+                     *("-" if t is None else f"{1e3 * t:.2f}" for t in times),
+                     *("-" if t is None else f"{t0 / t:.2f}" for t in times[1:])])
+    print(render(headers, rows, args.markdown, [True, False] + [True] * (len(headers) - 2)))
+    n, name, bound = SPEEDUP_TARGET
+    two = [i for i, run in enumerate(runs) if run["threads"] == TARGET_THREADS]
+    one = [i for i, run in enumerate(runs) if run["threads"] == 1]
+    value = None
+    if one and two and medians[one[0]].get((n, name)) and medians[two[0]].get((n, name)):
+        value = medians[one[0]][(n, name)] / medians[two[0]][(n, name)]
+    shown, result = verdict(value, ">=", bound)
+    print(f"\nissue 7 target 6: {name} at N={n}, {TARGET_THREADS} threads over 1 = {shown} "
+          f"(target >= {bound:g})  {result}")
+
+
+def strip_option(argv: List[str], name: str) -> List[str]:
+    """argv without ``name VALUE`` / ``name=VALUE``."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == name:
+            skip = True
+        elif not a.startswith(name + "="):
+            out.append(a)
+    return out
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
+    if len(args.thread_counts) > 1 and not (args.memory or args.memory_child):
+        run_thread_counts(args, sys.argv[1:] if argv is None else argv)
+        return
     pin_blas_threads(args.threads, allow_reexec=argv is None)
     if args.memory_child:
         memory_child(args)

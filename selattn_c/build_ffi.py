@@ -46,6 +46,7 @@ SOURCES = [
     "kv_cache.c",
     "selector_mask.c",
     "threads.c",
+    "finite.c",
     "tile_kernels.c",
     "tile_kernels_generic.c",
     "tile_kernels_avx2.c",

@@ -60,7 +60,7 @@ def largest_buffer_bytes(B: int, H: int, N: int, D: int, *, mask: bool = False) 
     nqb = -(-N // TILE)                                       # ceil(N / 64) query blocks
     sizes = [
         4 * B * H * nqb * TILE * D,    # transposed key tiles (B, H, nqb, D, 64) >= q, k, v, out
-        4 * B * nqb * N,               # Fstart, Rstart (B, nqb, N)
+        4 * B * nqb * N,               # Fstart (B, nqb, N)
         8 * B * N,                     # eviction schedule of a budgeted forward (B, N) int64
         4 * H * TILE * D,              # per-thread accumulators (H, 64, D)
     ]

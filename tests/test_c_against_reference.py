@@ -198,3 +198,26 @@ def test_softmax_weights_are_accurate_to_a_few_ulp():
     bound = C_SOFTMAX_ULPS * FLOAT32_EPS * (1.0 + np.abs(logits).max(axis=1)) * p
     err = np.abs(out[:, 0, 1, 0].astype(np.float64) - p)
     assert (err <= bound).all(), f"worst error {(err / bound).max():.2f} x the bound"
+
+
+def test_forward_across_fstart_groups():
+    """The forward holds Fstart for 64 query blocks at a time and carries the column sums of S
+    into the next group. At N = 64 * 64 + 70 the last 70 rows are in the second group; their output
+    must be softmax(L - F) v with F from accumulated_mask (which builds Fstart for all blocks at
+    once), computed here in float64 for those rows only."""
+    N, D, cut = 64 * 64 + 70, 8, 64 * 64
+    rng = np.random.default_rng(11)
+    q, k, v = (rng.standard_normal((1, 2, N, D)).astype(np.float32) for _ in range(3))
+    q[:, 0] *= 2.0                                 # a selector with some large logits: F grows
+    out, _ = selattn_c.forward(q, k, v, selector_head=0)
+    F = selattn_c.accumulated_mask(q, k, selector_head=0)[0, cut:].astype(np.float64)
+    assert F.max() > 1.0                           # the mask is really at work in the 2nd group
+    scale = 1.0 / np.sqrt(D)
+    rows = np.arange(cut, N)[:, None]
+    future = np.arange(N)[None, :] > rows
+    for h in range(2):
+        L = scale * (q[0, h, cut:].astype(np.float64) @ k[0, h].astype(np.float64).T)
+        logits = np.where(future, -np.inf, L - F)
+        P = np.exp(logits - logits.max(axis=1, keepdims=True))
+        want = (P / P.sum(axis=1, keepdims=True)) @ v[0, h].astype(np.float64)
+        np.testing.assert_allclose(out[0, h, cut:], want, rtol=1e-4, atol=1e-5)
