@@ -2,7 +2,7 @@
 
 Run it as a script (it is not a test)::
 
-    python -m selattn_c.bench_decode                  # context 4096, budgets 4096,1024,256,64
+    python -m selattn_c.bench_decode                  # context 4096, budgets 4096,1024,256,64,2
     python -m selattn_c.bench_decode --threads 2 --markdown
     python -m selattn_c.bench_decode --context 1024 --budgets 1024,64 --no-torch   # quick look
 
@@ -16,6 +16,9 @@ context is the full cache. Columns: held tokens, ``nbytes`` of the cache, the me
 ``step`` (the Python method: input checks, conversion, the C call), the median time of the bare C
 call (``lib.selattn_kv_step`` through cffi with prepared pointers, in the same Python loop), their
 difference (the Python overhead of ``step``), and the speed-up over the first budget's ``step``.
+The difference also holds whatever the Python work costs the C call that follows it (cooler
+caches), which grows with the C work; budget 2 (BOS and the newest token) has almost no C work,
+so its row shows the interpreter's own part of a step.
 
 With PyTorch installed, one more row: the same decode step written eagerly in PyTorch over a full
 cache (preallocated K, V and F; logits, minus F, softmax, times V, then F += relu of the selector
@@ -55,7 +58,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m selattn_c.bench_decode",
                                 description="Benchmark KV-cache decoding and budgeted prefill.")
     p.add_argument("--context", type=int, default=4096, help="tokens in the cache (default 4096)")
-    p.add_argument("--budgets", default="4096,1024,256,64", help="comma-separated budgets")
+    p.add_argument("--budgets", default="4096,1024,256,64,2", help="comma-separated budgets")
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--batch", type=int, default=1)
