@@ -271,7 +271,7 @@ def test_bundled_budgets_file_belongs_to_the_bundled_checkpoint():
 
 def test_bundled_demo_numbers():
     """The demo on its default 500 held-out questions: under the calibrated budgets (which keep
-    less than a third of the cache) the selective model stays within 0.5 points of its full cache,
+    less than a quarter of the cache) the selective model stays within 0.5 points of its full cache,
     and the standard model under the same budgets stays far below it (docs/results-inference.md
     has the table; the issue's 1/8 target is not met by the bundled model and is not asserted)."""
     rows = demo.run_demo(png=None, use_ascii=True, out=io.StringIO())
@@ -279,7 +279,7 @@ def test_bundled_demo_numbers():
     assert [(r.model, r.cache) for r in rows] == [("selective", "full"),
                                                   ("selective", "calibrated"),
                                                   ("standard", "full"), ("standard", "calibrated")]
-    assert sel_cal.reduction >= 3.0 and std_cal.budgets == sel_cal.budgets
+    assert sel_cal.reduction >= 4.5 and std_cal.budgets == sel_cal.budgets
     assert sel_cal.accuracy >= sel_full.accuracy - 0.005
     assert sel_full.accuracy >= 0.9
     assert std_cal.accuracy <= sel_cal.accuracy - 0.5
