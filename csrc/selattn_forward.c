@@ -32,7 +32,21 @@
 
 #define T SELATTN_TILE
 #define QPAIR 2    /* query blocks per task, walking the key tiles together */
-#define FSTART_GROUP 64 /* query blocks whose Fstart is held at once (a multiple of QPAIR) */
+#define FSTART_GROUP_MAX 64            /* query blocks per group at most: one group to N = 4096 */
+#define FSTART_GROUP_BYTES ((size_t)1 << 20) /* a group's Fstart per batch element stays <= 1 MiB */
+
+/* Query blocks whose Fstart is held at once: up to 64 (so N <= 4096 runs as one group and pays
+ * no extra synchronisation), fewer for longer inputs, so that Fstart, (B, group, N), stays within
+ * 1 MiB per batch element; a multiple of QPAIR, at least one pair. */
+static size_t fstart_group(size_t nqb, size_t N)
+{
+    if (N == 0) return 0;
+    size_t group = FSTART_GROUP_BYTES / (N * sizeof(float));
+    if (group > FSTART_GROUP_MAX) group = FSTART_GROUP_MAX;
+    group -= group % QPAIR;
+    if (group < QPAIR) group = QPAIR;
+    return nqb < group ? nqb : group;
+}
 
 /* Extremes of evict_at over each key tile: tmin/tmax (B, nqb). A tile whose tmax <= i0 is
  * invisible to every query from i0 on; one whose tmin >= the block's end needs no marking. */
@@ -79,7 +93,7 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
     const selattn_kernels *kern = selattn_select_kernels();
     const size_t nqb = num_blocks(N);
     const size_t s = selector_head;
-    const size_t group = nqb < FSTART_GROUP ? nqb : FSTART_GROUP;
+    const size_t group = fstart_group(nqb, N);
     float *kt_s = NULL;                     /* (B, 1, nqb, D, T) the selector head's key tiles */
     float *fstart = NULL;                   /* (B, group, N) mask entering each block of a group */
     float *carry = NULL;                    /* (B, N) sum of S over the blocks before the group */
@@ -112,7 +126,7 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
     }
     const int masked = selective || evict_at;        /* is there an F tile to subtract? */
 
-    /* Query blocks are taken in groups of FSTART_GROUP, so Fstart is held for one group at a
+    /* Query blocks are taken in groups (fstart_group), so Fstart is held for one group at a
      * time ((B, group, N) instead of (B, nqb, N)): passes 1-2 for a group, carried on from the
      * groups before it, then pass 3 for the group's blocks. */
     int failed = 0;
