@@ -85,7 +85,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -151,7 +150,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="report peak resident memory of a forward (and forward+backward) at "
                         "--memory-n instead of timing")
     p.add_argument("--memory-n", type=int, default=16384, help="N for --memory (default 16384)")
-    p.add_argument("--memory-child", choices=("fwd", "fwdbwd"), help=argparse.SUPPRESS)
     p.add_argument("--results-json", help=argparse.SUPPRESS)   # a child of --threads 1,2
     args = p.parse_args(argv)
     try:
@@ -664,54 +662,10 @@ FOOTNOTES = [
 # Peak memory (--memory): each case in a fresh process
 
 
-def rss_now() -> int:
-    """Current resident set size in bytes (falls back to the peak)."""
-    try:
-        with open("/proc/self/status", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return rss_peak()
-
-
-def rss_peak() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024   # Linux reports KiB
-
-
-def memory_child(args: argparse.Namespace) -> None:
-    """Runs in the fresh process: prints one JSON line of RSS figures."""
-    import numpy as np
-    import selattn_c as sc
-    sc.set_num_threads(args.threads)
-    B, H, N, D = args.batch, args.heads, args.memory_n, args.dim
-    info: Dict[str, Any] = {"rss_after_imports": rss_now()}
-    rng = np.random.default_rng(0)
-    names = ["q", "k", "v"] + (["dout"] if args.memory_child == "fwdbwd" else [])
-    arrays = {n: rng.standard_normal((B, H, N, D), dtype=np.float32) for n in names}
-    info["rss_before_call"] = rss_now()
-    info["peak_before_call"] = rss_peak()
-    t0 = time.perf_counter()
-    out, ctx = sc.forward(arrays["q"], arrays["k"], arrays["v"])
-    info["fwd_seconds"] = time.perf_counter() - t0
-    held = [*arrays.values(), out]
-    if args.memory_child == "fwdbwd":
-        t0 = time.perf_counter()
-        held += list(sc.backward(arrays["dout"], ctx))
-        info["bwd_seconds"] = time.perf_counter() - t0
-    info["rss_after_call"] = rss_now()
-    info["peak"] = rss_peak()
-    info["tensor_bytes"] = int(sum(a.nbytes for a in held))
-    info["tensors"] = len(held)
-    print(json.dumps(info))
-
-
 def run_memory_case(args: argparse.Namespace, case: str) -> Dict[str, Any]:
-    cmd = [sys.executable, "-m", "selattn_c.bench", "--memory-child", case,
-           "--memory-n", str(args.memory_n), "--heads", str(args.heads), "--dim", str(args.dim),
-           "--batch", str(args.batch), "--threads", str(args.threads)]
+    """One case in a fresh process (selattn_c.bench_memory_probe): its JSON line of figures."""
+    cmd = [sys.executable, "-m", "selattn_c.bench_memory_probe", case, str(args.memory_n),
+           str(args.heads), str(args.dim), str(args.batch), str(args.threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
     if proc.returncode != 0:
         raise RuntimeError(f"memory child ({case}) failed with code {proc.returncode}:\n"
@@ -886,13 +840,11 @@ def strip_option(argv: List[str], name: str) -> List[str]:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
-    if len(args.thread_counts) > 1 and not (args.memory or args.memory_child):
+    if len(args.thread_counts) > 1 and not args.memory:
         run_thread_counts(args, sys.argv[1:] if argv is None else argv)
         return
     pin_blas_threads(args.threads, allow_reexec=argv is None)
-    if args.memory_child:
-        memory_child(args)
-    elif args.memory:
+    if args.memory:
         memory_report(args)
     else:
         run_benchmark(args)
