@@ -13,9 +13,11 @@ with ``--context`` tokens by ``prefill`` (not timed), then ``--steps`` calls of 
 timed run; the time per step is the run's time divided by ``--steps``. A budgeted cache is in its
 steady state (full; every step evicts one token), so every run does the same work; budget =
 context is the full cache. Columns: held tokens, ``nbytes`` of the cache, the median time of one
-``step`` (the Python method: input checks, conversion, the C call), the median time of the bare C
-call (``lib.selattn_kv_step`` through cffi with prepared pointers, in the same Python loop), their
-difference (the Python overhead of ``step``), and the speed-up over the first budget's ``step``.
+``step`` (the Python method: input checks, conversion, the C call), of one call of a function from
+``KVCache.bind_step`` (the same step on arrays checked once; one bound function per token's
+arrays, made before timing), and of the bare C call (``lib.selattn_kv_step`` through cffi with
+prepared pointers, in the same Python loop); the Python overhead of ``step`` and of the bound
+step (each minus the bare call); and the speed-up over the first budget's ``step``.
 Every timed run follows an untimed run of the same steps on the same cache, so ``step`` and the
 bare call find the cache's memory equally warm (without it, the op timed first after another
 budget's runs paid for cold caches, and the difference grew with the budget). Budget 2 (BOS and
@@ -81,7 +83,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def decode_ops(np: Any, sc: Any, args: argparse.Namespace):
-    """(label, budget, cache, step run, bare C run, warm-up) for every budget."""
+    """(label, budget, cache, step run, bound step run, bare C run, warm-up) for every budget."""
     from ._selattn_cffi import ffi, lib
 
     B, H, D = args.batch, args.heads, args.dim
@@ -102,6 +104,12 @@ def decode_ops(np: Any, sc: Any, args: argparse.Namespace):
             for q, k, v in tokens:
                 cache.step(q, k, v)
 
+        bound = [cache.bind_step(q, k, v, out) for q, k, v in tokens]
+
+        def bound_run(_: Any, bound=bound) -> None:
+            for step in bound:
+                step()
+
         def bare_run(_: Any, cache=cache) -> None:
             c = cache._c
             for qp, kp, vp in ptrs:
@@ -114,7 +122,8 @@ def decode_ops(np: Any, sc: Any, args: argparse.Namespace):
             and their difference would measure caches, not Python."""
             bare_run(None, cache)
 
-        ops.append((f"KVCache budget {budget}", budget, cache, step_run, bare_run, warm))
+        ops.append((f"KVCache budget {budget}", budget, cache, step_run, bound_run, bare_run,
+                    warm))
     return ops
 
 
@@ -178,8 +187,8 @@ def run(args: argparse.Namespace) -> None:
 
     ops = decode_ops(np, sc, args)
     timed = []
-    for label, _, _, step_run, bare_run, warm in ops:
-        timed += [(step_run, warm), (bare_run, warm)]
+    for label, _, _, step_run, bound_run, bare_run, warm in ops:
+        timed += [(step_run, warm), (bound_run, warm), (bare_run, warm)]
     torch_bytes = None
     if torch is not None:
         torch_run, torch_bytes = torch_full_cache_op(torch, args)
@@ -190,18 +199,19 @@ def run(args: argparse.Namespace) -> None:
     rows: List[List[str]] = []
     first = per_step[0].median
     summary = {}
-    for n, (label, budget, cache, _, _, _) in enumerate(ops):
-        step, bare = per_step[2 * n].median, per_step[2 * n + 1].median
+    for n, (label, budget, cache, *_) in enumerate(ops):
+        step, bound, bare = (per_step[3 * n + i].median for i in range(3))
         summary[budget] = step
         rows.append([label, f"{int(cache.size.max())}", f"{cache.nbytes / 2**20:,.2f}",
-                     fmt_us(step), fmt_us(bare), fmt_us(step - bare), f"{first / step:.1f}x"])
+                     fmt_us(step), fmt_us(bound), fmt_us(bare), fmt_us(step - bare),
+                     fmt_us(bound - bare), f"{first / step:.1f}x"])
     if torch is not None:
         t = per_step[-1].median
         rows.append(["torch eager, full cache", f"{args.context}", f"{torch_bytes / 2**20:,.2f}",
-                     fmt_us(t), "-", "-", f"{first / t:.1f}x"])
-    print(render(["decode step", "held", "cache MiB", "step us", "C call us", "Python us",
-                  f"vs budget {args.budgets[0]}"], rows, args.markdown,
-                 [False] + [True] * 6))
+                     fmt_us(t), "-", "-", "-", "-", f"{first / t:.1f}x"])
+    print(render(["decode step", "held", "cache MiB", "step us", "bound us", "C call us",
+                  "Python us: step", "Python us: bound", f"vs budget {args.budgets[0]}"], rows,
+                 args.markdown, [False] + [True] * 8))
     if TARGET_BUDGET in summary and TARGET_FULL in summary:
         ratio = summary[TARGET_FULL] / summary[TARGET_BUDGET]
         verdict = "met" if ratio >= TARGET_SPEEDUP else "NOT met"

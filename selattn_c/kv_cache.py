@@ -9,7 +9,7 @@ how to pick a budget.
 from __future__ import annotations
 
 import threading
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 
@@ -319,6 +319,64 @@ class KVCache:
         if rc != _OK:
             _check(rc, "step", q, k, v)
         return out
+
+    def bind_step(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray, *,
+                  check_finite: bool = True) -> Callable[[], np.ndarray]:
+        """A prepared ``step`` on arrays the caller owns: for decoding loops that write each new
+        token's q, k and v in place (e.g. ``np.matmul(x, w_q, out=q)``).
+
+        The arrays are checked once, here; every call of the returned function then runs one
+        step on their current contents and writes the output into ``out`` (and returns it),
+        with nothing left in Python but the lock and the C call. The same state and outputs as
+        ``cache.step(q, k, v)`` (bitwise).
+
+        Parameters
+        ----------
+        q, k, v : (B, H, D) float32 C-contiguous aligned ndarrays, read at every call
+        out : (B, H, D) float32 C-contiguous aligned writable ndarray, sharing no memory with
+            q, k or v, written at every call
+        check_finite : bool, raise ValueError on NaN or infinity in q, k, v at a call (False
+            skips the check)
+
+        Returns
+        -------
+        step : callable with no arguments, returning ``out``. It raises like ``step`` (closed
+            cache, concurrent use, non-finite input; the cache is then unchanged). The function
+            keeps the arrays alive; it stays valid across ``reset()``.
+        """
+        shape = (self.B, self.H, self.D)
+        for name, x in (("q", q), ("k", k), ("v", v), ("out", out)):
+            if type(x) is not np.ndarray:
+                raise TypeError(f"{name} must be a numpy.ndarray, got {type(x).__name__}")
+            if not _ready(x, shape):
+                raise ValueError(f"{name} must be a native float32 C-contiguous aligned array of "
+                                 f"shape {shape}, got {x.dtype} {x.shape} (contiguous: "
+                                 f"{x.flags.c_contiguous}, aligned: {x.flags.aligned})")
+        if not out.flags.writeable:
+            raise ValueError("out must be writable")
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            if np.may_share_memory(out, x):
+                raise ValueError(f"out must not share memory with {name}")
+        ptrs = tuple(_buffer("float[]", x) for x in (q, k, v, out))
+        finite, lock = bool(check_finite), self._lock
+
+        def step() -> np.ndarray:
+            if not lock.acquire(False):
+                self._acquire()            # raises the RuntimeError of a cache in use
+            try:
+                if self._a is None:
+                    raise ValueError("this KVCache is closed")
+                c, a = self._with_room(1)
+                rc = _kv_step(c, *ptrs, finite, _threads_arg())
+                if rc == _OK:
+                    self._c, self._a = c, a
+            finally:
+                lock.release()
+            if rc != _OK:
+                _check(rc, "step", q, k, v)
+            return out
+
+        return step
 
     def prefill(self, q, k, v, *, check_finite: bool = True) -> np.ndarray:
         """N tokens at once: the same outputs and final state as N calls of ``step``.
