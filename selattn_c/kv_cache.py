@@ -343,7 +343,15 @@ class KVCache:
         step : callable with no arguments, returning ``out``. It raises like ``step`` (closed
             cache, concurrent use, non-finite input; the cache is then unchanged). The function
             keeps the arrays alive; it stays valid across ``reset()``.
+
+        Raises
+        ------
+        TypeError for a non-ndarray, ValueError for any other array ``step`` could not read in
+        place (dtype, byte order, shape, layout), a read-only ``out``, an ``out`` sharing memory
+        with an input, or a closed cache.
         """
+        if self._a is None:
+            raise ValueError("this KVCache is closed")
         shape = (self.B, self.H, self.D)
         for name, x in (("q", q), ("k", k), ("v", v), ("out", out)):
             if type(x) is not np.ndarray:

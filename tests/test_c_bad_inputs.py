@@ -49,6 +49,16 @@ def with_nan(x, index=(0, 0, 1, 1), value=np.nan, dtype=None):
     return x
 
 
+def new(shape=(B, H, D)) -> np.ndarray:
+    """A fresh float32 array (an output, or an input of the wrong shape)."""
+    return np.zeros(shape, np.float32)
+
+
+def read_only(x: np.ndarray) -> np.ndarray:
+    x.flags.writeable = False
+    return x
+
+
 def f64(*arrays):
     return tuple(x.astype(np.float64) for x in arrays)
 
@@ -228,12 +238,36 @@ ROWS = [
      "too large"),
     ("held-out-of-range", "KVCache.held", lambda a: a.cache.held(B), ValueError, "b must be in"),
     ("held-float", "KVCache.held", lambda a: a.cache.held(0.0), TypeError, "b must be an int"),
+    ("bind-step-float64", "KVCache.bind_step",
+     lambda a: a.cache.bind_step(np.ones((B, H, D)), a.one, a.one, new()), ValueError,
+     "q must be a native float32"),
+    ("bind-step-wrong-shape", "KVCache.bind_step",
+     lambda a: a.cache.bind_step(a.one, new((B, H, D + 1)), a.one, new()), ValueError,
+     "k must be a native float32"),
+    ("bind-step-strided", "KVCache.bind_step",
+     lambda a: a.cache.bind_step(a.one, a.one, new((B, D, H)).transpose(0, 2, 1), new()),
+     ValueError, "v must be a native float32"),
+    ("bind-step-list", "KVCache.bind_step",
+     lambda a: a.cache.bind_step(a.one, a.one, a.one, new().tolist()), TypeError,
+     "out must be a numpy.ndarray"),
+    ("bind-step-read-only-out", "KVCache.bind_step",
+     lambda a: a.cache.bind_step(a.one, a.one, a.one, read_only(new())), ValueError,
+     "out must be writable"),
+    ("bind-step-out-is-q", "KVCache.bind_step",
+     lambda a: a.cache.bind_step(a.one, new(), new(), a.one), ValueError,
+     "out must not share memory with q"),
+    ("bound-step-nan", "KVCache.bind_step",
+     lambda a: a.cache.bind_step(a.one, a.one, with_nan(a.one, (0, 1, 2)), new())(), ValueError,
+     "v contains NaN or infinity"),
     ("closed-step", "KVCache (closed)", lambda a: a.closed.step(a.one, a.one, a.one), ValueError,
      "closed"),
     ("closed-prefill", "KVCache (closed)", lambda a: a.closed.prefill(a.q, a.k, a.v), ValueError,
      "closed"),
     ("closed-state", "KVCache (closed)", lambda a: a.closed.positions, ValueError, "closed"),
     ("closed-reset", "KVCache (closed)", lambda a: a.closed.reset(), ValueError, "closed"),
+    ("closed-bind-step", "KVCache (closed)", lambda a: a.closed.bind_step(a.one, a.one, a.one,
+                                                                          new()),
+     ValueError, "closed"),
 ]
 
 
