@@ -64,7 +64,8 @@ first count over the others) and target 6: the C forward at N = 2048 on 2 thread
 faster than on 1.
 
 ``--memory`` instead runs one forward (and, in a second fresh process, forward + backward) at
-B=1, H=8, N=16384, D=64 and reports the whole process's peak resident set size (interpreter and
+B=1, H=8, N=16384, D=64 (``selattn_c.bench_memory_probe``: a process holding only the
+interpreter, NumPy and selattn_c) and reports the whole process's peak resident set size (interpreter and
 NumPy included) against the bytes of the tensors the call must hold: q, k, v, out for the
 forward; q, k, v, out, dout, dq, dk, dv for forward + backward. The target (issue 7, for the
 forward) is peak <= 1.3x those bytes, judged twice: for the whole process and net of the resident
