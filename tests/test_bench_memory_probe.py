@@ -11,10 +11,13 @@ from selattn_c import bench_memory_probe
 
 
 @pytest.mark.parametrize("case, tensors", [("fwd", 4), ("fwdbwd", 8)])
-def test_probe_reports_its_tensors_and_a_peak_above_them(case, tensors):
+def test_probe_reports_its_tensors_and_a_peak_above_them(case, tensors, tmp_path):
     N, H, D, B = 300, 2, 8, 1
+    # cwd elsewhere: `python -m` puts the cwd first on sys.path, and the checkout's selattn_c
+    # (no compiled extension) must not shadow the installed one
     proc = subprocess.run([sys.executable, "-m", "selattn_c.bench_memory_probe", case, str(N),
-                           str(H), str(D), str(B), "1"], capture_output=True, text=True, check=True)
+                           str(H), str(D), str(B), "1"], capture_output=True, text=True,
+                          check=True, cwd=tmp_path)
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     assert info["tensors"] == tensors
     assert info["tensor_bytes"] == tensors * B * H * N * D * 4
@@ -22,9 +25,9 @@ def test_probe_reports_its_tensors_and_a_peak_above_them(case, tensors):
     assert info["fwd_seconds"] >= 0.0
 
 
-def test_probe_refuses_bad_arguments():
+def test_probe_refuses_bad_arguments(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "selattn_c.bench_memory_probe", "fwd", "300"],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode != 0 and "fwd|fwdbwd" in proc.stderr
 
 
