@@ -1,5 +1,6 @@
 """The pruned KV cache of one selective-attention layer, in NumPy: the readable model of
-``selattn_c.KVCache`` (the C version has the same API, state and slot layout).  § 9
+``selattn_c.KVCache`` (the C version has the same decoding API, state and slot layout, plus
+input checks, ``bind_step`` and memory management).  § 9
 
 Decoding token by token, a cache holds the keys and values of earlier tokens in *slots*. Selective
 attention adds one number per held token: its running accumulated mask ``F`` (how strongly later
