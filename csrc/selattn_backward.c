@@ -239,11 +239,7 @@ int selattn_backward(const float *q, const float *k, const float *v,
     #pragma omp parallel num_threads(team)
     {
         scratch w;
-        if (!scratch_alloc(&w, H, D)) {
-            #pragma omp atomic write
-            failed = 1;
-        }
-        #pragma omp barrier /* every thread sees `failed` before the loops read it */
+        team_note_alloc(scratch_alloc(&w, H, D), &failed);
         /* Pass 4: one task per (b, dq chunk); it walks the chunk's key blocks in increasing
          * order, so each partial sum of dq is added up in the same order for any team size. */
         #pragma omp for schedule(dynamic, 1)

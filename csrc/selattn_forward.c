@@ -157,11 +157,8 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
             float *alpha = malloc(T * sizeof(float));              /* (T,) rescale factors */
             float *colmax = malloc(T * sizeof(float));             /* (T,) row max of a tile */
             float *acc = malloc(QPAIR * H * T * D * sizeof(float)); /* (g, H, T, D) out, unscaled */
-            if (!ls || !sel || !ft || !x || !qt || !m || !l || !alpha || !colmax || !acc) {
-                #pragma omp atomic write
-                failed = 1;
-            }
-            #pragma omp barrier /* every thread sees `failed` before the loop reads it */
+            team_note_alloc(ls && sel && ft && x && qt && m && l && alpha && colmax && acc,
+                            &failed);
             #pragma omp for schedule(dynamic, 1)
             for (size_t task = 0; task < ntasks; task++) {
                 if (failed) continue;

@@ -29,11 +29,7 @@ int selattn_accumulated_mask(const float *q, const float *k,
         float *ls = malloc(T * T * sizeof(float));
         float *sel = malloc(T * T * sizeof(float));
         float *ftile = malloc(T * T * sizeof(float));
-        if (!ls || !sel || !ftile) {
-            #pragma omp atomic write
-            failed = 1;
-        }
-        #pragma omp barrier /* every thread sees `failed` before the loop reads it */
+        team_note_alloc(ls && sel && ftile, &failed);
         #pragma omp for schedule(dynamic, 1)
         for (size_t task = 0; task < B * nqb; task++) {
             if (failed) continue;

@@ -123,11 +123,7 @@ int selector_block_prefix(const selector *sp_in, size_t B, size_t qb0, size_t nq
     {
         float *ls = malloc(T * T * sizeof(float));   /* (T, T) selector logits */
         float *sel = malloc(T * T * sizeof(float));  /* (T, T) S */
-        if (!ls || !sel) {
-            #pragma omp atomic write
-            failed = 1;
-        }
-        #pragma omp barrier /* every thread sees `failed` before the loop reads it */
+        team_note_alloc(ls && sel, &failed);
         #pragma omp for schedule(dynamic, 1)
         for (size_t task = 0; task < ntasks; task++) {
             if (failed) continue;
