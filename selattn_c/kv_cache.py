@@ -369,8 +369,11 @@ class KVCache:
         finite, lock = bool(check_finite), self._lock
 
         def step() -> np.ndarray:
+            # _acquire inlined (lock, then the closed test): the method call alone costs 0.12 us,
+            # a tenth of what this function adds to the C call. A busy lock goes to _acquire for
+            # its RuntimeError.
             if not lock.acquire(False):
-                self._acquire()            # raises the RuntimeError of a cache in use
+                self._acquire()
             try:
                 if self._a is None:
                     raise ValueError("this KVCache is closed")
