@@ -14,13 +14,6 @@ import selattn_c
 from helpers import cache_cases, exact_qkv
 
 
-def cache_for(case) -> selattn_c.KVCache:
-    B, H, N, D = case.q.shape
-    return selattn_c.KVCache(B, H, D, budget=case.budget, selector_head=case.selector_head,
-                             protect_bos=case.protect_bos, selective=case.selective,
-                             evict_threshold=case.evict_threshold)
-
-
 def bound_arrays(B: int, H: int, D: int):
     """q, k, v, out: float32 (B, H, D) each, as a decoding loop would own them."""
     return [np.zeros((B, H, D), np.float32) for _ in range(4)]
@@ -31,7 +24,7 @@ def test_bound_step_is_step_bitwise(case):
     """Token by token, the bound function (inputs written in place) and ``step`` give the same
     output bits and leave the same state; an unbudgeted cache grows under the bound function."""
     B, H, N, D = case.q.shape
-    plain, bound = cache_for(case), cache_for(case)
+    plain, bound = (selattn_c.KVCache(B, H, D, **case.options()) for _ in range(2))
     q, k, v, out = bound_arrays(B, H, D)
     step = bound.bind_step(q, k, v, out)
     for i in range(N):
