@@ -2,6 +2,8 @@
 #ifndef SELATTN_OMP_COMPAT_H
 #define SELATTN_OMP_COMPAT_H
 
+#include <sched.h>
+
 #ifdef _OPENMP
 #include <omp.h>
 #else
@@ -21,6 +23,34 @@ static inline void team_note_alloc(int ok, int *failed)
         *failed = 1;
     }
     #pragma omp barrier
+}
+
+/* Progress flags between the tasks of one parallel loop (the forward's wavefront): a task
+ * publishes with flag_publish after writing the data the flag stands for, and a later task reads
+ * that data only after flag_wait_at_least has seen the flag reach its value. Both are sequentially
+ * consistent atomics, so the data written before the publish is visible after the wait. Only a
+ * task handed out earlier is ever waited for, and that task is running, so the wait ends. */
+static inline void flag_publish(int *flag, int value)
+{
+    #pragma omp atomic write seq_cst
+    *flag = value;
+}
+
+static inline void flag_wait_at_least(const int *flag, int value)
+{
+    for (unsigned spins = 0;; spins++) {
+        int now;
+        #pragma omp atomic read seq_cst
+        now = *flag;
+        if (now >= value) return;
+        if (spins < 4096) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+            __builtin_ia32_pause();                 /* a polite spin: the wait is usually short */
+#endif
+        } else {
+            sched_yield();     /* more threads than cores: let the task we wait for run */
+        }
+    }
 }
 
 #endif /* SELATTN_OMP_COMPAT_H */

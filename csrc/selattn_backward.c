@@ -14,7 +14,7 @@
  *
  * Passes:
  *   0.   kt, vt (B, H, nqb, D, T): key and value tiles transposed once (transpose_blocks).
- *   1-2. Fstart (B, nqb, N), exactly as in the forward (selector_block_prefix).
+ *   1-2. Fstart (B, nqb, N) (selector_block_prefix), the rows the forward built on its way.
  *   3.   delta (B, H, N) = rowsum(dout * out).
  *   4.   key blocks are dealt to SELATTN_DQ_CHUNKS chunks; per (b, chunk) in parallel, for each
  *        key block of the chunk, query blocks from the last one up: recompute P and G for every
@@ -211,9 +211,9 @@ int selattn_backward(const float *q, const float *k, const float *v,
         /* Pass 1-2: the mask entering each query block, as in the forward */
         fstart = big_alloc(B * nqb * N * sizeof(float));
         const selector sp = {kern, q, kt, NULL, H, N, D, nqb, selector_head, protect_bos, scale,
-                             H, selector_head, 0, nqb};
+                             H, selector_head};
         rc = !fstart ? SELATTN_ENOMEM
-             : selector_block_prefix(&sp, B, 0, nqb, NULL, fstart, nthreads);
+             : selector_block_prefix(&sp, B, fstart, nthreads);
     }
     if (rc != SELATTN_OK) {
         free(fstart); free(delta); free(kt); free(vt); free(dq_parts);
@@ -233,7 +233,7 @@ int selattn_backward(const float *q, const float *k, const float *v,
 
     const problem pr = {q, k, v, lse, dout, delta, kt, vt,
                         {kern, q, kt, fstart, H, N, D, nqb, selector_head, protect_bos, scale,
-                         H, selector_head, 0, nqb},
+                         H, selector_head},
                         H, N, D, nqb, selector_head, selective, scale, kern};
     int failed = 0;
     #pragma omp parallel num_threads(team)

@@ -3,16 +3,25 @@
  * Reference: forward() in reference/attention.py; the design is in docs/kernel-design.md.
  *
  * Pass 0 (transpose_blocks): the selector head's key tiles transposed once, kt_s (B, nqb, D, T).
- * Pass 1-2 (selector_block_prefix): Fstart (B, nqb, N), the mask carried into each query block.
- * Pass 3 (here): for each (b, pair of query blocks) in parallel, each block's queries transposed
+ * Pass 1 (here): for each (b, pair of query blocks) in parallel, each block's queries transposed
  * (qt), then for each key tile left to right:
- *   3a. for each block: the selector head's logit tile -> S tile -> F tile (shared by all heads),
- *       transposed to key-major;
- *   3b. for each head and block: the key-major logit tile x = scale * k qt - F, causally masked
+ *   1a. for each block: the selector head's logit tile -> S tile -> F tile (shared by all heads),
+ *       transposed to key-major, from the block's Fstart row; and the next block's Fstart row on
+ *       this tile's keys, Fstart[qb + 1] = Fstart[qb] + (column sums of S over block qb);
+ *   1b. for each head and block: the key-major logit tile x = scale * k qt - F, causally masked
  *       (gemm_nt_logits), online softmax (softmax_t), acc = alpha acc + P v (gemm_acc_t);
- *   3c. out = acc / l, lse = m + log l.
+ *   1c. out = acc / l, lse = m + log l.
  * Key-major tiles (keys down, query rows across the vector lanes) make the softmax's row max and
  * sum lane-wise, and need no transposed copy of k: the keys are read where they are.
+ *
+ * The wavefront: Fstart, the mask entering each query block, is a running sum over the blocks
+ * above it, so the selective forward hands out its tasks top block first, and block qb + 1 reads
+ * Fstart[qb + 1] on key tile kb as soon as block qb has written it (after 1a, before its heads'
+ * work), one tile behind. The selector's logits are computed once, in 1a, where the backward
+ * computes them twice (selector_block_prefix, then its tiles). The rows live in a ring of a few
+ * rows per batch element; a block overwrites a slot only after the block that read it is done.
+ * The sums are those of selector_block_prefix, in its order, so F has the same bits as there, on
+ * any number of threads.
  *
  * Pruned prefill (forward_with_evictions): key j is visible to query i only while i < evict_at[j]
  * (the KV cache's eviction schedule, kv_cache.c). Evicted keys get F = +inf in the F tile, and key
@@ -32,20 +41,19 @@
 
 #define T SELATTN_TILE
 #define QPAIR 2    /* query blocks per task, walking the key tiles together */
-#define FSTART_GROUP_MAX 64            /* query blocks per group at most: one group to N = 4096 */
-#define FSTART_GROUP_BYTES ((size_t)1 << 20) /* a group's Fstart per batch element stays <= 1 MiB */
+#define RING_ROWS_MAX (64 + 1)                 /* Fstart rows per batch element at most */
+#define RING_BYTES ((size_t)1 << 20)           /* and at most about 1 MiB of them */
 
-/* Query blocks whose Fstart is held at once: up to 64 (so N <= 4096 runs as one group and pays
- * no extra synchronisation), fewer for longer inputs, so that Fstart, (B, group, N), stays within
- * 1 MiB per batch element; a multiple of QPAIR, at least one pair. */
-static size_t fstart_group(size_t nqb, size_t N)
+/* Slots in the ring of Fstart rows, (B, ring, N): up to 65, so that to N = 4096 every block has
+ * its own row and never waits for a slot; fewer for longer inputs, so the ring stays near 1 MiB
+ * per batch element; at least QPAIR + 1, the rows one task reads and writes at once. */
+static size_t fstart_ring_rows(size_t nqb, size_t N)
 {
-    if (N == 0) return 0;
-    size_t group = FSTART_GROUP_BYTES / (N * sizeof(float));
-    if (group > FSTART_GROUP_MAX) group = FSTART_GROUP_MAX;
-    group -= group % QPAIR;
-    if (group < QPAIR) group = QPAIR;
-    return nqb < group ? nqb : group;
+    size_t rows = N ? RING_BYTES / (N * sizeof(float)) : 0;
+    if (rows > RING_ROWS_MAX) rows = RING_ROWS_MAX;
+    if (rows > nqb + 1) rows = nqb + 1;
+    if (rows < QPAIR + 1) rows = QPAIR + 1;
+    return rows;
 }
 
 /* Extremes of evict_at over each key tile: tmin/tmax (B, nqb). A tile whose tmax <= i0 is
@@ -93,152 +101,163 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
     const selattn_kernels *kern = selattn_select_kernels();
     const size_t nqb = num_blocks(N);
     const size_t s = selector_head;
-    const size_t group = fstart_group(nqb, N);
+    const size_t ring = fstart_ring_rows(nqb, N);
     float *kt_s = NULL;                     /* (B, 1, nqb, D, T) the selector head's key tiles */
-    float *fstart = NULL;                   /* (B, group, N) mask entering each block of a group */
-    float *carry = NULL;                    /* (B, N) sum of S over the blocks before the group */
-    selector sp = {kern, q, NULL, NULL, H, N, D, nqb, s, protect_bos, scale, 1, 0, 0, group};
+    float *fstart = NULL;                   /* (B, ring, N) Fstart row of block qb at qb % ring */
+    int *ready = NULL;    /* (B, nqb) key tiles of Fstart[qb + 1] that block qb has written */
+    int *done = NULL;     /* (B, nqb) 1 once block qb has read its Fstart row for the last time */
+    int64_t *tmin = NULL, *tmax = NULL;     /* (B, nqb) evict_at per key tile */
+    selector sp = {kern, q, NULL, NULL, H, N, D, nqb, s, protect_bos, scale, 1, 0};
+    int failed = 0;
     if (selective) {
         /* Pass 0: the selector head's key tiles, transposed (1/H of k) */
         kt_s = big_alloc(B * nqb * D * T * sizeof(float));
-        fstart = big_alloc(B * group * N * sizeof(float));
-        carry = calloc(B * N, sizeof(float));
-        if (!kt_s || !fstart || !carry) {
-            free(kt_s); free(fstart); free(carry);
-            return SELATTN_ENOMEM;
-        }
-        for (size_t b = 0; b < B; b++)
-            transpose_blocks(kern, k + (b * H + s) * N * D, 1, 1, N, D, kt_s + b * nqb * D * T,
-                             nthreads);
+        fstart = big_alloc(B * ring * N * sizeof(float));
+        ready = calloc(B * nqb, sizeof(int));
+        done = calloc(B * nqb, sizeof(int));
+        failed |= !kt_s || !fstart || !ready || !done;
+        if (!failed)
+            for (size_t b = 0; b < B; b++)
+                transpose_blocks(kern, k + (b * H + s) * N * D, 1, 1, N, D,
+                                 kt_s + b * nqb * D * T, nthreads);
         sp.kt = kt_s;
-        sp.fstart = fstart;
     }
-
-    int64_t *tmin = NULL, *tmax = NULL;              /* (B, nqb) evict_at per key tile */
-    if (evict_at) {
+    if (evict_at && !failed) {
         tmin = malloc(B * nqb * sizeof(int64_t));
         tmax = malloc(B * nqb * sizeof(int64_t));
-        if (!tmin || !tmax) {
-            free(tmin); free(tmax); free(fstart); free(carry); free(kt_s);
-            return SELATTN_ENOMEM;
-        }
-        evicted_tile_bounds(evict_at, B, N, tmin, tmax);
+        failed |= !tmin || !tmax;
+        if (!failed) evicted_tile_bounds(evict_at, B, N, tmin, tmax);
     }
     const int masked = selective || evict_at;        /* is there an F tile to subtract? */
+    const size_t npairs = (nqb + QPAIR - 1) / QPAIR, ntasks = failed ? 0 : B * npairs;
+    size_t next_task = 0;       /* tasks are handed out in this order (see the header comment) */
 
-    /* Query blocks are taken in groups (fstart_group), so Fstart is held for one group at a
-     * time ((B, group, N) instead of (B, nqb, N)): passes 1-2 for a group, carried on from the
-     * groups before it, then pass 3 for the group's blocks. */
-    int failed = 0;
-    for (size_t g0 = 0; g0 < nqb && !failed; g0 += group) {
-        /* Tasks: (b, pair of query blocks), biggest first. The two blocks of a pair walk the key
-         * tiles together, so each key and value tile is used twice while it is in cache; each block
-         * keeps its own state and order of operations, so pairing changes no bit. */
-        const size_t nq = nqb - g0 < group ? nqb - g0 : group;     /* blocks in this group */
-        const size_t npairs = (nq + QPAIR - 1) / QPAIR, ntasks = B * npairs;
-        if (selective) {
-            /* Pass 1-2: Fstart of the group's blocks, carried on from the groups before */
-            sp.fs_qb0 = g0;
-            if (selector_block_prefix(&sp, B, g0, nq, carry, fstart, nthreads) != SELATTN_OK) {
-                failed = 1;
-                break;
+    #pragma omp parallel num_threads(team_size(nthreads))
+    {
+        /* per-thread scratch; nothing here grows with N. g indexes the blocks of the pair. */
+        float *ls = malloc(QPAIR * T * T * sizeof(float));     /* (g, T, T) selector logits */
+        float *ft = malloc(QPAIR * T * T * sizeof(float));     /* (g, T keys, T rows) F */
+        float *sel = malloc(T * T * sizeof(float));            /* (T, T) S tile */
+        float *x = malloc(T * T * sizeof(float));              /* (T keys, T rows) logits, P */
+        float *qt = malloc(QPAIR * H * D * T * sizeof(float)); /* (g, H, D, T) q, transposed */
+        float *m = malloc(QPAIR * H * T * sizeof(float));      /* (g, H, T) running row max */
+        float *l = malloc(QPAIR * H * T * sizeof(float));      /* (g, H, T) running row sum */
+        float *alpha = malloc(T * sizeof(float));              /* (T,) rescale factors */
+        float *colmax = malloc(T * sizeof(float));             /* (T,) row max of a tile */
+        float *acc = malloc(QPAIR * H * T * D * sizeof(float)); /* (g, H, T, D) out, unscaled */
+        team_note_alloc(ls && sel && ft && x && qt && m && l && alpha && colmax && acc, &failed);
+        for (;;) {
+            size_t task;
+            #pragma omp atomic capture
+            task = next_task++;
+            if (task >= ntasks || failed) break;
+            /* Tasks: (b, pair of query blocks). Selective: top pair first, the wavefront's order.
+             * Otherwise biggest first, so the dynamic hand-out keeps every core busy to the end.
+             * The two blocks of a pair walk the key tiles together, so each key and value tile
+             * is used twice while it is in cache; each block keeps its own state and order of
+             * operations, so pairing changes no bit. */
+            const size_t b = task / npairs;
+            const size_t qb0 = (selective ? task % npairs : npairs - 1 - task % npairs) * QPAIR;
+            const size_t nb = nqb - qb0 < QPAIR ? nqb - qb0 : QPAIR;          /* in the pair */
+            int *ready_b = selective ? ready + b * nqb : NULL;        /* the wavefront's */
+            int *done_b = selective ? done + b * nqb : NULL;
+            float *fstart_b = selective ? fstart + b * ring * N : NULL;
+            size_t i0[QPAIR], rows[QPAIR];
+            for (size_t g = 0; g < nb; g++) {
+                const size_t qb = qb0 + g;
+                i0[g] = qb * T;
+                rows[g] = block_len(N, i0[g]);
+                for (size_t hr = g * H * T; hr < (g + 1) * H * T; hr++) {
+                    m[hr] = -INFINITY;
+                    l[hr] = 0.0f;
+                }
+                memset(acc + g * H * T * D, 0, H * T * D * sizeof(float));
+                /* 1.0 the query block of every head, transposed and zero-padded: qt_h (D, T) */
+                for (size_t h = 0; h < H; h++) {
+                    const float *q_bhi = q + ((b * H + h) * N + i0[g]) * D;       /* (rows, D) */
+                    kern->transpose(q_bhi, D, rows[g], D, qt + (g * H + h) * D * T);
+                }
+                if (selective) {
+                    /* Fstart[0] = 0 on the first key tile, the only one block 0 reads */
+                    if (qb == 0) memset(fstart_b, 0, block_len(N, 0) * sizeof(float));
+                    /* the slot of Fstart[qb + 1] is free once its last reader is done */
+                    if (qb + 1 < nqb && qb + 1 >= ring)
+                        flag_wait_at_least(done_b + qb + 1 - ring, 1);
+                }
             }
-        }
-        #pragma omp parallel num_threads(team_size(nthreads))
-        {
-            /* per-thread scratch; nothing here grows with N. g indexes the blocks of the pair. */
-            float *ls = malloc(QPAIR * T * T * sizeof(float));     /* (g, T, T) selector logits */
-            float *ft = malloc(QPAIR * T * T * sizeof(float));     /* (g, T keys, T rows) F */
-            float *sel = malloc(T * T * sizeof(float));            /* (T, T) S tile */
-            float *x = malloc(T * T * sizeof(float));              /* (T keys, T rows) logits, P */
-            float *qt = malloc(QPAIR * H * D * T * sizeof(float)); /* (g, H, D, T) q, transposed */
-            float *m = malloc(QPAIR * H * T * sizeof(float));      /* (g, H, T) running row max */
-            float *l = malloc(QPAIR * H * T * sizeof(float));      /* (g, H, T) running row sum */
-            float *alpha = malloc(T * sizeof(float));              /* (T,) rescale factors */
-            float *colmax = malloc(T * sizeof(float));             /* (T,) row max of a tile */
-            float *acc = malloc(QPAIR * H * T * D * sizeof(float)); /* (g, H, T, D) out, unscaled */
-            team_note_alloc(ls && sel && ft && x && qt && m && l && alpha && colmax && acc,
-                            &failed);
-            #pragma omp for schedule(dynamic, 1)
-            for (size_t task = 0; task < ntasks; task++) {
-                if (failed) continue;
-                const size_t b = task / npairs, qb0 = g0 + (npairs - 1 - task % npairs) * QPAIR;
-                const size_t nb = g0 + nq - qb0 < QPAIR ? g0 + nq - qb0 : QPAIR;  /* in the pair */
-                size_t i0[QPAIR], rows[QPAIR];
+
+            for (size_t kb = 0; kb < qb0 + nb; kb++) {
+                const size_t j0 = kb * T, ncols = block_len(N, j0);
+                int active[QPAIR], off[QPAIR];
                 for (size_t g = 0; g < nb; g++) {
-                    i0[g] = (qb0 + g) * T;
-                    rows[g] = block_len(N, i0[g]);
-                    for (size_t hr = g * H * T; hr < (g + 1) * H * T; hr++) {
-                        m[hr] = -INFINITY;
-                        l[hr] = 0.0f;
+                    const size_t qb = qb0 + g;
+                    active[g] = kb <= qb && !(evict_at && tmax[b * nqb + kb] <= (int64_t)i0[g]);
+                    /* the causal mask: row r sees key c when r + off >= c */
+                    off[g] = kb <= qb && i0[g] - j0 < T ? (int)(i0[g] - j0) : (int)T;
+                    float *ft_g = ft + g * T * T;
+                    if (selective && kb <= qb) {
+                        /* 1a. selector logits -> S -> F for this tile, for all heads (§§ 2-4),
+                         * and the next block's Fstart on its keys. A tile whose keys were all
+                         * evicted is skipped by this block and every later one: no F needed. */
+                        float *row_next = qb + 1 < nqb ? fstart_b + (qb + 1) % ring * N : NULL;
+                        if (active[g]) {
+                            if (qb > 0) flag_wait_at_least(ready_b + qb - 1, (int)kb + 1);
+                            mask_of_tile_t(&sp, b, qb, kb, fstart_b + qb % ring * N,
+                                           ls + g * T * T, sel, ft_g, row_next);
+                        }
+                        int published = (int)kb + 1;
+                        if (kb == qb) {          /* the diagonal: Fstart[qb + 1] is 0 beyond it */
+                            if (row_next)
+                                memset(row_next + j0 + T, 0, block_len(N, j0 + T) * sizeof(float));
+                            published = (int)kb + 2;
+                            flag_publish(done_b + qb, 1);
+                        }
+                        flag_publish(ready_b + qb, published);
+                    } else if (active[g] && evict_at) {
+                        memset(ft_g, 0, T * T * sizeof(float));
                     }
-                    memset(acc + g * H * T * D, 0, H * T * D * sizeof(float));
-                    /* 3.0 the query block of every head, transposed and zero-padded: qt_h (D, T) */
-                    for (size_t h = 0; h < H; h++) {
-                        const float *q_bhi = q + ((b * H + h) * N + i0[g]) * D;   /* (rows, D) */
-                        kern->transpose(q_bhi, D, rows[g], D, qt + (g * H + h) * D * T);
-                    }
+                    if (active[g] && evict_at && tmin[b * nqb + kb] < (int64_t)(i0[g] + rows[g]))
+                        mark_evicted(ft_g, evict_at + b * N + j0, i0[g], rows[g], ncols);
                 }
-
-                for (size_t kb = 0; kb < qb0 + nb; kb++) {
-                    const size_t j0 = kb * T, ncols = block_len(N, j0);
-                    int active[QPAIR], off[QPAIR];
+                /* 1b. every head: softmax(L - F) v, online over key tiles (§ 5), on key-major
+                 * tiles: x (ncols, T) = scale * k_h q_h^T */
+                for (size_t h = 0; h < H; h++) {
+                    const float *k_bhj = k + ((b * H + h) * N + j0) * D;  /* (ncols, D) */
+                    const float *v_bhj = v + ((b * H + h) * N + j0) * D;  /* (ncols, D) */
                     for (size_t g = 0; g < nb; g++) {
-                        const size_t qb = qb0 + g;
-                        active[g] = kb <= qb && !(evict_at && tmax[b * nqb + kb] <= (int64_t)i0[g]);
-                        if (!active[g]) continue;                     /* future, or all evicted */
-                        /* the causal mask: row r sees key c when r + off >= c */
-                        off[g] = i0[g] - j0 < T ? (int)(i0[g] - j0) : (int)T;
-                        float *ft_g = ft + g * T * T;
-                        /* 3a. selector logits -> S -> F for this tile, for all heads (§§ 2-4) */
-                        if (selective) {
-                            mask_of_tile_t(&sp, b, qb, kb, ls + g * T * T, sel, ft_g);
-                        } else if (evict_at) {
-                            memset(ft_g, 0, T * T * sizeof(float));
+                        if (!active[g]) continue;
+                        const size_t gh = g * H + h;
+                        float *m_h = m + gh * T, *l_h = l + gh * T, *acc_h = acc + gh * T * D;
+                        float *ft_g = masked ? ft + g * T * T : NULL;
+                        if (selective && h == s) {   /* L_s is the selector's ls, transposed */
+                            kern->transpose(ls + g * T * T, T, rows[g], T, x);
+                            kern->softmax_t(x, ft_g, ncols, off[g], NULL, m_h, l_h, alpha);
+                        } else {                     /* x = L - F, masked; colmax its row max */
+                            kern->gemm_nt_logits(k_bhj, ncols, qt + gh * D * T, D, scale, ft_g,
+                                                 off[g], x, colmax);
+                            kern->softmax_t(x, NULL, ncols, off[g], colmax, m_h, l_h, alpha);
                         }
-                        if (evict_at && tmin[b * nqb + kb] < (int64_t)(i0[g] + rows[g]))
-                            mark_evicted(ft_g, evict_at + b * N + j0, i0[g], rows[g], ncols);
-                    }
-                    /* 3b. every head: softmax(L - F) v, online over key tiles (§ 5), on key-major
-                     * tiles: x (ncols, T) = scale * k_h q_h^T */
-                    for (size_t h = 0; h < H; h++) {
-                        const float *k_bhj = k + ((b * H + h) * N + j0) * D;  /* (ncols, D) */
-                        const float *v_bhj = v + ((b * H + h) * N + j0) * D;  /* (ncols, D) */
-                        for (size_t g = 0; g < nb; g++) {
-                            if (!active[g]) continue;
-                            const size_t gh = g * H + h;
-                            float *m_h = m + gh * T, *l_h = l + gh * T, *acc_h = acc + gh * T * D;
-                            float *ft_g = masked ? ft + g * T * T : NULL;
-                            if (selective && h == s) {   /* L_s is the selector's ls, transposed */
-                                kern->transpose(ls + g * T * T, T, rows[g], T, x);
-                                kern->softmax_t(x, ft_g, ncols, off[g], NULL, m_h, l_h, alpha);
-                            } else {                     /* x = L - F, masked; colmax its row max */
-                                kern->gemm_nt_logits(k_bhj, ncols, qt + gh * D * T, D, scale, ft_g,
-                                                     off[g], x, colmax);
-                                kern->softmax_t(x, NULL, ncols, off[g], colmax, m_h, l_h, alpha);
-                            }
-                            kern->gemm_acc_t(x, rows[g], v_bhj, ncols, D, alpha, acc_h); /* + P v */
-                        }
+                        kern->gemm_acc_t(x, rows[g], v_bhj, ncols, D, alpha, acc_h); /* + P v */
                     }
                 }
-                /* 3c. normalise and keep the log-sum-exp for the backward */
-                for (size_t g = 0; g < nb; g++)
-                    for (size_t h = 0; h < H; h++) {
-                        const size_t gh = g * H + h;
-                        float *out_bhi = out + ((b * H + h) * N + i0[g]) * D;        /* (rows, D) */
-                        float *lse_bhi = lse ? lse + (b * H + h) * N + i0[g] : NULL;  /* (rows,) */
-                        for (size_t r = 0; r < rows[g]; r++) {
-                            const float inv = 1.0f / l[gh * T + r];
-                            for (size_t d = 0; d < D; d++)
-                                out_bhi[r * D + d] = acc[(gh * T + r) * D + d] * inv;
-                            if (lse) lse_bhi[r] = m[gh * T + r] + logf(l[gh * T + r]);
-                        }
-                    }
             }
-            free(ls); free(sel); free(ft); free(x); free(qt); free(m); free(l);
-            free(alpha); free(colmax); free(acc);
+            /* 1c. normalise and keep the log-sum-exp for the backward */
+            for (size_t g = 0; g < nb; g++)
+                for (size_t h = 0; h < H; h++) {
+                    const size_t gh = g * H + h;
+                    float *out_bhi = out + ((b * H + h) * N + i0[g]) * D;        /* (rows, D) */
+                    float *lse_bhi = lse ? lse + (b * H + h) * N + i0[g] : NULL;  /* (rows,) */
+                    for (size_t r = 0; r < rows[g]; r++) {
+                        const float inv = 1.0f / l[gh * T + r];
+                        for (size_t d = 0; d < D; d++)
+                            out_bhi[r * D + d] = acc[(gh * T + r) * D + d] * inv;
+                        if (lse) lse_bhi[r] = m[gh * T + r] + logf(l[gh * T + r]);
+                    }
+                }
         }
+        free(ls); free(sel); free(ft); free(x); free(qt); free(m); free(l);
+        free(alpha); free(colmax); free(acc);
     }
-    free(tmin); free(tmax); free(fstart); free(carry); free(kt_s);
+    free(tmin); free(tmax); free(fstart); free(ready); free(done); free(kt_s);
     return failed ? SELATTN_ENOMEM : SELATTN_OK;
 }

@@ -20,8 +20,8 @@ int selattn_accumulated_mask(const float *q, const float *k,
     if (!fstart || !kt) { free(fstart); free(kt); return SELATTN_ENOMEM; }
     transpose_blocks(kern, k, B, H, N, D, kt, nthreads);
     const selector sp = {kern, q, kt, fstart, H, N, D, nqb, selector_head, protect_bos, scale,
-                         H, selector_head, 0, nqb};
-    int rc = selector_block_prefix(&sp, B, 0, nqb, NULL, fstart, nthreads);
+                         H, selector_head};
+    int rc = selector_block_prefix(&sp, B, fstart, nthreads);
     if (rc != SELATTN_OK) { free(fstart); free(kt); return rc; }
     int failed = 0;
     #pragma omp parallel num_threads(team_size(nthreads))

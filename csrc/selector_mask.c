@@ -78,15 +78,14 @@ void selection_of_tile(const selector *sp, size_t b, size_t qb, size_t kb, float
     selection_tile(sp->kern, ls, i0, j0, rows, block_len(sp->N, j0), sp->protect_bos, sel);
 }
 
-/* The Fstart entries of tile (qb, kb): ncols of them, zero-padded to T. */
-static void fstart_cols_of_tile(const selector *sp, size_t b, size_t qb, size_t kb,
-                                float *fstart_cols)
+/* fstart_cols (T,) = the entries of an Fstart row (N,) on key tile kb: ncols of them,
+ * zero-padded to T. */
+static void fstart_cols_of_tile(const float *fstart_row, size_t N, size_t kb, float *fstart_cols)
 {
-    /* The row of Fstart has N entries: the last key tile has only ncols of them. Copy those and
-     * zero-pad, so mask_tile's T-wide loop never reads past the row (past the buffer at its end). */
-    const size_t j0 = kb * T, ncols = block_len(sp->N, j0);
-    const float *fstart_bq = sp->fstart + (b * sp->fs_rows + (qb - sp->fs_qb0)) * sp->N;
-    memcpy(fstart_cols, fstart_bq + j0, ncols * sizeof(float));
+    /* The row has N entries: the last key tile has only ncols of them. Copy those and zero-pad,
+     * so mask_tile's T-wide loop never reads past the row (past the buffer at its end). */
+    const size_t j0 = kb * T, ncols = block_len(N, j0);
+    memcpy(fstart_cols, fstart_row + j0, ncols * sizeof(float));
     for (size_t c = ncols; c < T; c++) fstart_cols[c] = 0.0f;
 }
 
@@ -95,29 +94,32 @@ void mask_of_tile(const selector *sp, size_t b, size_t qb, size_t kb, float *ls,
 {
     float fstart_cols[T];
     selection_of_tile(sp, b, qb, kb, ls, sel);
-    fstart_cols_of_tile(sp, b, qb, kb, fstart_cols);
+    fstart_cols_of_tile(sp->fstart + (b * sp->nqb + qb) * sp->N, sp->N, kb, fstart_cols);
     mask_tile(sel, fstart_cols, block_len(sp->N, qb * T), f);
 }
 
-void mask_of_tile_t(const selector *sp, size_t b, size_t qb, size_t kb, float *ls, float *sel,
-                    float *ft)
+void mask_of_tile_t(const selector *sp, size_t b, size_t qb, size_t kb, const float *fstart_row,
+                    float *ls, float *sel, float *ft, float *fstart_next)
 {
-    float fstart_cols[T];
+    float fstart_cols[T], colsum[T];
     selection_of_tile(sp, b, qb, kb, ls, sel);
-    fstart_cols_of_tile(sp, b, qb, kb, fstart_cols);
-    sp->kern->mask_tile_t(sel, fstart_cols, block_len(sp->N, qb * T), ft);
+    fstart_cols_of_tile(fstart_row, sp->N, kb, fstart_cols);
+    sp->kern->mask_tile_t(sel, fstart_cols, block_len(sp->N, qb * T), ft, colsum);
+    if (fstart_next) {         /* pass 2's running sum: Fstart[qb + 1] = Fstart[qb] + colsum */
+        const size_t j0 = kb * T, ncols = block_len(sp->N, j0);
+        for (size_t c = 0; c < ncols; c++) fstart_next[j0 + c] = fstart_cols[c] + colsum[c];
+    }
 }
 
-int selector_block_prefix(const selector *sp_in, size_t B, size_t qb0, size_t nq, float *carry,
-                          float *fstart, int nthreads)
+int selector_block_prefix(const selector *sp_in, size_t B, float *fstart, int nthreads)
 {
-    const size_t N = sp_in->N;
-    const size_t ntasks = B * nq;
+    const size_t N = sp_in->N, nqb = sp_in->nqb;
+    const size_t ntasks = B * nqb;
     selector sp = *sp_in;
     sp.fstart = NULL;
     int failed = 0;
 
-    /* Pass 1: each query block's column sums of S, fstart[b, qb - qb0, j] = sum_{m in qb} S[m, j].
+    /* Pass 1: each query block's column sums of S, fstart[b, qb, j] = sum_{m in qb} S[m, j].
      * Every (b, qb) writes only its own row of fstart, so the blocks run in parallel. */
     #pragma omp parallel num_threads(team_size(nthreads))
     {
@@ -127,10 +129,10 @@ int selector_block_prefix(const selector *sp_in, size_t B, size_t qb0, size_t nq
         #pragma omp for schedule(dynamic, 1)
         for (size_t task = 0; task < ntasks; task++) {
             if (failed) continue;
-            size_t b, q;
-            query_block_task(task, nq, &b, &q);
-            const size_t qb = qb0 + q, i0 = qb * T, rows = block_len(N, i0);
-            float *colsum = fstart + (b * nq + q) * N;                        /* (N,) */
+            size_t b, qb;
+            query_block_task(task, nqb, &b, &qb);
+            const size_t rows = block_len(N, qb * T);
+            float *colsum = fstart + (b * nqb + qb) * N;                       /* (N,) */
             memset(colsum, 0, N * sizeof(float));
             for (size_t kb = 0; kb <= qb; kb++) {
                 const size_t j0 = kb * T, ncols = block_len(N, j0);
@@ -144,20 +146,18 @@ int selector_block_prefix(const selector *sp_in, size_t B, size_t qb0, size_t nq
     }
     if (failed) return SELATTN_ENOMEM;
 
-    /* Pass 2: exclusive prefix over blocks, in place, from the carry: fstart[b, qb - qb0, j] =
-     * sum_{qb' < qb} ...
+    /* Pass 2: exclusive prefix over blocks, in place: fstart[b, qb, j] = sum_{qb' < qb} ...
      * Columns are independent, so they run in parallel; each keeps the block order. */
     #pragma omp parallel for num_threads(team_size(nthreads)) schedule(static)
     for (size_t bj = 0; bj < B * N; bj++) {
         const size_t b = bj / N, j = bj % N;
-        float running = carry ? carry[bj] : 0.0f;
-        for (size_t q = 0; q < nq; q++) {
-            float *cell = fstart + (b * nq + q) * N + j;
+        float running = 0.0f;
+        for (size_t qb = 0; qb < nqb; qb++) {
+            float *cell = fstart + (b * nqb + qb) * N + j;
             const float block_sum = *cell;
             *cell = running;
             running += block_sum;
         }
-        if (carry) carry[bj] = running;
     }
     return SELATTN_OK;
 }

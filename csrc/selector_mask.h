@@ -69,11 +69,9 @@ void selection_tile(const selattn_kernels *kern, const float *ls, size_t i0, siz
 void mask_tile(const float *sel, const float *fstart_cols, size_t rows, float *f);
 
 /* What building the selector's tiles reads: q (B, H, N, D), transposed key tiles kt, and
- * fstart (not read by selection_of_tile). kt holds kt_heads heads per batch element
+ * fstart (B, nqb, N) (read by mask_of_tile only). kt holds kt_heads heads per batch element
  * (transpose_blocks' (B, kt_heads, nqb, D, TILE)), the selector head's tiles at index kt_head:
- * all heads (kt_heads = H, kt_head = s), or the selector head alone (kt_heads = 1, kt_head = 0).
- * fstart holds the rows of fs_rows query blocks from block fs_qb0 on, (B, fs_rows, N): all of
- * them (fs_qb0 = 0, fs_rows = nqb), or one group of blocks (the forward). */
+ * all heads (kt_heads = H, kt_head = s), or the selector head alone (kt_heads = 1, kt_head = 0). */
 typedef struct {
     const selattn_kernels *kern;
     const float *q, *kt, *fstart;
@@ -81,28 +79,29 @@ typedef struct {
     int protect_bos;
     float scale;
     size_t kt_heads, kt_head;
-    size_t fs_qb0, fs_rows;
 } selector;
 
 /* For the tile at (query block qb, key block kb) of batch element b: ls (T, T) = the selector's
  * scaled logits and sel (T, T) = S.  (§§ 1-3) */
 void selection_of_tile(const selector *sp, size_t b, size_t qb, size_t kb, float *ls, float *sel);
 
-/* selection_of_tile, then f (T, T) = F of the tile from fstart and S.  (§§ 1-4) */
+/* selection_of_tile, then f (T, T) = F of the tile from sp->fstart and S.  (§§ 1-4) */
 void mask_of_tile(const selector *sp, size_t b, size_t qb, size_t kb, float *ls, float *sel,
                   float *f);
 
-/* mask_of_tile with the F tile key-major: ft (T keys, T rows), zero for rows past the block
- * (the forward's layout; the same sums as mask_of_tile).  (§§ 1-4) */
-void mask_of_tile_t(const selector *sp, size_t b, size_t qb, size_t kb, float *ls, float *sel,
-                    float *ft);
+/* The forward's tile: selection_of_tile, then ft (T keys, T rows) = F of the tile key-major
+ * (zero for rows past the block; mask_of_tile's sums), from fstart_row (N,), the Fstart row of
+ * block qb, which the forward keeps itself. Unless fstart_next is NULL, also the next block's
+ * Fstart on this tile's keys: fstart_next[j] = fstart_row[j] + sum of S[m, j] over the block's
+ * rows, the very sum selector_block_prefix's pass 2 makes, bit for bit.  (§§ 1-4) */
+void mask_of_tile_t(const selector *sp, size_t b, size_t qb, size_t kb, const float *fstart_row,
+                    float *ls, float *sel, float *ft, float *fstart_next);
 
-/* Fstart of the nq query blocks from qb0 on, fstart (B, nq, N): the exclusive prefix over query
- * blocks of the column sums of S, for the selector sp (whose fstart is not read). carry (B, N)
- * holds the sums of S over the blocks before qb0 and is advanced past the nq blocks; NULL means
- * qb0 = 0 (start from 0, nothing kept). The sums run in block order, so a prefix computed group by
- * group has the same bits as one computed at once. Returns SELATTN_OK or SELATTN_ENOMEM. */
-int selector_block_prefix(const selector *sp, size_t B, size_t qb0, size_t nq, float *carry,
-                          float *fstart, int nthreads);
+/* Fstart of every query block, fstart (B, nqb, N): the exclusive prefix over query blocks of the
+ * column sums of S, for the selector sp (whose fstart is not read). Pass 1 sums each block's
+ * columns (rows in order), pass 2 adds the blocks up in block order. The backward and
+ * selattn_accumulated_mask use it; the forward builds the same rows on the fly. Returns
+ * SELATTN_OK or SELATTN_ENOMEM. */
+int selector_block_prefix(const selector *sp, size_t B, float *fstart, int nthreads);
 
 #endif /* SELATTN_SELECTOR_MASK_H */

@@ -66,8 +66,10 @@ typedef struct {
     /* xt (ncols, TILE)[c, r] = x[r * ldx + c] for r < rows, 0 for r >= rows. */
     void (*transpose)(const float *x, size_t ldx, size_t rows, size_t ncols, float *xt);
     /* The F tile, key-major: ft (TILE, TILE)[c, r] = fstart_cols[c] + sum_{r' < r} sel[r', c] for
-     * r < rows, 0 for r >= rows (mask_tile's sums, in its order, stored transposed). */
-    void (*mask_tile_t)(const float *sel, const float *fstart_cols, size_t rows, float *ft);
+     * r < rows, 0 for r >= rows (mask_tile's sums, in its order, stored transposed); colsum
+     * (TILE,), unless NULL, = the sums over all rows (column_sums' bits). */
+    void (*mask_tile_t)(const float *sel, const float *fstart_cols, size_t rows, float *ft,
+                        float *colsum);
     /* sums (TILE,) = the column sums of x (rows, TILE), rows added in order from row 0. */
     void (*column_sums)(const float *x, size_t rows, float *sums);
     /* The selector's gradient on one tile, rows bottom-up: g[m, c] -= carry[c] where

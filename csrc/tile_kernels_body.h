@@ -449,9 +449,10 @@ static void K(transpose)(const float *restrict x, size_t ldx, size_t rows, size_
 /* mask_tile_t: mask_tile (selector_mask.h) written key-major: ft (64 keys, 64 rows)[c, r] =
  * fstart_cols[c] + sum_{r' < r} sel[r', c] for r < rows, 0 for r >= rows. The sums run down the
  * rows in order, as in mask_tile, and each 16 x 16 block is transposed in registers on its way
- * out, so F reaches the forward's key-major tiles without a row-major copy. */
+ * out, so F reaches the forward's key-major tiles without a row-major copy. colsum (64,), when
+ * not NULL, gets the sums over all `rows` rows: column_sums' result, bit for bit (same order). */
 static void K(mask_tile_t)(const float *restrict sel, const float *restrict fstart_cols,
-                           size_t rows, float *restrict ft)
+                           size_t rows, float *restrict ft, float *restrict colsum)
 {
     vf fs[4], part[4];
     for (int u = 0; u < 4; u++) { fs[u] = K(load)(fstart_cols + 16 * u); part[u] = (vf){0}; }
@@ -469,6 +470,8 @@ static void K(mask_tile_t)(const float *restrict sel, const float *restrict fsta
             TR_ROUND(8) TR_ROUND(4) TR_ROUND(2) TR_ROUND(1)
             for (size_t j = 0; j < 16; j++) K(store)(ft + (16 * u + j) * SELATTN_TILE + r0, a[j]);
         }
+    if (colsum)
+        for (int u = 0; u < 4; u++) K(store)(colsum + 16 * u, part[u]);
 }
 
 #undef TR_LO

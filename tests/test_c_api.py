@@ -141,6 +141,27 @@ def test_one_and_two_threads_give_identical_bits(case):
             np.testing.assert_array_equal(a, b)
 
 
+def test_forward_wavefront_gives_identical_bits_on_more_threads_than_cores():
+    """The selective forward's tasks wait for the task above them (block qb reads the Fstart row
+    block qb - 1 writes) and reuse slots of a ring of Fstart rows (62 rows at this N and D, for 66
+    blocks). On 5 threads, more than CI's 2 cores, the waiting tasks must still finish and give
+    the bits of 1 thread, for each of 2 batch elements and with an eviction schedule too."""
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((2, 2, 64 * 64 + 70, 8)).astype(np.float32) for _ in range(3))
+    q[:, 0] *= 2.0                                 # a selector with some large logits: F grows
+    before = selattn_c.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 5):
+            selattn_c.set_num_threads(threads)
+            results.append([selattn_c.forward(q, k, v, budget=budget)[0]
+                            for budget in (None, 300)])
+    finally:
+        selattn_c.set_num_threads(before)
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+
+
 DETERMINISM_SCRIPT = r"""
 import hashlib, json, sys
 import numpy as np
