@@ -7,10 +7,12 @@
 #include <stdint.h>
 
 /* selattn_forward, where key j of batch element b is visible to query i only while
- * i < evict_at[b * N + j] (evict_at (B, N), or NULL: nothing is evicted). lse may be NULL. */
+ * i < evict_at[b * N + j] (evict_at (B, N), or NULL: nothing is evicted). lse and fstart may be
+ * NULL; with evictions, fstart's rows skip the key tiles a block skipped. */
 int forward_with_evictions(const float *q, const float *k, const float *v,
                            size_t B, size_t H, size_t N, size_t D,
                            size_t selector_head, int protect_bos, int selective, float scale,
-                           const int64_t *evict_at, float *out, float *lse, int nthreads);
+                           const int64_t *evict_at, float *out, float *lse, float *fstart_out,
+                           int nthreads);
 
 #endif /* SELATTN_FORWARD_INTERNAL_H */

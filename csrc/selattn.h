@@ -20,16 +20,23 @@
 #define SELATTN_ENONFINITE 3  /* an input holds NaN or infinity (only when asked to check) */
 
 /* Forward: out = softmax(L - F) v, and lse = the per-row log-sum-exp that backward needs.
- * selector_head in [0, H); protect_bos, selective are 0/1. */
+ * selector_head in [0, H); protect_bos, selective are 0/1. fstart, when not NULL (and selective),
+ * gets the accumulated mask entering each block of 64 queries, (B, ceil(N / 64), N): row qb is
+ * F[64 qb, :] on its first 64 (qb + 1) keys (the rest of the row is not written). The forward
+ * builds it anyway; handed to selattn_backward, it saves the backward from building it again
+ * (N^2 / 64 floats per batch element: 1 MiB at N = 4096). */
 int selattn_forward(const float *q, const float *k, const float *v,
                     size_t B, size_t H, size_t N, size_t D,
                     size_t selector_head, int protect_bos, int selective, float scale,
-                    float *out, float *lse, int nthreads);
+                    float *out, float *lse, float *fstart, int nthreads);
 
 /* Backward of selattn_forward, including the path through F into the selector head's q and k.
- * out and lse are what the forward returned; dq, dk, dv are written (not accumulated). */
+ * out, lse and fstart are what the forward returned; fstart may be NULL (the backward then
+ * builds it: one more product of the selector head per tile). dq, dk, dv are written (not
+ * accumulated). */
 int selattn_backward(const float *q, const float *k, const float *v,
-                     const float *out, const float *lse, const float *dout,
+                     const float *out, const float *lse, const float *fstart,
+                     const float *dout,
                      size_t B, size_t H, size_t N, size_t D,
                      size_t selector_head, int protect_bos, int selective, float scale,
                      float *dq, float *dk, float *dv, int nthreads);

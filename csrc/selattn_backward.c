@@ -14,7 +14,7 @@
  *
  * Passes:
  *   0.   kt, vt (B, H, nqb, D, T): key and value tiles transposed once (transpose_blocks).
- *   1-2. Fstart (B, nqb, N) (selector_block_prefix), the rows the forward built on its way.
+ *   1-2. Fstart (B, nqb, N) (selector_block_prefix), unless the forward kept its rows for us.
  *   3.   delta (B, H, N) = rowsum(dout * out).
  *   4.   key blocks are dealt to SELATTN_DQ_CHUNKS chunks; per (b, chunk) in parallel, for each
  *        key block of the chunk, query blocks from the last one up: recompute P and G for every
@@ -184,7 +184,8 @@ static void key_block_grads(const problem *pr, size_t b, size_t kb, scratch *w, 
 }
 
 int selattn_backward(const float *q, const float *k, const float *v,
-                     const float *out, const float *lse, const float *dout,
+                     const float *out, const float *lse, const float *fstart_in,
+                     const float *dout,
                      size_t B, size_t H, size_t N, size_t D,
                      size_t selector_head, int protect_bos, int selective, float scale,
                      float *dq, float *dk, float *dv, int nthreads)
@@ -195,7 +196,7 @@ int selattn_backward(const float *q, const float *k, const float *v,
     const size_t nel = B * H * N * D;                  /* elements of q (and of dq) */
     const int team = team_size(nthreads);
     (void)team;                                        /* unused in a serial build */
-    float *fstart = NULL;                              /* (B, nqb, N) */
+    float *fstart_own = NULL;           /* (B, nqb, N), built here when the caller has none */
     float *delta = big_alloc(B * H * N * sizeof(float));  /* (B, H, N) */
     float *kt = big_alloc(B * H * nqb * D * T * sizeof(float)); /* (B, H, nqb, D, T) */
     float *vt = big_alloc(B * H * nqb * D * T * sizeof(float)); /* (B, H, nqb, D, T) */
@@ -207,18 +208,19 @@ int selattn_backward(const float *q, const float *k, const float *v,
         transpose_blocks(kern, k, B, H, N, D, kt, nthreads);
         transpose_blocks(kern, v, B, H, N, D, vt, nthreads);
     }
-    if (rc == SELATTN_OK && selective) {
-        /* Pass 1-2: the mask entering each query block, as in the forward */
-        fstart = big_alloc(B * nqb * N * sizeof(float));
+    if (rc == SELATTN_OK && selective && !fstart_in) {
+        /* Pass 1-2: the mask entering each query block (the forward's rows, when it kept them) */
+        fstart_own = big_alloc(B * nqb * N * sizeof(float));
         const selector sp = {kern, q, kt, NULL, H, N, D, nqb, selector_head, protect_bos, scale,
                              H, selector_head};
-        rc = !fstart ? SELATTN_ENOMEM
-             : selector_block_prefix(&sp, B, fstart, nthreads);
+        rc = !fstart_own ? SELATTN_ENOMEM
+             : selector_block_prefix(&sp, B, fstart_own, nthreads);
     }
     if (rc != SELATTN_OK) {
-        free(fstart); free(delta); free(kt); free(vt); free(dq_parts);
+        free(fstart_own); free(delta); free(kt); free(vt); free(dq_parts);
         return rc;
     }
+    const float *fstart = fstart_in ? fstart_in : fstart_own;
 
     /* Pass 3: delta = rowsum(dout * out); the dq partial sums start at 0 */
     #pragma omp parallel for num_threads(team) schedule(static)
@@ -264,6 +266,6 @@ int selattn_backward(const float *q, const float *k, const float *v,
         }
         scratch_free(&w);
     }
-    free(fstart); free(delta); free(kt); free(vt); free(dq_parts);
+    free(fstart_own); free(delta); free(kt); free(vt); free(dq_parts);
     return failed ? SELATTN_ENOMEM : SELATTN_OK;
 }

@@ -87,21 +87,23 @@ static void mark_evicted(float *ft, const int64_t *evict_at_j, size_t i0, size_t
 int selattn_forward(const float *q, const float *k, const float *v,
                     size_t B, size_t H, size_t N, size_t D,
                     size_t selector_head, int protect_bos, int selective, float scale,
-                    float *out, float *lse, int nthreads)
+                    float *out, float *lse, float *fstart, int nthreads)
 {
     return forward_with_evictions(q, k, v, B, H, N, D, selector_head, protect_bos, selective,
-                                  scale, NULL, out, lse, nthreads);
+                                  scale, NULL, out, lse, fstart, nthreads);
 }
 
 int forward_with_evictions(const float *q, const float *k, const float *v,
                            size_t B, size_t H, size_t N, size_t D,
                            size_t selector_head, int protect_bos, int selective, float scale,
-                           const int64_t *evict_at, float *out, float *lse, int nthreads)
+                           const int64_t *evict_at, float *out, float *lse, float *fstart_out,
+                           int nthreads)
 {
     const selattn_kernels *kern = selattn_select_kernels();
     const size_t nqb = num_blocks(N);
     const size_t s = selector_head;
-    const size_t ring = fstart_ring_rows(nqb, N);
+    /* the caller's (B, nqb, N) is a ring that never wraps: every row stays for the backward */
+    const size_t ring = fstart_out ? nqb : fstart_ring_rows(nqb, N);
     float *kt_s = NULL;                     /* (B, 1, nqb, D, T) the selector head's key tiles */
     float *fstart = NULL;                   /* (B, ring, N) Fstart row of block qb at qb % ring */
     int *ready = NULL;    /* (B, nqb) key tiles of Fstart[qb + 1] that block qb has written */
@@ -112,7 +114,7 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
     if (selective) {
         /* Pass 0: the selector head's key tiles, transposed (1/H of k) */
         kt_s = big_alloc(B * nqb * D * T * sizeof(float));
-        fstart = big_alloc(B * ring * N * sizeof(float));
+        fstart = fstart_out ? fstart_out : big_alloc(B * ring * N * sizeof(float));
         ready = calloc(B * nqb, sizeof(int));
         done = calloc(B * nqb, sizeof(int));
         failed |= !kt_s || !fstart || !ready || !done;
@@ -258,6 +260,7 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
         free(ls); free(sel); free(ft); free(x); free(qt); free(m); free(l);
         free(alpha); free(colmax); free(acc);
     }
-    free(tmin); free(tmax); free(fstart); free(ready); free(done); free(kt_s);
+    if (fstart != fstart_out) free(fstart);
+    free(tmin); free(tmax); free(ready); free(done); free(kt_s);
     return failed ? SELATTN_ENOMEM : SELATTN_OK;
 }

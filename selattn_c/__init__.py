@@ -50,6 +50,7 @@ from .checks import (
     check_all_finite,
     check_buffer_sizes,
     check_scale_float32,
+    fstart_shape,
 )
 
 __all__ = [
@@ -121,9 +122,11 @@ if _reason and _reason != "SELATTN_NO_OPENMP":
 
 @dataclass(frozen=True)
 class Context:
-    """What ``backward`` needs from ``forward``: the float32 inputs, the output and the per-row
-    log-sum-exp. Nothing of size N x N is kept. Inputs that already are C-contiguous float32 are
-    kept by reference, not copied: do not modify them between ``forward`` and ``backward``."""
+    """What ``backward`` needs from ``forward``: the float32 inputs, the output, the per-row
+    log-sum-exp and, for inputs up to N = 4096, the mask entering each block of 64 queries
+    (``fstart``, N^2 / 64 floats per batch element), which the backward would otherwise rebuild.
+    Nothing of size N x N is kept. Inputs that already are C-contiguous float32 are kept by
+    reference, not copied: do not modify them between ``forward`` and ``backward``."""
 
     q: np.ndarray    # (B, H, N, D) float32, C-contiguous
     k: np.ndarray    # (B, H, N, D)
@@ -135,6 +138,7 @@ class Context:
     protect_bos: bool
     selective: bool
     budget: Optional[int] = None   # a budgeted (pruned) forward has no backward
+    fstart: Optional[np.ndarray] = None   # (B, ceil(N / 64), N) or None (the backward builds it)
 
 
 def _c_inputs(arrays, names, check_finite: bool):
@@ -194,9 +198,15 @@ def forward(q, k, v, *, selector_head: int = 0, protect_bos: bool = True, select
     q, k, v = _c_inputs((q, k, v), "qkv", check_finite)
     out = np.empty((B, H, N, D), dtype=np.float32)
     lse = np.empty((B, H, N), dtype=np.float32)
+    fstart = None
     if budget is None:
+        shape = fstart_shape(B, N) if selective else None
+        # zeros: the kernel writes each row only up to its block's diagonal
+        fstart = np.zeros(shape, dtype=np.float32) if shape else None
         rc = lib.selattn_forward(_ptr(q), _ptr(k), _ptr(v), B, H, N, D, s, bool(protect_bos),
-                                 bool(selective), scale, _ptr(out), _ptr(lse), _threads_arg())
+                                 bool(selective), scale, _ptr(out), _ptr(lse),
+                                 _ptr(fstart) if fstart is not None else ffi.NULL,
+                                 _threads_arg())
     else:
         lse.fill(np.nan)   # not computed: nothing may differentiate through a budget
         # a budget >= N evicts nothing: min() keeps any Python int within size_t
@@ -205,7 +215,8 @@ def forward(q, k, v, *, selector_head: int = 0, protect_bos: bool = True, select
                                         _ptr(out), _threads_arg())
     _check_rc(rc, "forward")
     ctx = Context(q=q, k=k, v=v, out=out, lse=lse, scale=scale, selector_head=s,
-                  protect_bos=bool(protect_bos), selective=bool(selective), budget=budget)
+                  protect_bos=bool(protect_bos), selective=bool(selective), budget=budget,
+                  fstart=fstart)
     return out, ctx
 
 
@@ -231,6 +242,13 @@ def _check_context(ctx) -> None:
                 and x.flags.c_contiguous and x.flags.aligned):
             raise ValueError(f"ctx.{name} must be a C-contiguous float32 array of shape {shape}: "
                              "this Context was not made by selattn_c.forward")
+    if ctx.fstart is not None:
+        shape = fstart_shape(B, N)
+        x = ctx.fstart
+        if not (shape and isinstance(x, np.ndarray) and x.shape == shape
+                and x.dtype == np.float32 and x.flags.c_contiguous and x.flags.aligned):
+            raise ValueError(f"ctx.fstart must be None or a C-contiguous float32 array of shape "
+                             f"{shape}: this Context was not made by selattn_c.forward")
     check_selector_head(ctx.selector_head, H)
     check_scale_float32(resolve_scale(ctx.scale, D))
 
@@ -254,8 +272,9 @@ def backward(dout, ctx: Context, *, check_finite: bool = True
     B, H, N, D = ctx.q.shape
     (dout,) = _c_inputs([check_like(dout, "dout", (B, H, N, D))], ["dout"], check_finite)
     dq, dk, dv = (np.empty((B, H, N, D), dtype=np.float32) for _ in range(3))
+    fstart = _ptr(ctx.fstart) if ctx.fstart is not None else ffi.NULL
     rc = lib.selattn_backward(_ptr(ctx.q), _ptr(ctx.k), _ptr(ctx.v), _ptr(ctx.out),
-                              _ptr(ctx.lse), _ptr(dout), B, H, N, D, ctx.selector_head,
+                              _ptr(ctx.lse), fstart, _ptr(dout), B, H, N, D, ctx.selector_head,
                               ctx.protect_bos, ctx.selective, ctx.scale, _ptr(dq), _ptr(dk),
                               _ptr(dv), _threads_arg())
     _check_rc(rc, "backward")

@@ -10,6 +10,7 @@ naming the argument, before anything is allocated or any state changes.
 from __future__ import annotations
 
 import struct
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -52,6 +53,23 @@ def check_scale_float32(scale: float) -> float:
     if not np.isfinite(as_float32):
         raise ValueError(f"scale must be finite as a float32 (|scale| < 3.4e38), got {scale!r}")
     return scale
+
+
+# The forward hands its Fstart rows (B, ceil(N / 64), N) to the backward through the Context when
+# they take at most this many bytes per batch element: up to N = 4096, where the forward holds
+# every row during the call anyway (csrc/selattn_forward.c, RING_BYTES), so keeping them costs
+# no peak memory and saves the backward one selector product per tile. Longer inputs let the
+# backward rebuild them, so a long forward's memory stays O(N) per head.
+KEEP_FSTART_BYTES = 1 << 20
+
+
+def fstart_shape(B: int, N: int) -> Optional[Tuple[int, int, int]]:
+    """Shape of the Fstart rows a selective forward of (B, ., N, .) keeps for the backward, or
+    None when it keeps none (N = 0, or more than KEEP_FSTART_BYTES per batch element)."""
+    nqb = -(-N // TILE)                                       # ceil(N / 64) query blocks
+    if N == 0 or 4 * nqb * N > KEEP_FSTART_BYTES:
+        return None
+    return (B, nqb, N)
 
 
 def largest_buffer_bytes(B: int, H: int, N: int, D: int, *, mask: bool = False) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -248,6 +249,53 @@ def test_float32_outputs_and_context_keep_no_n_by_n_arrays():
         if isinstance(value, np.ndarray):
             assert value.size <= q.size, f"ctx.{name} has {value.size} values"
     assert ctx.lse.shape == (2, 3, N)
+
+
+# ----------------------------------------------------------------------------------------------
+# The forward's Fstart rows, handed to the backward
+
+
+@given(case=qkv_cases(max_N=200, max_D=24, selective=True))
+def test_context_fstart_holds_f_at_each_block_start(case):
+    """ctx.fstart[b, qb] is F[b, 64 qb, :] up to its block's diagonal (bit for bit: F there is
+    Fstart plus an empty in-block sum) and 0 beyond it."""
+    out, ctx = selattn_c.forward(case.q, case.k, case.v, **case.options())
+    F = selattn_c.accumulated_mask(case.q, case.k, selector_head=case.selector_head,
+                                   protect_bos=case.protect_bos)
+    B, _, N, _ = case.q.shape
+    assert ctx.fstart.shape == (B, -(-N // 64), N)
+    for qb in range(ctx.fstart.shape[1]):
+        edge = min(64 * (qb + 1), N)
+        np.testing.assert_array_equal(ctx.fstart[:, qb, :edge], F[:, 64 * qb, :edge])
+        assert not ctx.fstart[:, qb, edge:].any()
+
+
+@given(case=qkv_cases(max_N=200, max_D=24))
+def test_backward_with_and_without_the_forwards_fstart_agree_bitwise(case):
+    """The backward builds Fstart itself when the Context has none, with the same sums in the
+    same order: the gradients are the same bits either way."""
+    dout = np.random.default_rng(case.seed).standard_normal(case.q.shape)
+    out, ctx = selattn_c.forward(case.q, case.k, case.v, **case.options())
+    assert (ctx.fstart is not None) == case.selective
+    kept = selattn_c.backward(dout, ctx)
+    rebuilt = selattn_c.backward(dout, dataclasses.replace(ctx, fstart=None))
+    for a, b in zip(kept, rebuilt):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_context_keeps_fstart_only_up_to_one_mib_per_batch_element():
+    """Up to N = 4096 the forward keeps its Fstart rows (1 MiB per batch element at 4096);
+    beyond, the Context has none and the forward's memory stays O(N) per head; a standard or a
+    budgeted forward keeps none."""
+    for N, kept in ((4096, True), (4097, False)):
+        q = np.zeros((2, 1, N, 1), np.float32)
+        _, ctx = selattn_c.forward(q, q, q)
+        assert (ctx.fstart is not None) == kept
+        if kept:
+            assert ctx.fstart.nbytes == 2 << 20
+    q = np.zeros((1, 1, 100, 1), np.float32)
+    assert selattn_c.forward(q, q, q, selective=False)[1].fstart is None
+    assert selattn_c.forward(q, q, q, budget=10)[1].fstart is None
 
 
 # ----------------------------------------------------------------------------------------------
