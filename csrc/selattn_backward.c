@@ -214,7 +214,7 @@ int selattn_backward(const float *q, const float *k, const float *v,
         const selector sp = {kern, q, kt, NULL, H, N, D, nqb, selector_head, protect_bos, scale,
                              H, selector_head};
         rc = !fstart_own ? SELATTN_ENOMEM
-             : selector_block_prefix(&sp, B, fstart_own, nthreads);
+             : selector_block_prefix(&sp, B, nqb, nqb, fstart_own, nthreads);
     }
     if (rc != SELATTN_OK) {
         free(fstart_own); free(delta); free(kt); free(vt); free(dq_parts);

@@ -20,8 +20,11 @@
  * work), one tile behind. The selector's logits are computed once, in 1a, where the backward
  * computes them twice (selector_block_prefix, then its tiles). The rows live in a ring of a few
  * rows per batch element; a block overwrites a slot only after the block that read it is done.
- * The sums are those of selector_block_prefix, in its order, so F has the same bits as there, on
- * any number of threads.
+ * When the ring holds every row (N <= 4096, or the caller keeps the rows), the first quarter of
+ * the blocks take their rows from selector_block_prefix before the loop (1/16 of its cost) and
+ * run after the wavefront, biggest first, as filler while its last, biggest tasks finish. The
+ * sums are those of selector_block_prefix, in its order, so F has the same bits as there, on any
+ * number of threads.
  *
  * Pruned prefill (forward_with_evictions): key j is visible to query i only while i < evict_at[j]
  * (the KV cache's eviction schedule, kv_cache.c). Evicted keys get F = +inf in the F tile, and key
@@ -54,6 +57,17 @@ static size_t fstart_ring_rows(size_t nqb, size_t N)
     if (rows > nqb + 1) rows = nqb + 1;
     if (rows < QPAIR + 1) rows = QPAIR + 1;
     return rows;
+}
+
+/* Filler blocks: when every Fstart row stays in memory (the ring never wraps), the first quarter
+ * of the query blocks (a multiple of QPAIR) get their rows from selector_block_prefix before the
+ * loop, at 1/16 of its full cost, and run after the wavefront, largest first: small independent
+ * tasks that keep every thread busy while the last, biggest wavefront tasks finish. */
+static size_t filler_blocks(size_t nqb, size_t ring)
+{
+    if (ring < nqb) return 0;        /* slots are reused: every row must come from the wavefront */
+    const size_t nfill = nqb / 4;
+    return nfill - nfill % QPAIR;
 }
 
 /* Extremes of evict_at over each key tile: tmin/tmax (B, nqb). A tile whose tmax <= i0 is
@@ -124,6 +138,9 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
                                  kt_s + b * nqb * D * T, nthreads);
         sp.kt = kt_s;
     }
+    const size_t nfill = selective ? filler_blocks(nqb, ring) : 0;
+    if (nfill > 0 && !failed)            /* rows 0 .. nfill: the filler's and the wavefront's seed */
+        failed |= selector_block_prefix(&sp, B, nfill + 1, ring, fstart, nthreads) != SELATTN_OK;
     if (evict_at && !failed) {
         tmin = malloc(B * nqb * sizeof(int64_t));
         tmax = malloc(B * nqb * sizeof(int64_t));
@@ -131,7 +148,9 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
         if (!failed) evicted_tile_bounds(evict_at, B, N, tmin, tmax);
     }
     const int masked = selective || evict_at;        /* is there an F tile to subtract? */
-    const size_t npairs = (nqb + QPAIR - 1) / QPAIR, ntasks = failed ? 0 : B * npairs;
+    const size_t nwave = (nqb - nfill + QPAIR - 1) / QPAIR;     /* wavefront pairs per b */
+    const size_t nfillp = nfill / QPAIR;                          /* filler pairs per b */
+    const size_t ntasks = failed ? 0 : B * (nwave + nfillp);
     size_t next_task = 0;       /* tasks are handed out in this order (see the header comment) */
 
     #pragma omp parallel num_threads(team_size(nthreads))
@@ -153,13 +172,22 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
             #pragma omp atomic capture
             task = next_task++;
             if (task >= ntasks || failed) break;
-            /* Tasks: (b, pair of query blocks). Selective: top pair first, the wavefront's order.
-             * Otherwise biggest first, so the dynamic hand-out keeps every core busy to the end.
-             * The two blocks of a pair walk the key tiles together, so each key and value tile
-             * is used twice while it is in cache; each block keeps its own state and order of
-             * operations, so pairing changes no bit. */
-            const size_t b = task / npairs;
-            const size_t qb0 = (selective ? task % npairs : npairs - 1 - task % npairs) * QPAIR;
+            /* Tasks: (b, pair of query blocks). Selective: the wavefront's pairs top first, then
+             * the filler's pairs biggest first. Otherwise biggest first, so the dynamic hand-out
+             * keeps every core busy to the end. The two blocks of a pair walk the key tiles
+             * together, so each key and value tile is used twice while it is in cache; each
+             * block keeps its own state and order of operations, so pairing changes no bit. */
+            size_t b, qb0;
+            if (!selective) {
+                b = task / nwave;
+                qb0 = (nwave - 1 - task % nwave) * QPAIR;
+            } else if (task < B * nwave) {
+                b = task / nwave;
+                qb0 = nfill + task % nwave * QPAIR;
+            } else {
+                b = (task - B * nwave) / nfillp;
+                qb0 = (nfillp - 1 - (task - B * nwave) % nfillp) * QPAIR;
+            }
             const size_t nb = nqb - qb0 < QPAIR ? nqb - qb0 : QPAIR;          /* in the pair */
             int *ready_b = selective ? ready + b * nqb : NULL;        /* the wavefront's */
             int *done_b = selective ? done + b * nqb : NULL;
@@ -181,7 +209,7 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
                 }
                 if (selective) {
                     /* Fstart[0] = 0 on the first key tile, the only one block 0 reads */
-                    if (qb == 0) memset(fstart_b, 0, block_len(N, 0) * sizeof(float));
+                    if (qb == 0 && nfill == 0) memset(fstart_b, 0, block_len(N, 0) * sizeof(float));
                     /* the slot of Fstart[qb + 1] is free once its last reader is done */
                     if (qb + 1 < nqb && qb + 1 >= ring)
                         flag_wait_at_least(done_b + qb + 1 - ring, 1);
@@ -201,9 +229,11 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
                         /* 1a. selector logits -> S -> F for this tile, for all heads (§§ 2-4),
                          * and the next block's Fstart on its keys. A tile whose keys were all
                          * evicted is skipped by this block and every later one: no F needed. */
-                        float *row_next = qb + 1 < nqb ? fstart_b + (qb + 1) % ring * N : NULL;
+                        const int wave = qb >= nfill;   /* the filler's rows are all there */
+                        float *row_next = wave && qb + 1 < nqb ? fstart_b + (qb + 1) % ring * N
+                                                               : NULL;
                         if (active[g]) {
-                            if (qb > 0) flag_wait_at_least(ready_b + qb - 1, (int)kb + 1);
+                            if (qb > nfill) flag_wait_at_least(ready_b + qb - 1, (int)kb + 1);
                             mask_of_tile_t(&sp, b, qb, kb, fstart_b + qb % ring * N,
                                            ls + g * T * T, sel, ft_g, row_next);
                         }

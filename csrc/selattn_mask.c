@@ -21,7 +21,7 @@ int selattn_accumulated_mask(const float *q, const float *k,
     transpose_blocks(kern, k, B, H, N, D, kt, nthreads);
     const selector sp = {kern, q, kt, fstart, H, N, D, nqb, selector_head, protect_bos, scale,
                          H, selector_head};
-    int rc = selector_block_prefix(&sp, B, fstart, nthreads);
+    int rc = selector_block_prefix(&sp, B, nqb, nqb, fstart, nthreads);
     if (rc != SELATTN_OK) { free(fstart); free(kt); return rc; }
     int failed = 0;
     #pragma omp parallel num_threads(team_size(nthreads))

@@ -111,28 +111,30 @@ void mask_of_tile_t(const selector *sp, size_t b, size_t qb, size_t kb, const fl
     }
 }
 
-int selector_block_prefix(const selector *sp_in, size_t B, float *fstart, int nthreads)
+int selector_block_prefix(const selector *sp_in, size_t B, size_t nrows, size_t ld_rows,
+                          float *fstart, int nthreads)
 {
-    const size_t N = sp_in->N, nqb = sp_in->nqb;
-    const size_t ntasks = B * nqb;
+    const size_t N = sp_in->N;
+    const size_t nsum = nrows > 0 ? nrows - 1 : 0;     /* blocks whose column sums are needed */
     selector sp = *sp_in;
     sp.fstart = NULL;
     int failed = 0;
 
-    /* Pass 1: each query block's column sums of S, fstart[b, qb, j] = sum_{m in qb} S[m, j].
-     * Every (b, qb) writes only its own row of fstart, so the blocks run in parallel. */
+    /* Pass 1: each query block's column sums of S, into the row after it:
+     * fstart[b, qb + 1, j] = sum_{m in qb} S[m, j], for qb < nrows - 1. Every (b, qb) writes only
+     * its own row, so the blocks run in parallel. */
     #pragma omp parallel num_threads(team_size(nthreads))
     {
         float *ls = malloc(T * T * sizeof(float));   /* (T, T) selector logits */
         float *sel = malloc(T * T * sizeof(float));  /* (T, T) S */
         team_note_alloc(ls && sel, &failed);
         #pragma omp for schedule(dynamic, 1)
-        for (size_t task = 0; task < ntasks; task++) {
+        for (size_t task = 0; task < B * nsum; task++) {
             if (failed) continue;
             size_t b, qb;
-            query_block_task(task, nqb, &b, &qb);
+            query_block_task(task, nsum, &b, &qb);
             const size_t rows = block_len(N, qb * T);
-            float *colsum = fstart + (b * nqb + qb) * N;                       /* (N,) */
+            float *colsum = fstart + (b * ld_rows + qb + 1) * N;               /* (N,) */
             memset(colsum, 0, N * sizeof(float));
             for (size_t kb = 0; kb <= qb; kb++) {
                 const size_t j0 = kb * T, ncols = block_len(N, j0);
@@ -146,17 +148,18 @@ int selector_block_prefix(const selector *sp_in, size_t B, float *fstart, int nt
     }
     if (failed) return SELATTN_ENOMEM;
 
-    /* Pass 2: exclusive prefix over blocks, in place: fstart[b, qb, j] = sum_{qb' < qb} ...
-     * Columns are independent, so they run in parallel; each keeps the block order. */
+    /* Pass 2: the running sum over blocks, in place, in block order: row 0 is 0, and
+     * fstart[b, qb, j] = sum_{qb' < qb} colsum[b, qb', j]. Columns are independent, so they run
+     * in parallel. */
     #pragma omp parallel for num_threads(team_size(nthreads)) schedule(static)
     for (size_t bj = 0; bj < B * N; bj++) {
         const size_t b = bj / N, j = bj % N;
         float running = 0.0f;
-        for (size_t qb = 0; qb < nqb; qb++) {
-            float *cell = fstart + (b * nqb + qb) * N + j;
-            const float block_sum = *cell;
+        if (nrows > 0) fstart[b * ld_rows * N + j] = 0.0f;
+        for (size_t qb = 1; qb < nrows; qb++) {
+            float *cell = fstart + (b * ld_rows + qb) * N + j;
+            running += *cell;
             *cell = running;
-            running += block_sum;
         }
     }
     return SELATTN_OK;

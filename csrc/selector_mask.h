@@ -97,11 +97,14 @@ void mask_of_tile(const selector *sp, size_t b, size_t qb, size_t kb, float *ls,
 void mask_of_tile_t(const selector *sp, size_t b, size_t qb, size_t kb, const float *fstart_row,
                     float *ls, float *sel, float *ft, float *fstart_next);
 
-/* Fstart of every query block, fstart (B, nqb, N): the exclusive prefix over query blocks of the
- * column sums of S, for the selector sp (whose fstart is not read). Pass 1 sums each block's
- * columns (rows in order), pass 2 adds the blocks up in block order. The backward and
- * selattn_accumulated_mask use it; the forward builds the same rows on the fly. Returns
- * SELATTN_OK or SELATTN_ENOMEM. */
-int selector_block_prefix(const selector *sp, size_t B, float *fstart, int nthreads);
+/* The first nrows rows of Fstart (the mask entering query blocks 0 .. nrows - 1) into fstart,
+ * which holds ld_rows rows of N per batch element, (B, ld_rows, N): the exclusive prefix over
+ * query blocks of the column sums of S, for the selector sp (whose fstart is not read). Pass 1
+ * sums each block's columns (rows in order), pass 2 adds the blocks up in block order. The
+ * backward and selattn_accumulated_mask take all nqb rows; the forward takes the rows of its
+ * first blocks and builds the others on the fly, with the same sums. Returns SELATTN_OK or
+ * SELATTN_ENOMEM. */
+int selector_block_prefix(const selector *sp, size_t B, size_t nrows, size_t ld_rows,
+                          float *fstart, int nthreads);
 
 #endif /* SELATTN_SELECTOR_MASK_H */

@@ -200,20 +200,23 @@ def test_softmax_weights_are_accurate_to_a_few_ulp():
     assert (err <= bound).all(), f"worst error {(err / bound).max():.2f} x the bound"
 
 
-def test_forward_across_the_fstart_ring():
+@pytest.mark.parametrize("N", [64 * 64 + 70, 64 * 20 + 7])
+def test_forward_across_the_fstart_ring_and_the_filler(N):
     """The forward keeps the Fstart rows in a ring (at most 65 rows, and at most 1 MiB per batch
-    element: 62 rows at this N), each block's row written by the block above it; from block 62 on,
-    blocks reuse the slots of blocks 0-3. At N = 64 * 64 + 70, rows sampled across all blocks
-    must be softmax(L - F) v with F from accumulated_mask (which builds Fstart for all blocks at
-    once, in two passes), computed here in float64 for those rows only."""
-    N, D = 64 * 64 + 70, 8
+    element: 62 rows at N = 64 * 64 + 70), each block's row written by the block above it; from
+    block 62 on, blocks reuse the slots of blocks 0-3. When the ring holds every row
+    (N = 64 * 20 + 7, 21 blocks), the first 4 blocks take their rows from the two-pass prefix
+    instead and run last. Rows sampled across all blocks must be softmax(L - F) v with F from
+    accumulated_mask (which builds Fstart for all blocks at once, in two passes), computed here
+    in float64 for those rows only."""
+    D = 8
     rng = np.random.default_rng(11)
     q, k, v = (rng.standard_normal((1, 2, N, D)).astype(np.float32) for _ in range(3))
     q[:, 0] *= 2.0                                 # a selector with some large logits: F grows
     out, _ = selattn_c.forward(q, k, v, selector_head=0)
     rows = np.unique(np.concatenate([np.arange(0, N, 37), np.arange(N - 70, N)]))
     F = selattn_c.accumulated_mask(q, k, selector_head=0)[0, rows].astype(np.float64)
-    assert F[rows >= 62 * 64].max() > 1.0          # the mask is at work in the reused slots
+    assert F[rows >= N - 4 * 64].max() > 1.0       # the mask is at work in the last blocks
     scale = 1.0 / np.sqrt(D)
     future = np.arange(N)[None, :] > rows[:, None]
     for h in range(2):

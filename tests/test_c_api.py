@@ -12,12 +12,12 @@ import time
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import selattn_c
 
-from helpers import qkv_cases, random_qkv
+from helpers import QKVCase, qkv_cases, random_qkv
 
 
 def forward_backward(q, k, v, dout, **options):
@@ -142,13 +142,16 @@ def test_one_and_two_threads_give_identical_bits(case):
             np.testing.assert_array_equal(a, b)
 
 
-def test_forward_wavefront_gives_identical_bits_on_more_threads_than_cores():
+@pytest.mark.parametrize("N", [64 * 64 + 70, 64 * 20 + 7])
+def test_forward_wavefront_gives_identical_bits_on_more_threads_than_cores(N):
     """The selective forward's tasks wait for the task above them (block qb reads the Fstart row
-    block qb - 1 writes) and reuse slots of a ring of Fstart rows (62 rows at this N and D, for 66
-    blocks). On 5 threads, more than CI's 2 cores, the waiting tasks must still finish and give
-    the bits of 1 thread, for each of 2 batch elements and with an eviction schedule too."""
+    block qb - 1 writes) and reuse slots of a ring of Fstart rows (62 rows at N = 64 * 64 + 70,
+    for 66 blocks); when the ring holds every row (N = 64 * 20 + 7), the first 4 blocks run last,
+    from rows computed before the loop. On 5 threads, more than CI's 2 cores, the waiting tasks
+    must still finish and give the bits of 1 thread, for each of 2 batch elements and with an
+    eviction schedule too."""
     rng = np.random.default_rng(5)
-    q, k, v = (rng.standard_normal((2, 2, 64 * 64 + 70, 8)).astype(np.float32) for _ in range(3))
+    q, k, v = (rng.standard_normal((2, 2, N, 8)).astype(np.float32) for _ in range(3))
     q[:, 0] *= 2.0                                 # a selector with some large logits: F grows
     before = selattn_c.get_num_threads()
     try:
@@ -255,10 +258,17 @@ def test_float32_outputs_and_context_keep_no_n_by_n_arrays():
 # The forward's Fstart rows, handed to the backward
 
 
+# 13 query blocks: the first 2 are the forward's filler (rows from the two-pass prefix)
+FILLER_CASE = QKVCase(*random_qkv(3, (2, 2, 64 * 12 + 5, 4)), selector_head=1, protect_bos=True,
+                      selective=True, input_scale=1.0, seed=3)
+
+
+@example(case=FILLER_CASE)
 @given(case=qkv_cases(max_N=200, max_D=24, selective=True))
 def test_context_fstart_holds_f_at_each_block_start(case):
     """ctx.fstart[b, qb] is F[b, 64 qb, :] up to its block's diagonal (bit for bit: F there is
-    Fstart plus an empty in-block sum) and 0 beyond it."""
+    Fstart plus an empty in-block sum) and 0 beyond it; the example has 13 blocks, the first 2
+    of which take their rows from the two-pass prefix (the forward's filler)."""
     out, ctx = selattn_c.forward(case.q, case.k, case.v, **case.options())
     F = selattn_c.accumulated_mask(case.q, case.k, selector_head=case.selector_head,
                                    protect_bos=case.protect_bos)
