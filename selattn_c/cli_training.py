@@ -81,6 +81,14 @@ def add_train(subparsers) -> None:
     g.add_argument("--eps-ramp", type=int, default=DEFAULTS["eps_ramp"],
                    help="steps over which its weight grows linearly to --eps")
 
+    g = p.add_argument_group("start (default: a fresh initialisation)")
+    g.add_argument("--init-from", type=str, default=DEFAULTS["init_from"], metavar="CHECKPOINT",
+                   help="start from this checkpoint of selattn train (same task; the model "
+                        "options must describe it, with --insert-layer the grown model)")
+    g.add_argument("--insert-layer", type=int, default=DEFAULTS["insert_layer"], metavar="L",
+                   help="with --init-from: insert a new identity layer (zero output "
+                        "projections) before layer L of the checkpoint, then train")
+
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-every", type=int, default=DEFAULTS["eval_every"])
     g.add_argument("--heldout-size", type=int, default=DEFAULTS["heldout_size"])

@@ -57,6 +57,11 @@ class TrainConfig:
     ``warmup_steps``, ``weight_decay``, ``grad_clip``, ``eps_start`` (step at which the memory
     loss switches on) and ``eps_ramp`` (steps over which its weight grows linearly to ``eps``).
     Evaluation: ``eval_every`` (steps), ``heldout_size``, ``heldout_seed``.
+    Start: ``init_from`` (a checkpoint of ``selattn train`` on the same task whose weights start
+    the run instead of a fresh initialisation; the model settings must describe it) and
+    ``insert_layer`` (with ``init_from``: first insert an identity block, a new layer whose
+    output projections are zero, at this index, so the grown model computes exactly what the
+    checkpoint did and the new layer learns from there).
     """
 
     # task
@@ -90,6 +95,9 @@ class TrainConfig:
     heldout_size: int = 1000
     heldout_seed: int = 12345
     seed: int = 0
+    # start
+    init_from: Optional[str] = None
+    insert_layer: Optional[int] = None
 
     def __post_init__(self) -> None:
         positive = ("n_layers", "n_heads", "d_model", "mlp_ratio", "steps", "batch_size",
@@ -114,6 +122,18 @@ class TrainConfig:
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_heads "
                              f"({self.n_heads})")
+        if self.insert_layer is not None:
+            if isinstance(self.insert_layer, bool) or not isinstance(self.insert_layer,
+                                                                     (int, np.integer)):
+                raise TypeError(f"insert_layer must be an int, got "
+                                f"{type(self.insert_layer).__name__}")
+            if self.init_from is None:
+                raise ValueError("insert_layer needs init_from: a layer is inserted into a "
+                                 "trained checkpoint")
+            if not 0 <= self.insert_layer < self.n_layers:
+                raise ValueError(f"insert_layer must be in [0, n_layers - 1 = "
+                                 f"{self.n_layers - 1}] (n_layers counts the inserted layer), "
+                                 f"got {self.insert_layer}")
         task = self.task()   # validates the task fields
         self.train_task()
         if self.context is not None and self.context < task.max_tokens:
@@ -272,7 +292,7 @@ class ProgressBar:
 
 def train(cfg: TrainConfig, *, backend: str = "auto", progress: Optional[ProgressBar] = None,
           quiet: bool = False) -> Tuple[Dict[str, np.ndarray], "lm.ModelConfig", Dict]:
-    """Train a model from scratch.
+    """Train a model (from scratch, or from ``cfg.init_from``).
 
     Parameters
     ----------
@@ -295,7 +315,10 @@ def train(cfg: TrainConfig, *, backend: str = "auto", progress: Optional[Progres
     heldout = make_split(task, cfg.heldout_size, cfg.heldout_seed)
     heldout_prompts = prompts(heldout)
     rng = np.random.default_rng([cfg.seed, 1])        # the training stream (never the held-out)
-    params = lm.init_params(model_cfg, seed=cfg.seed, dtype=np.float32)
+    if cfg.init_from is not None:
+        params = start_from_checkpoint(cfg, model_cfg)
+    else:
+        params = lm.init_params(model_cfg, seed=cfg.seed, dtype=np.float32)
     optimizer = AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if progress is None and not quiet:
         progress = ProgressBar(cfg.steps)
@@ -357,6 +380,65 @@ def train(cfg: TrainConfig, *, backend: str = "auto", progress: Optional[Progres
     log["first_99"] = None if first is None else {"step": first["step"],
                                                   "seconds": first["seconds"]}
     return params, final_cfg, log
+
+
+def insert_identity_block(params: Dict[str, np.ndarray], model_cfg: "lm.ModelConfig",
+                          at: int, seed: int = 0
+                          ) -> Tuple[Dict[str, np.ndarray], "lm.ModelConfig"]:
+    """A model one layer deeper that computes exactly what ``params`` computes: a new block is
+    inserted before layer ``at`` (0 <= at <= n_layers; the layers from ``at`` on move up by one).
+    Its LayerNorms and QKV and MLP input weights are initialised as ``init_params`` would (from
+    ``seed``), its output projections (attn.wo, attn.bo, mlp.w2, mlp.b2) are zero, so it adds
+    exactly 0 to the residual stream until training moves them.
+
+    Returns
+    -------
+    params : dict, the grown model's weights (new arrays)
+    model_cfg : ModelConfig with n_layers + 1
+    """
+    if isinstance(at, bool) or not isinstance(at, (int, np.integer)):
+        raise TypeError(f"at must be an int, got {type(at).__name__}")
+    if not 0 <= at <= model_cfg.n_layers:
+        raise ValueError(f"at must be in [0, n_layers = {model_cfg.n_layers}], got {at}")
+    grown_cfg = replace(model_cfg, n_layers=model_cfg.n_layers + 1)
+    dtype = lm.check_params(params, model_cfg)
+    fresh = lm.init_params(grown_cfg, seed=seed, dtype=dtype)
+    grown = {}
+    for name in lm.param_shapes(grown_cfg):
+        if not name.startswith("h"):
+            grown[name] = params[name].copy()
+            continue
+        layer, rest = name[1:].split(".", 1)
+        layer = int(layer)
+        if layer == at:
+            zero = rest in ("attn.wo", "attn.bo", "mlp.w2", "mlp.b2")
+            grown[name] = np.zeros_like(fresh[name]) if zero else fresh[name]
+        else:
+            grown[name] = params[f"h{layer if layer < at else layer - 1}.{rest}"].copy()
+    return grown, grown_cfg
+
+
+def start_from_checkpoint(cfg: TrainConfig, model_cfg: "lm.ModelConfig"
+                          ) -> Dict[str, np.ndarray]:
+    """The weights ``cfg.init_from`` holds (grown by ``cfg.insert_layer`` when set), checked
+    against the run's task and model settings (``model_cfg``, from ``cfg``). Raises ValueError
+    when they do not describe the checkpoint."""
+    params, ck_cfg, ck_task, _ = load_task_model(Path(cfg.init_from))
+    if ck_task != cfg.task():
+        raise ValueError(f"init_from {cfg.init_from}: the checkpoint was trained on "
+                         f"{ck_task}, this run's task is {cfg.task()}")
+    if cfg.insert_layer is not None:
+        params, ck_cfg = insert_identity_block(params, ck_cfg, cfg.insert_layer, seed=cfg.seed)
+    mine = replace(model_cfg, eps=0.0)
+    theirs = replace(ck_cfg, eps=0.0)
+    if mine != theirs:
+        diff = ", ".join(f"{f.name}: checkpoint {getattr(theirs, f.name)}, settings "
+                         f"{getattr(mine, f.name)}" for f in fields(mine)
+                         if getattr(mine, f.name) != getattr(theirs, f.name))
+        raise ValueError(f"init_from {cfg.init_from}"
+                         f"{' with insert_layer' if cfg.insert_layer is not None else ''}: the "
+                         f"model settings do not describe the checkpoint ({diff})")
+    return {name: np.asarray(value, dtype=np.float32) for name, value in params.items()}
 
 
 def _threads(backend_name: str) -> Optional[int]:

@@ -71,6 +71,19 @@ def test_standard_flag_trains_the_baseline(tmp_path, capsys):
     assert capsys.readouterr().err == ""           # --quiet: no progress bar
 
 
+def test_train_grows_a_checkpoint_by_a_layer(tmp_path, capsys):
+    """--init-from with --insert-layer: a 3-layer run that starts from a 2-layer checkpoint."""
+    two, three = str(tmp_path / "two.npz"), str(tmp_path / "three.npz")
+    assert main(["train", *TINY_TRAIN, "--steps", "2", "--eval-every", "2", "--quiet",
+                 "--out", two]) == 0
+    assert main(["train", *TINY_TRAIN, "--steps", "2", "--eval-every", "2", "--quiet",
+                 "--n-layers", "3", "--init-from", two, "--insert-layer", "1",
+                 "--out", three]) == 0
+    log = json.loads((tmp_path / "three.json").read_text())
+    assert log["model_config"]["n_layers"] == 3
+    assert log["train_config"]["init_from"] == two and log["train_config"]["insert_layer"] == 1
+
+
 def one_line_error(capsys, argv) -> str:
     code = main(argv)
     err = capsys.readouterr().err
@@ -89,6 +102,8 @@ def one_line_error(capsys, argv) -> str:
     (["train", "--n-vars", "27"], "n_vars must be in [1, 26]"),
     (["train", "--threads", "0", "--steps", "1"], "--threads must be >= 1"),
     (["train", "--backend", "gpu"], "invalid choice: 'gpu'"),
+    (["train", "--insert-layer", "1"], "insert_layer needs init_from"),
+    (["train", "--init-from", "missing.npz", "--steps", "1"], "missing.npz"),
     (["eval"], "the following arguments are required: checkpoint"),
     (["bogus"], "invalid choice: 'bogus'"),
     ([], "the following arguments are required: COMMAND"),

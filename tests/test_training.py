@@ -215,3 +215,63 @@ def test_shipped_checkpoints_score_what_their_logs_say(name, selective):
     assert result["selective"] is selective
     assert result["n"] == log["heldout_size"]
     assert result["accuracy"] == log["final_heldout_accuracy"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Starting from a checkpoint, and growing it by a layer
+
+
+@pytest.mark.parametrize("at", [0, 1, 2])
+def test_inserted_identity_block_leaves_the_logits_unchanged(tiny_run, at):
+    """A block with zero output projections adds exactly 0 to the residual stream, wherever it
+    goes: the grown model's logits are the checkpoint's, bit for bit."""
+    from selattn_reference import model as lm
+    cfg, params, model_cfg, _, _, _ = tiny_run
+    grown, grown_cfg = training.insert_identity_block(params, model_cfg, at, seed=1)
+    assert grown_cfg.n_layers == model_cfg.n_layers + 1
+    tokens = np.random.default_rng(0).integers(2, model_cfg.vocab_size,
+                                               (3, model_cfg.context))
+    want = lm.forward(params, model_cfg, tokens)[0]
+    got = lm.forward(grown, grown_cfg, tokens)[0]
+    np.testing.assert_array_equal(got, want)
+    assert grown[f"h{at}.attn.wqkv"].any() and not grown[f"h{at}.mlp.w2"].any()
+    with pytest.raises(ValueError, match="at must be in"):
+        training.insert_identity_block(params, model_cfg, model_cfg.n_layers + 1)
+
+
+def test_training_from_a_checkpoint_with_an_inserted_layer(tiny_run):
+    """--init-from with --insert-layer starts from the checkpoint's accuracy (the new layer is
+    an identity), trains the 3-layer model and records where it started."""
+    cfg, _, _, log, path, _ = tiny_run
+    grown = TrainConfig(**dict(TINY, n_layers=3, steps=10, eval_every=10, seed=5),
+                        init_from=str(path), insert_layer=1)
+    params, model_cfg, grown_log = train(grown, quiet=True)
+    assert model_cfg.n_layers == 3 and "h2.mlp.w2" in params
+    assert grown_log["train_config"]["init_from"] == str(path)
+    assert grown_log["train_config"]["insert_layer"] == 1
+    unchanged = TrainConfig(**dict(TINY, steps=1, eval_every=1, lr=1e-12, min_lr=0.0,
+                                   warmup_steps=0, weight_decay=0.0), init_from=str(path))
+    _, _, same_log = train(unchanged, quiet=True)        # a step too small to move anything
+    assert same_log["final_heldout_accuracy"] == log["final_heldout_accuracy"]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(n_layers=2, insert_layer=1), "do not describe the checkpoint .*n_layers"),
+    (dict(n_layers=3), "do not describe the checkpoint .*n_layers"),
+    (dict(n_layers=3, insert_layer=1, d_model=32), "d_model: checkpoint 16, settings 32"),
+    (dict(n_layers=3, insert_layer=1, max_value=8), "trained on"),
+])
+def test_a_checkpoint_that_does_not_match_the_settings_is_refused(tiny_run, kwargs, match):
+    path = tiny_run[4]
+    cfg = TrainConfig(**dict(TINY, steps=1, **{k: v for k, v in kwargs.items()
+                                               if k != "insert_layer"}),
+                      init_from=str(path), insert_layer=kwargs.get("insert_layer"))
+    with pytest.raises(ValueError, match=match):
+        train(cfg, quiet=True)
+
+
+def test_insert_layer_needs_init_from_and_a_layer_index_in_range():
+    with pytest.raises(ValueError, match="insert_layer needs init_from"):
+        TrainConfig(insert_layer=0)
+    with pytest.raises(ValueError, match="insert_layer must be in"):
+        TrainConfig(init_from="m.npz", insert_layer=2, n_layers=2)
