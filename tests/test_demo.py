@@ -270,18 +270,19 @@ def test_bundled_budgets_file_belongs_to_the_bundled_checkpoint():
 
 
 def test_bundled_demo_numbers():
-    """The demo on its default 500 held-out questions: under the calibrated budgets (which keep
-    less than a quarter of the cache) the selective model stays within 0.5 points of its full cache,
-    and the standard model under the same budgets stays far below it (docs/results-inference.md
-    has the table; the issue's 1/8 target is not met by the bundled model and is not asserted)."""
+    """The demo on its default 500 held-out questions (docs/results-inference.md has the table):
+    the selective model is right on >= 99 % with a full cache; the calibrated budgets keep at
+    most 1/8 of the cache and it stays within 1.5 points (measured: 1.0; the issue asks for 0.5,
+    which the bundled model does not meet and this test does not claim); the standard model
+    under the same budgets stays far below it."""
     rows = demo.run_demo(png=None, use_ascii=True, out=io.StringIO())
     sel_full, sel_cal, std_full, std_cal = rows
     assert [(r.model, r.cache) for r in rows] == [("selective", "full"),
                                                   ("selective", "calibrated"),
                                                   ("standard", "full"), ("standard", "calibrated")]
-    assert sel_cal.reduction >= 4.5 and std_cal.budgets == sel_cal.budgets
-    assert sel_cal.accuracy >= sel_full.accuracy - 0.005
-    assert sel_full.accuracy >= 0.9
+    assert sel_cal.reduction >= 8 and std_cal.budgets == sel_cal.budgets
+    assert sel_full.accuracy >= 0.99
+    assert sel_cal.accuracy >= sel_full.accuracy - 0.015
     assert std_cal.accuracy <= sel_cal.accuracy - 0.5
 
 
@@ -291,7 +292,8 @@ def test_greedy_decoding_scores_like_teacher_forcing(path):
     through the caches. Both are exact match, so on a trained model they must agree."""
     runner = ModelRunner.load(path)
     examples = runner.heldout(200)
-    for budgets in (None, read_budgets(demo.BUDGETS, runner.cfg.n_layers), [4, 4]):
+    n_layers = runner.cfg.n_layers
+    for budgets in (None, read_budgets(demo.BUDGETS, n_layers), [4] * n_layers):
         answers = runner.answers([p for p, _ in examples], budgets)
         decoded = np.mean([got == want for got, (_, want) in zip(answers, examples)])
         assert decoded == runner.evaluate(examples, budgets).accuracy

@@ -203,7 +203,9 @@ def test_training_learns_the_single_assignment_task():
     assert log["final_heldout_accuracy"] == 1.0
 
 
-@pytest.mark.parametrize("name, selective", [("selective", True), ("standard", False)])
+@pytest.mark.parametrize("name, selective", [("selective", True), ("standard", False),
+                                             ("selective-2layer", True),
+                                             ("standard-2layer", False)])
 def test_shipped_checkpoints_score_what_their_logs_say(name, selective):
     """The installed checkpoints (docs/results.md) load, carry their task, and still score
     exactly the held-out accuracy their training logs recorded."""

@@ -1,7 +1,7 @@
 """What a trained checkpoint gets wrong on its held-out set, and whether a value's digits can see
 the name they belong to in the first layer.
 
-    python tools/analyse_errors.py selattn_c/data/selective.npz   # needs an installed selattn_c
+    python tools/analyse_errors.py selattn_c/data/selective-2layer.npz   # needs an installed selattn_c
 
 Prints, for the checkpoint's own held-out set (the one ``selattn eval`` scores):
 
