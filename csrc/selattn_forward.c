@@ -17,9 +17,10 @@
  * The wavefront: Fstart, the mask entering each query block, is a running sum over the blocks
  * above it, so the selective forward hands out its tasks top block first, and block qb + 1 reads
  * Fstart[qb + 1] on key tile kb as soon as block qb has written it (after 1a, before its heads'
- * work), one tile behind. The selector's logits are computed once, in 1a, where the backward
- * computes them twice (selector_block_prefix, then its tiles). The rows live in a ring of a few
- * rows per batch element; a block overwrites a slot only after the block that read it is done.
+ * work), one tile behind. The selector's logits are computed once, in 1a, where a backward
+ * without the forward's rows computes them twice (selector_block_prefix, then its tiles). The
+ * rows live in a ring of a few rows per batch element; a block overwrites a slot only after the
+ * block that read it is done.
  * When the ring holds every row (N <= 4096, or the caller keeps the rows), the first quarter of
  * the blocks take their rows from selector_block_prefix before the loop (1/16 of its cost) and
  * run after the wavefront, biggest first, as filler while its last, biggest tasks finish. The
