@@ -236,19 +236,14 @@ def _check_context(ctx) -> None:
     B, H, N, D = q.shape
     expected = {"q": (B, H, N, D), "k": (B, H, N, D), "v": (B, H, N, D), "out": (B, H, N, D),
                 "lse": (B, H, N)}
+    if ctx.fstart is not None:       # None is fine: the backward then builds the rows itself
+        expected["fstart"] = fstart_shape(B, N) or "None (a forward keeps none at this N)"
     for name, shape in expected.items():
         x = getattr(ctx, name)
         if not (isinstance(x, np.ndarray) and x.shape == shape and x.dtype == np.float32
                 and x.flags.c_contiguous and x.flags.aligned):
             raise ValueError(f"ctx.{name} must be a C-contiguous float32 array of shape {shape}: "
                              "this Context was not made by selattn_c.forward")
-    if ctx.fstart is not None:
-        shape = fstart_shape(B, N)
-        x = ctx.fstart
-        if not (shape and isinstance(x, np.ndarray) and x.shape == shape
-                and x.dtype == np.float32 and x.flags.c_contiguous and x.flags.aligned):
-            raise ValueError(f"ctx.fstart must be None or a C-contiguous float32 array of shape "
-                             f"{shape}: this Context was not made by selattn_c.forward")
     check_selector_head(ctx.selector_head, H)
     check_scale_float32(resolve_scale(ctx.scale, D))
 

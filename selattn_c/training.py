@@ -103,6 +103,8 @@ class TrainConfig:
         positive = ("n_layers", "n_heads", "d_model", "mlp_ratio", "steps", "batch_size",
                     "eval_every", "heldout_size")
         non_negative = ("warmup_steps", "eps_start", "eps_ramp", "seed", "heldout_seed")
+        if self.insert_layer is not None:
+            non_negative += ("insert_layer",)
         for name in positive + non_negative:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -123,10 +125,6 @@ class TrainConfig:
             raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_heads "
                              f"({self.n_heads})")
         if self.insert_layer is not None:
-            if isinstance(self.insert_layer, bool) or not isinstance(self.insert_layer,
-                                                                     (int, np.integer)):
-                raise TypeError(f"insert_layer must be an int, got "
-                                f"{type(self.insert_layer).__name__}")
             if self.init_from is None:
                 raise ValueError("insert_layer needs init_from: a layer is inserted into a "
                                  "trained checkpoint")
