@@ -16,6 +16,8 @@ from .attention import (
     forward,
     memory_loss,
     memory_loss_backward,
+    rank_penalty,
+    rank_penalty_backward,
 )
 
 __all__ = [
@@ -27,6 +29,8 @@ __all__ = [
     "forward",
     "memory_loss",
     "memory_loss_backward",
+    "rank_penalty",
+    "rank_penalty_backward",
     "checkpoint",
     "model",
     "optim",

@@ -25,6 +25,7 @@ from .validation import (
     check_mask,
     check_qkv,
     check_selector_head,
+    check_strength,
     check_tau,
     check_threshold,
     resolve_scale,
@@ -47,6 +48,8 @@ class Cache:
     protect_bos: bool
     selective: bool
     budget: Optional[int]
+    soft_cut: Optional[np.ndarray] = None  # (B, N) the rank penalty's cuts (§ 10), or None
+    soft_strength: float = 0.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,24 +150,97 @@ def eviction_mask(F, budget: Optional[int], *, protect_bos: bool = True,
     B, N, _ = F.shape
     K = N if K is None else K
     visible = np.zeros((B, N, N), dtype=bool)
-    for b in range(B):
-        held = np.zeros(N, dtype=bool)                   # (N,) the buffer
-        for i in range(N):
-            if t is not None:                            # the threshold rule
-                over = held & (F[b, i] > t)
-                if protect_bos:
-                    over[0] = False
-                held &= ~over
-            held[i] = True
-            if held.sum() > K:                           # one insert needs at most one drop
-                evictable = held.copy()
-                evictable[i] = False
-                if protect_bos:
-                    evictable[0] = False
-                score = np.where(evictable, F[b, i], -np.inf)
-                held[np.argmax(score)] = False           # argmax takes the first (oldest) tie
-            visible[b, i] = held
+    held = np.zeros((B, N), dtype=bool)                  # (B, N) the buffers, one per sequence
+    rows = np.arange(B)
+    for i in range(N):                                   # every sequence steps in lockstep
+        if t is not None:                                # the threshold rule
+            over = held & (F[:, i] > t)                  # (B, N)
+            if protect_bos:
+                over[:, 0] = False
+            held &= ~over
+        held[:, i] = True
+        full = held.sum(axis=1) > K                      # (B,) one insert needs at most one drop
+        if full.any():
+            evictable = held.copy()
+            evictable[:, i] = False
+            if protect_bos:
+                evictable[:, 0] = False
+            score = np.where(evictable, F[:, i], -np.inf)        # (B, N)
+            victim = np.argmax(score, axis=1)            # argmax takes the first (oldest) tie
+            held[rows[full], victim[full]] = False
+        visible[:, i] = held
     return visible
+
+
+# ----------------------------------------------------------------------------------------------
+# Pruning-aware training: a soft version of the eviction rule
+
+
+DEFAULT_SOFT_STRENGTH = 10.0   # slope of the rank penalty: 10 masks a key 11x faster past the cut
+
+
+def rank_penalty(F, budget: int, strength: float = DEFAULT_SOFT_STRENGTH
+                 ) -> Tuple[np.ndarray, np.ndarray]:
+    """F with a penalty on the keys a ``budget``-slot buffer would rank out.  § 10
+
+    Row i's cut ``theta[i] = F[i, cut[i]]`` is the ``budget``-th smallest ``F[i, j]`` over its
+    keys ``j <= i`` (no cut, ``cut[i] = -1``, when row i has ``budget`` keys or fewer: nothing to
+    drop). Keys above the cut are the ones the eviction rule of § 6 ranks out at query i; past
+    the cut their mask grows ``1 + strength`` times as fast:
+
+        F_soft[i, j] = F[i, j] + strength * max(F[i, j] - theta[i], 0)
+
+    so the loss sees, softly, what a pruned cache would do, and its gradient through F reaches
+    the selector head where it ranks a needed key beyond the budget.
+
+    Parameters
+    ----------
+    F : (B, N, N) accumulated mask
+    budget : int, slots (>= 1)
+    strength : float >= 0
+
+    Returns
+    -------
+    F_soft : (B, N, N)
+    cut : (B, N) int, the column of each row's cut, -1 where the row has none
+    """
+    F = check_mask(F)
+    K = check_budget(budget, protect_bos=False)
+    strength = check_strength(strength)
+    B, N, _ = F.shape
+    cut = np.full((B, N), -1, dtype=np.int64)                           # (B, N)
+    if K >= N:                                                          # no row has to drop
+        return F.copy(), cut
+    causal = np.tri(N, dtype=bool)                                      # (N, N) j <= i
+    F_keys = np.where(causal, F, np.inf)                                # (B, N, N)
+    kth = np.argpartition(F_keys, K - 1, axis=-1)[..., K - 1]           # (B, N) column of the cut
+    rows = np.arange(N) >= K                                            # (N,) rows with > K keys
+    cut[:, rows] = kth[:, rows]
+    theta = np.take_along_axis(F, kth[..., None], axis=-1)              # (B, N, 1)
+    past = causal & rows[:, None] & (F > theta)                         # (B, N, N)
+    F_soft = F + strength * np.where(past, F - theta, 0.0)              # (B, N, N)
+    return F_soft, cut
+
+
+def rank_penalty_backward(dF_soft, F, cut, strength: float) -> np.ndarray:
+    """Gradient of ``rank_penalty`` with respect to F.  § 10
+
+    ``F_soft[i, j] = F[i, j] + strength * (F[i, j] - F[i, cut[i]])`` for keys j past the cut,
+    so a past key passes ``(1 + strength)`` times its gradient to ``F[i, j]`` and minus
+    ``strength`` times it to the cut ``F[i, cut[i]]``; every other key passes it through.
+
+    dF_soft, F : (B, N, N); cut : (B, N) from ``rank_penalty`` -> dF (B, N, N)
+    """
+    B, N, _ = F.shape
+    rows = cut >= 0                                                     # (B, N)
+    safe_cut = np.where(rows, cut, 0)                                   # (B, N)
+    theta = np.take_along_axis(F, safe_cut[..., None], axis=-1)         # (B, N, 1)
+    past = np.tri(N, dtype=bool) & rows[..., None] & (F > theta)        # (B, N, N)
+    extra = strength * np.where(past, dF_soft, 0.0)                     # (B, N, N)
+    dF = dF_soft + extra
+    b, i = np.nonzero(rows)
+    np.subtract.at(dF, (b, i, cut[b, i]), extra.sum(axis=-1)[b, i])     # the cut's share
+    return dF
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,7 +248,8 @@ def eviction_mask(F, budget: Optional[int], *, protect_bos: bool = True,
 
 
 def forward(q, k, v, *, selector_head: int = 0, protect_bos: bool = True, selective: bool = True,
-            scale: Optional[float] = None, budget: Optional[int] = None):
+            scale: Optional[float] = None, budget: Optional[int] = None,
+            soft_budget: Optional[int] = None, soft_strength: float = DEFAULT_SOFT_STRENGTH):
     """Selective attention, forward.
 
     Parameters
@@ -183,6 +260,9 @@ def forward(q, k, v, *, selector_head: int = 0, protect_bos: bool = True, select
     selective : bool, False gives standard causal attention (F = 0)
     scale : float or None, logit scale (default ``1/sqrt(D)``)
     budget : int or None, keep at most ``budget`` keys per query (pruned KV buffer)
+    soft_budget : int or None, training only: subtract the rank penalty of § 10 for a
+        ``soft_budget``-slot buffer on top of F (None: no penalty)
+    soft_strength : float >= 0, the penalty's slope (§ 10)
 
     Returns
     -------
@@ -194,6 +274,8 @@ def forward(q, k, v, *, selector_head: int = 0, protect_bos: bool = True, select
     scale = resolve_scale(scale, D)
     protect_bos = bool(protect_bos)
     budget = check_budget(budget, protect_bos)
+    soft_budget = check_budget(soft_budget, protect_bos)
+    soft_strength = check_strength(soft_strength)
 
     causal = np.tri(N, dtype=bool)                                      # (N, N) j <= i     § 1
     L = np.where(causal, scale * (q @ k.swapaxes(-1, -2)), -np.inf)     # (B, H, N, N)      § 1
@@ -204,7 +286,10 @@ def forward(q, k, v, *, selector_head: int = 0, protect_bos: bool = True, select
     visible = np.broadcast_to(causal, (B, N, N))                        # (B, N, N)
     if budget is not None:
         visible = eviction_mask(F, budget, protect_bos=protect_bos)     # (B, N, N)         § 6
-    logits = np.where(visible[:, None], L - F[:, None], -np.inf)        # (B, H, N, N)      § 5
+    F_used, cut = F, None                                               # (B, N, N)
+    if soft_budget is not None:
+        F_used, cut = rank_penalty(F, soft_budget, soft_strength)       # (B, N, N), (B, N) § 10
+    logits = np.where(visible[:, None], L - F_used[:, None], -np.inf)   # (B, H, N, N)      § 5
     logits = logits - logits.max(axis=-1, keepdims=True)                # (B, H, N, N) stable
     P = np.exp(logits)                                                  # (B, H, N, N)
     P /= P.sum(axis=-1, keepdims=True)                                  # (B, H, N, N) softmax
@@ -212,7 +297,7 @@ def forward(q, k, v, *, selector_head: int = 0, protect_bos: bool = True, select
 
     cache = Cache(q=q, k=k, v=v, L=L, F=F, visible=np.array(visible), P=P, scale=scale,
                   selector_head=s, protect_bos=protect_bos, selective=bool(selective),
-                  budget=budget)
+                  budget=budget, soft_cut=cut, soft_strength=soft_strength)
     return out, cache
 
 
@@ -244,6 +329,8 @@ def backward(dout, cache: Cache, dF=None) -> Tuple[np.ndarray, np.ndarray, np.nd
     dL = dlogits.copy()                                                 # (B, H, N, N)
     if cache.selective:
         dF_total = -dlogits.sum(axis=1)                                 # (B, N, N)
+        if cache.soft_cut is not None:    # logits = L - F_soft(F)                         § 10
+            dF_total = rank_penalty_backward(dF_total, F, cache.soft_cut, cache.soft_strength)
         if dF is not None:
             dF_total = dF_total + check_like(dF, "dF", (B, N, N))
         dL[:, s] += accumulated_mask_backward(dF_total, L[:, s], cache.protect_bos)

@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .attention import DEFAULT_SOFT_STRENGTH
 from .attention import backward as attention_backward_reference
 from .attention import forward as attention_forward_reference
 from .attention import memory_loss, memory_loss_backward
@@ -389,8 +390,10 @@ class NumpyAttention:
     """
 
     def forward(self, q, k, v, *, selective: bool, selector_head: int, need_F: bool,
-                budget: Optional[int] = None):
-        """Selective attention of q, k, v (B, H, N, hd), BOS protected.
+                budget: Optional[int] = None, soft_budget: Optional[int] = None,
+                soft_strength: float = DEFAULT_SOFT_STRENGTH):
+        """Selective attention of q, k, v (B, H, N, hd), BOS protected; ``soft_budget`` adds the
+        rank penalty of pruning-aware training (``selattn_reference.attention.rank_penalty``).
 
         Returns
         -------
@@ -399,7 +402,9 @@ class NumpyAttention:
         ctx : what ``backward`` needs
         """
         out, cache = attention_forward_reference(q, k, v, selector_head=selector_head,
-                                                 selective=selective, budget=budget)
+                                                 selective=selective, budget=budget,
+                                                 soft_budget=soft_budget,
+                                                 soft_strength=soft_strength)
         return out, (cache.F if need_F else None), cache
 
     def backward(self, dout, dF, ctx):
@@ -412,15 +417,17 @@ class NumpyAttention:
 
 
 def attention_forward(h: np.ndarray, params: Params, l: int, cfg: ModelConfig, attention,
-                      need_F: bool, budget: Optional[int] = None):
+                      need_F: bool, budget: Optional[int] = None, soft: Optional[tuple] = None):
     """Block ``l``'s attention sub-layer: QKV projection, selective attention, output projection.
 
     h (B, N, d) -> y (B, N, d), F (B, N, N) or None, cache
     """
     qkv, proj_in = linear_forward(h, params[f"h{l}.attn.wqkv"], params[f"h{l}.attn.bqkv"])
     q, k, v = split_heads(qkv, cfg.n_heads)                                # (B, H, N, hd) each
+    soft_kwargs = {} if soft is None else {"soft_budget": soft[0], "soft_strength": soft[1]}
     o, F, ctx = attention.forward(q, k, v, selective=cfg.selective,
-                                  selector_head=cfg.selector_head, need_F=need_F, budget=budget)
+                                  selector_head=cfg.selector_head, need_F=need_F, budget=budget,
+                                  **soft_kwargs)
     y, proj_out = linear_forward(merge_heads(o), params[f"h{l}.attn.wo"],
                                  params[f"h{l}.attn.bo"])                  # (B, N, d)
     return y, F, (proj_in, ctx, proj_out, attention, cfg.n_heads, l)
@@ -442,10 +449,11 @@ def attention_backward(dy: np.ndarray, dF: Optional[np.ndarray], cache):
 
 
 def block_forward(x: np.ndarray, params: Params, l: int, cfg: ModelConfig, attention,
-                  need_F: bool, budget: Optional[int] = None):
-    """x + attn(ln1(x)), then + mlp(ln2(.)).  x (B, N, d) -> x (B, N, d), F or None, cache"""
+                  need_F: bool, budget: Optional[int] = None, soft: Optional[tuple] = None):
+    """x + attn(ln1(x)), then + mlp(ln2(.)).  x (B, N, d) -> x (B, N, d), F or None, cache
+    ``soft``: None, or (soft_budget, soft_strength) of the rank penalty (training only)."""
     h, ln1 = layernorm_forward(x, params[f"h{l}.ln1.g"], params[f"h{l}.ln1.b"])
-    a, F, attn = attention_forward(h, params, l, cfg, attention, need_F, budget)
+    a, F, attn = attention_forward(h, params, l, cfg, attention, need_F, budget, soft)
     x = x + a                                                              # (B, N, d)
     h, ln2 = layernorm_forward(x, params[f"h{l}.ln2.g"], params[f"h{l}.ln2.b"])
     m, mlp = mlp_forward(h, params, l)
@@ -568,12 +576,12 @@ class ModelCache:
         return None if self.mem is None else self.mem[0]
 
 
-def _check_budgets(budgets, cfg: ModelConfig) -> List[Optional[int]]:
+def _check_budgets(budgets, cfg: ModelConfig, name: str = "budgets") -> List[Optional[int]]:
     if budgets is None:
         return [None] * cfg.n_layers
     budgets = list(budgets)
     if len(budgets) != cfg.n_layers:
-        raise ValueError(f"budgets must have one entry per layer ({cfg.n_layers}), got "
+        raise ValueError(f"{name} must have one entry per layer ({cfg.n_layers}), got "
                          f"{len(budgets)}")
     return budgets
 
@@ -601,7 +609,8 @@ def _check_targets(targets, target_mask, tokens: np.ndarray, cfg: ModelConfig, d
 
 
 def forward(params: Params, cfg: ModelConfig, tokens, targets=None, target_mask=None, *,
-            attention=None, budgets=None):
+            attention=None, budgets=None, soft_budgets=None,
+            soft_strength: float = DEFAULT_SOFT_STRENGTH):
     """The whole model: logits, and with targets the losses.
 
     Parameters
@@ -613,6 +622,10 @@ def forward(params: Params, cfg: ModelConfig, tokens, targets=None, target_mask=
     target_mask : (B, N) bool or float weights, or None (every position): which targets count
     attention : backend with the ``NumpyAttention`` interface (default ``NumpyAttention()``)
     budgets : per-layer list of int/None, pruned-KV budgets (inference only: no backward)
+    soft_budgets : per-layer list of int/None, or None: pruning-aware training, each layer's
+        logits get the rank penalty of a buffer of that many slots (``rank_penalty``; needs an
+        attention backend that implements it, such as ``NumpyAttention``)
+    soft_strength : float >= 0, the rank penalty's slope
 
     Returns
     -------
@@ -625,6 +638,7 @@ def forward(params: Params, cfg: ModelConfig, tokens, targets=None, target_mask=
     dtype = check_params(params, cfg)
     tokens = check_tokens(tokens, cfg)
     budgets = _check_budgets(budgets, cfg)
+    soft_budgets = _check_budgets(soft_budgets, cfg, "soft_budgets")
     attention = NumpyAttention() if attention is None else attention
     with_loss = targets is not None
     if with_loss:
@@ -634,7 +648,8 @@ def forward(params: Params, cfg: ModelConfig, tokens, targets=None, target_mask=
     x = embed(params, tokens)                                              # (B, N, d)
     blocks, Fs = [], []
     for l in range(cfg.n_layers):
-        x, F, block = block_forward(x, params, l, cfg, attention, need_F, budgets[l])
+        soft = None if soft_budgets[l] is None else (soft_budgets[l], soft_strength)
+        x, F, block = block_forward(x, params, l, cfg, attention, need_F, budgets[l], soft)
         blocks.append(block)
         Fs.append(F)
     logits, head = head_forward(x, params)                                 # (B, N, V)

@@ -89,6 +89,16 @@ def check_budget(budget, protect_bos: bool) -> Optional[int]:
     return int(budget)
 
 
+def check_strength(strength) -> float:
+    """The rank penalty's slope (training only): a finite float >= 0."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float, np.integer,
+                                                                np.floating)):
+        raise TypeError(f"soft_strength must be a number, got {type(strength).__name__}")
+    if not (math.isfinite(strength) and strength >= 0):
+        raise ValueError(f"soft_strength must be a finite number >= 0, got {strength}")
+    return float(strength)
+
+
 def check_threshold(evict_threshold) -> Optional[float]:
     """None, or a finite float >= 0 (a held token is dropped once its F exceeds it)."""
     if evict_threshold is None:

@@ -61,8 +61,10 @@ class CAttention:
     """
 
     def forward(self, q, k, v, *, selective: bool, selector_head: int, need_F: bool,
-                budget: Optional[int] = None):
-        """Selective attention of q, k, v (B, H, N, hd).
+                budget: Optional[int] = None, soft_budget: Optional[int] = None,
+                soft_strength: Optional[float] = None):
+        """Selective attention of q, k, v (B, H, N, hd). The rank penalty of pruning-aware
+        training (``soft_budget``) is not in the kernels: ``NumpyAttention`` has it.
 
         Returns
         -------
@@ -71,6 +73,9 @@ class CAttention:
             else None
         ctx : Context for ``backward`` (that of ``selattn_c.forward``)
         """
+        if soft_budget is not None:
+            raise ValueError("the C kernels have no rank penalty (soft_budget): use "
+                             "NumpyAttention for pruning-aware training steps")
         out, ctx = forward(q, k, v, selector_head=selector_head, protect_bos=PROTECT_BOS,
                            selective=selective, budget=budget)
         F = None

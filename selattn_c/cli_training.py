@@ -89,6 +89,17 @@ def add_train(subparsers) -> None:
                    help="with --init-from: insert a new identity layer (zero output "
                         "projections) before layer L of the checkpoint, then train")
 
+    g = p.add_argument_group("pruning-aware training (selective models only)")
+    g.add_argument("--soft-budgets", type=str, default=None, metavar="B0,B1,...",
+                   help="KV budgets to train for, one per layer (or one for all): steps add "
+                        "the rank penalty of those budgets, masking harder the keys a pruned "
+                        "cache would drop (these steps run on the NumPy attention)")
+    g.add_argument("--soft-strength", type=float, default=DEFAULTS["soft_strength"],
+                   help=f"slope of the rank penalty [{DEFAULTS['soft_strength']:g}]")
+    g.add_argument("--soft-share", type=float, default=DEFAULTS["soft_share"],
+                   help=f"share of the steps (drawn at random) that get the penalty "
+                        f"[{DEFAULTS['soft_share']:g}]")
+
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-every", type=int, default=DEFAULTS["eval_every"])
     g.add_argument("--heldout-size", type=int, default=DEFAULTS["heldout_size"])
@@ -122,24 +133,26 @@ def _set_threads(threads: Optional[int], backend: str) -> None:
         selattn_c.set_num_threads(threads)
 
 
-def parse_budgets(text: Optional[str], n_layers: int) -> Optional[List[Optional[int]]]:
+def parse_budgets(text: Optional[str], n_layers: int, option: str = "--budgets"
+                  ) -> Optional[List[Optional[int]]]:
     """'16' -> [16] * n_layers; '8,24' -> [8, 24]; None -> None. Raises ValueError."""
     if text is None:
         return None
     try:
         values = [int(v) for v in text.split(",")]
     except ValueError:
-        raise ValueError(f"--budgets must be integers separated by commas, got {text!r}") from None
+        raise ValueError(f"{option} must be integers separated by commas, got {text!r}") from None
     if len(values) == 1:
         values = values * n_layers
     if len(values) != n_layers:
-        raise ValueError(f"--budgets needs 1 or {n_layers} values (one per layer), "
+        raise ValueError(f"{option} needs 1 or {n_layers} values (one per layer), "
                          f"got {len(values)}")
     return values
 
 
 def run_train(args: argparse.Namespace) -> int:
     settings = {name: getattr(args, name) for name in DEFAULTS}
+    settings["soft_budgets"] = parse_budgets(args.soft_budgets, args.n_layers, "--soft-budgets")
     cfg = TrainConfig(**settings)
     _set_threads(args.threads, args.backend)
     params, model_cfg, log = train(cfg, backend=args.backend, quiet=args.quiet)

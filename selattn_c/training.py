@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence, TextIO, Tuple
 import numpy as np
 
 from selattn_reference import model as lm
+from selattn_reference.attention import DEFAULT_SOFT_STRENGTH
 from selattn_reference.checkpoint import load_checkpoint, save_checkpoint
 from selattn_reference.optim import AdamW, clip_grad_norm
 from selattn_reference.tasks import (
@@ -36,6 +37,7 @@ from selattn_reference.tasks import (
     make_split,
     prompts,
 )
+from selattn_reference.validation import check_budget
 
 BACKENDS = ("auto", "c", "numpy")
 
@@ -62,6 +64,11 @@ class TrainConfig:
     ``insert_layer`` (with ``init_from``: first insert an identity block, a new layer whose
     output projections are zero, at this index, so the grown model computes exactly what the
     checkpoint did and the new layer learns from there).
+    Pruning-aware training: ``soft_budgets`` (one KV budget per layer, or None) makes a share
+    ``soft_share`` of the steps (drawn at random) run with the rank penalty of those budgets
+    (``selattn_reference.attention.rank_penalty``, slope ``soft_strength``): keys a pruned
+    cache would rank out are masked harder, so the loss sees, softly, what eviction would do.
+    Those steps run on the NumPy attention (the C kernels have no rank penalty).
     """
 
     # task
@@ -98,6 +105,10 @@ class TrainConfig:
     # start
     init_from: Optional[str] = None
     insert_layer: Optional[int] = None
+    # pruning-aware training
+    soft_budgets: Optional[List[int]] = None
+    soft_strength: float = DEFAULT_SOFT_STRENGTH
+    soft_share: float = 1.0
 
     def __post_init__(self) -> None:
         positive = ("n_layers", "n_heads", "d_model", "mlp_ratio", "steps", "batch_size",
@@ -111,7 +122,8 @@ class TrainConfig:
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
             if value < (1 if name in positive else 0):
                 raise ValueError(f"{name} must be >= {1 if name in positive else 0}, got {value}")
-        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "eps", "tau"):
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "eps", "tau", "soft_strength",
+                     "soft_share"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)):
                 raise TypeError(f"{name} must be a number, got {type(value).__name__}")
@@ -121,6 +133,20 @@ class TrainConfig:
             raise ValueError("lr, tau and grad_clip must be > 0")
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must be <= lr ({self.lr})")
+        if self.soft_share > 1:
+            raise ValueError(f"soft_share must be in [0, 1], got {self.soft_share}")
+        if self.soft_budgets is not None:
+            if self.standard:
+                raise ValueError("soft_budgets need a selective model: a standard model's F is "
+                                 "zero, so the rank penalty has nothing to act on")
+            if not isinstance(self.soft_budgets, (list, tuple)):
+                raise TypeError(f"soft_budgets must be a list of ints (one per layer), got "
+                                f"{type(self.soft_budgets).__name__}")
+            object.__setattr__(self, "soft_budgets",            # frozen: a validated list
+                               [check_budget(b, protect_bos=True) for b in self.soft_budgets])
+            if len(self.soft_budgets) != self.n_layers:
+                raise ValueError(f"soft_budgets must have one entry per layer ({self.n_layers}), "
+                                 f"got {len(self.soft_budgets)}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_heads "
                              f"({self.n_heads})")
@@ -313,6 +339,8 @@ def train(cfg: TrainConfig, *, backend: str = "auto", progress: Optional[Progres
     heldout = make_split(task, cfg.heldout_size, cfg.heldout_seed)
     heldout_prompts = prompts(heldout)
     rng = np.random.default_rng([cfg.seed, 1])        # the training stream (never the held-out)
+    soft_rng = np.random.default_rng([cfg.seed, 2])   # which steps get the rank penalty
+    soft_attention = lm.NumpyAttention()              # the C kernels have no rank penalty
     if cfg.init_from is not None:
         params = start_from_checkpoint(cfg, model_cfg)
     else:
@@ -332,7 +360,11 @@ def train(cfg: TrainConfig, *, backend: str = "auto", progress: Optional[Progres
         step_cfg = replace(model_cfg, eps=eps)
         batch = generate_examples(rng, cfg.train_task(rng), cfg.batch_size, exclude=heldout_prompts)
         tokens, targets, mask = encode_batch(tokenizer, batch, model_cfg.context)
-        _, losses, cache = lm.forward(params, step_cfg, tokens, targets, mask, attention=attention)
+        soft = cfg.soft_budgets is not None and soft_rng.random() < cfg.soft_share
+        _, losses, cache = lm.forward(params, step_cfg, tokens, targets, mask,
+                                      attention=soft_attention if soft else attention,
+                                      soft_budgets=cfg.soft_budgets if soft else None,
+                                      soft_strength=cfg.soft_strength)
         grads = lm.backward(cache)
         clip_grad_norm(grads, cfg.grad_clip)
         optimizer.step(params, grads, lr=lr)

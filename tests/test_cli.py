@@ -84,6 +84,16 @@ def test_train_grows_a_checkpoint_by_a_layer(tmp_path, capsys):
     assert log["train_config"]["init_from"] == two and log["train_config"]["insert_layer"] == 1
 
 
+def test_train_with_soft_budgets(tmp_path):
+    """--soft-budgets (one value for every layer) and --soft-strength reach the run's log."""
+    out = str(tmp_path / "soft.npz")
+    assert main(["train", *TINY_TRAIN, "--steps", "2", "--eval-every", "2", "--quiet",
+                 "--soft-budgets", "3", "--soft-strength", "4", "--out", out]) == 0
+    config = json.loads((tmp_path / "soft.json").read_text())["train_config"]
+    assert config["soft_budgets"] == [3, 3] and config["soft_strength"] == 4.0
+    assert config["soft_share"] == 1.0
+
+
 def one_line_error(capsys, argv) -> str:
     code = main(argv)
     err = capsys.readouterr().err
@@ -103,6 +113,10 @@ def one_line_error(capsys, argv) -> str:
     (["train", "--threads", "0", "--steps", "1"], "--threads must be >= 1"),
     (["train", "--backend", "gpu"], "invalid choice: 'gpu'"),
     (["train", "--insert-layer", "1"], "insert_layer needs init_from"),
+    (["train", "--soft-budgets", "3,x"], "--soft-budgets must be integers"),
+    (["train", "--soft-budgets", "3,3,3"], "--soft-budgets needs 1 or 2 values"),
+    (["train", "--standard", "--soft-budgets", "3"], "need a selective model"),
+    (["train", "--soft-budgets", "4", "--soft-share", "2"], "soft_share must be in [0, 1]"),
     (["train", "--init-from", "missing.npz", "--steps", "1"], "missing.npz"),
     (["eval"], "the following arguments are required: checkpoint"),
     (["bogus"], "invalid choice: 'bogus'"),

@@ -6,7 +6,7 @@ cross-entropy. The loss is only piecewise smooth: relu(selector logit) has a kin
 at tau, and the memory loss' max over rows switches where two rows tie. A centred step that
 crosses one of these measures neither one-sided derivative, so each perturbed component whose
 "kink signature" (every relu gate, every argmax row, every F < tau gate of those rows) differs at
-x - h, x or x + h is skipped, and counted: at most MODEL_FD_MAX_SKIPPED of a tensor may be.
+x - h, x or x + h is skipped (with soft budgets: also every rank-penalty cut), and counted: at most MODEL_FD_MAX_SKIPPED of a tensor may be.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 
 from helpers import rel_error
+from test_reference_gradcheck import soft_signature
 from selattn_reference import model as M
-from selattn_reference.attention import selection_constraints
+from selattn_reference.attention import rank_penalty, selection_constraints
 from tolerances import (
     FD_STEP,
     MODEL_FD_MAX_REL_ERROR,
@@ -57,6 +58,7 @@ def kink_signature(cache: M.ModelCache) -> Tuple:
     parts = []
     for ctx in cache.attention_contexts:
         parts.append((ctx.L[:, cfg.selector_head][:, allowed] > 0).tobytes())
+        parts.append(soft_signature(ctx))                # the rank penalty's cuts (§ 10)
     for F in cache.memory_masks or []:
         kept = np.where(np.tri(N, dtype=bool), 1.0 - np.minimum(F, cfg.tau) / cfg.tau, 0.0)
         row = kept.sum(axis=-1).argmax(axis=-1)                            # (B,)
@@ -65,18 +67,20 @@ def kink_signature(cache: M.ModelCache) -> Tuple:
     return tuple(parts)
 
 
-def whole_model_errors(cfg: M.ModelConfig, seed: int, weight_std: float
+def whole_model_errors(cfg: M.ModelConfig, seed: int, weight_std: float, soft_budgets=None
                        ) -> Dict[str, Tuple[float, float]]:
     """Per parameter tensor: (CS231n relative error, share of components skipped at a kink)."""
     params, tokens, targets, target_mask = tiny_problem(cfg, seed, weight_std)
-    _, losses, cache = M.forward(params, cfg, tokens, targets, target_mask)
+    _, losses, cache = M.forward(params, cfg, tokens, targets, target_mask,
+                                 soft_budgets=soft_budgets)
     analytic = M.backward(cache)
     base = kink_signature(cache)
     noise = EPS64 * (1.0 + abs(losses["total"])) * MODEL_FD_NOISE_TERMS / FD_STEP
     floor = noise / MODEL_FD_MAX_REL_ERROR
 
     def total_and_signature():
-        _, losses, cache = M.forward(params, cfg, tokens, targets, target_mask)
+        _, losses, cache = M.forward(params, cfg, tokens, targets, target_mask,
+                                     soft_budgets=soft_budgets)
         return losses["total"], kink_signature(cache)
 
     results = {}
@@ -98,14 +102,15 @@ def whole_model_errors(cfg: M.ModelConfig, seed: int, weight_std: float
     return results
 
 
-@pytest.mark.parametrize("options, seed, weight_std", [
-    (dict(selective=True, eps=1.0, tau=1.0), 0, 0.3),
-    (dict(selective=True, eps=1.0, tau=0.3, selector_head=1), 1, 0.5),
-    (dict(selective=False, eps=1.0), 2, 0.5),
+@pytest.mark.parametrize("options, seed, weight_std, soft_budgets", [
+    (dict(selective=True, eps=1.0, tau=1.0), 0, 0.3, None),
+    (dict(selective=True, eps=1.0, tau=0.3, selector_head=1), 1, 0.5, None),
+    (dict(selective=False, eps=1.0), 2, 0.5, None),
+    (dict(selective=True, eps=1.0, tau=1.0), 3, 0.5, [3, 4]),      # pruning-aware training
 ])
-def test_whole_model_gradient_matches_finite_differences(options, seed, weight_std):
+def test_whole_model_gradient_matches_finite_differences(options, seed, weight_std, soft_budgets):
     cfg = M.ModelConfig(**TINY, **options)
-    results = whole_model_errors(cfg, seed, weight_std)
+    results = whole_model_errors(cfg, seed, weight_std, soft_budgets)
     assert set(results) == set(M.param_shapes(cfg))
     worst = {name: error for name, (error, _) in results.items()
              if error > MODEL_FD_MAX_REL_ERROR}
@@ -130,3 +135,21 @@ def test_the_memory_loss_term_is_live_in_the_gradcheck():
     selector_q = slice(cfg.selector_head * hd, (cfg.selector_head + 1) * hd)
     change = with_mem["h0.attn.wqkv"][:, selector_q] - without_mem["h0.attn.wqkv"][:, selector_q]
     assert np.abs(change).max() > 1e-3
+
+
+def test_the_rank_penalty_is_live_in_the_gradcheck():
+    """The soft-budget config above must have keys past a cut in both layers and a loss and a
+    gradient that differ from the plain model's (otherwise its check proves nothing)."""
+    cfg = M.ModelConfig(**TINY, selective=True, eps=1.0, tau=1.0)
+    params, tokens, targets, target_mask = tiny_problem(cfg, 3, 0.5)
+    _, plain, plain_cache = M.forward(params, cfg, tokens, targets, target_mask)
+    _, soft, soft_cache = M.forward(params, cfg, tokens, targets, target_mask,
+                                    soft_budgets=[3, 4])
+    for ctx in soft_cache.attention_contexts:
+        F_soft, _ = rank_penalty(ctx.F, int(np.count_nonzero(ctx.soft_cut[0] == -1)))
+        assert (F_soft > ctx.F).any()
+    assert soft["ce"] != plain["ce"]
+    g_plain, g_soft = M.backward(plain_cache), M.backward(soft_cache)
+    assert rel_error(g_soft["h0.attn.wqkv"], g_plain["h0.attn.wqkv"]) > 1e-3
+    with pytest.raises(ValueError, match="soft_budgets must have one entry per layer"):
+        M.forward(params, cfg, tokens, targets, target_mask, soft_budgets=[3])

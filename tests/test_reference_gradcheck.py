@@ -10,7 +10,7 @@ set where two F values cross. A centred difference straddling a kink measures ne
 derivative, so inputs within a safety margin of a kink are skipped (``assume``), with the margin
 derived from the largest change one finite-difference step can make. With a budget the analytic
 gradient treats the held set as a constant, so an input whose held set differs at either end of
-a step is skipped too.
+a step is skipped too, and so is one whose rank-penalty cuts (§ 10) or keys past them differ.
 """
 
 from __future__ import annotations
@@ -65,13 +65,27 @@ def assume_away_from_kinks(cache: A.Cache, q: np.ndarray, k: np.ndarray,
     assume(not (near_tau & causal[row]).any())
 
 
+def soft_signature(cache: A.Cache) -> bytes:
+    """The rank penalty's discrete choices (§ 10): each row's cut and which keys are past it."""
+    if cache.soft_cut is None:
+        return b""
+    B, N, _ = cache.F.shape
+    rows = cache.soft_cut >= 0                                                   # (B, N)
+    theta = np.take_along_axis(cache.F, np.where(rows, cache.soft_cut, 0)[..., None], axis=-1)
+    past = np.tri(N, dtype=bool) & rows[..., None] & (cache.F > theta)           # (B, N, N)
+    return cache.soft_cut.tobytes() + past.tobytes()
+
+
 def gradient_errors(case: QKVCase, *, scale: Optional[float] = None,
-                    budget: Optional[int] = None, tau: Optional[float] = None) -> Dict[str, float]:
+                    budget: Optional[int] = None, tau: Optional[float] = None,
+                    soft_budget: Optional[int] = None, soft_strength: float = 10.0
+                    ) -> Dict[str, float]:
     """CS231n relative errors of backward against centred differences, for dq, dk and dv."""
     q, k, v = case.q.copy(), case.k.copy(), case.v.copy()
     B = q.shape[0]
     dout = np.random.default_rng(case.seed + 1).standard_normal(q.shape)        # (B, H, N, D)
-    options = dict(case.options(), scale=scale, budget=budget)
+    options = dict(case.options(), scale=scale, budget=budget, soft_budget=soft_budget,
+                   soft_strength=soft_strength)
     _, cache = A.forward(q, k, v, **options)
     assume_away_from_kinks(cache, q, k, tau)
 
@@ -83,6 +97,8 @@ def gradient_errors(case: QKVCase, *, scale: Optional[float] = None,
     def loss_terms() -> np.ndarray:
         out, perturbed = A.forward(q, k, v, **options)
         if not np.array_equal(perturbed.visible, cache.visible):
+            held_set_changed.append(True)
+        if soft_signature(perturbed) != soft_signature(cache):   # a rank-penalty kink (§ 10)
             held_set_changed.append(True)
         terms = (out * dout).ravel()
         if tau is not None:
@@ -154,3 +170,15 @@ def test_gradients_memory_loss(case, tau):
 def test_gradients_not_selective(case, tau):
     """Standard causal attention; a dF passed in must contribute nothing (F is constant 0)."""
     check_gradients(case, tau=tau)
+
+
+@given(small_cases(min_N=3), st.data())
+def test_gradients_rank_penalty(case, data):
+    """Pruning-aware training (§ 10): the gradient through the rank penalty, including the share
+    each past key sends to its row's cut, with and without a budget and the memory loss."""
+    N = case.shape[2]
+    smallest = 2 if case.protect_bos else 1
+    check_gradients(case, soft_budget=data.draw(st.integers(smallest, N - 1)),
+                    soft_strength=data.draw(st.sampled_from([0.5, 3.0, 10.0])),
+                    budget=data.draw(st.none() | st.integers(smallest, N + 1)),
+                    tau=data.draw(st.none() | TAUS))

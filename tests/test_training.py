@@ -75,6 +75,11 @@ def test_memory_loss_weight_is_off_then_ramps_to_eps(cfg):
     (dict(eps=float("nan")), "eps"), (dict(d_model=30, n_heads=4), "d_model"),
     (dict(n_vars=0), "n_vars"), (dict(context=10), "context"), (dict(steps=1.5), "steps"),
     (dict(train_min_assignments=21), "train_min_assignments"),
+    (dict(soft_budgets=[4]), "soft_budgets must have one entry per layer"),
+    (dict(soft_budgets=8), "soft_budgets must be a list"),
+    (dict(soft_budgets=[1, 4]), "budget 1 is too small"),
+    (dict(soft_budgets=[4, 4], standard=True), "need a selective model"),
+    (dict(soft_share=1.5), "soft_share"), (dict(soft_strength=-1.0), "soft_strength"),
 ])
 def test_bad_settings_name_the_setting(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
@@ -84,6 +89,9 @@ def test_bad_settings_name_the_setting(kwargs, match):
 def test_settings_round_trip():
     cfg = TrainConfig(steps=7, eps=0.3, standard=True, train_min_assignments=2)
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    soft = TrainConfig(soft_budgets=(5, 7), soft_strength=3.0, soft_share=0.5)
+    assert soft.soft_budgets == [5, 7]
+    assert TrainConfig.from_dict(json.loads(json.dumps(soft.to_dict()))) == soft
     with pytest.raises(ValueError, match="unknown"):
         TrainConfig.from_dict(dict(cfg.to_dict(), momentum=0.9))
 
@@ -277,3 +285,18 @@ def test_insert_layer_needs_init_from_and_a_layer_index_in_range():
         TrainConfig(insert_layer=0)
     with pytest.raises(ValueError, match="insert_layer must be in"):
         TrainConfig(init_from="m.npz", insert_layer=2, n_layers=2)
+
+
+def test_pruning_aware_training_changes_the_run_only_on_its_steps():
+    """soft_share 0 draws no penalised step: the run is bit for bit the plain one. With the
+    penalty on every step the same batches give other weights than a slope of 0 on the same
+    (NumPy) attention; the log records the settings."""
+    base = dict(TINY, steps=6, eval_every=6, seed=4)
+    plain, _, _ = train(TrainConfig(**base), quiet=True)
+    none, _, _ = train(TrainConfig(**base, soft_budgets=[3, 3], soft_share=0.0), quiet=True)
+    flat, _, _ = train(TrainConfig(**base, soft_budgets=[3, 3], soft_strength=0.0), quiet=True)
+    soft, _, log = train(TrainConfig(**base, soft_budgets=[3, 3], soft_strength=5.0), quiet=True)
+    assert all(np.array_equal(none[k], plain[k]) for k in plain)
+    assert any(np.abs(soft[k] - flat[k]).max() > 1e-4 for k in plain)
+    assert log["train_config"]["soft_budgets"] == [3, 3]
+    assert log["train_config"]["soft_strength"] == 5.0
