@@ -270,11 +270,10 @@ def test_bundled_budgets_file_belongs_to_the_bundled_checkpoint():
 
 
 def test_bundled_demo_numbers():
-    """The demo on its default 500 held-out questions (docs/results-inference.md has the table):
-    the selective model is right on >= 99 % with a full cache; the calibrated budgets keep at
-    most 1/8 of the cache and it stays within 1.5 points (measured: 1.0; the issue asks for 0.5,
-    which the bundled model does not meet and this test does not claim); the standard model
-    under the same budgets stays far below it."""
+    """The demo on its default 500 held-out questions (docs/results-inference.md has the table),
+    the paper's claim on our task: the selective model is right on >= 99 % with a full cache;
+    the calibrated budgets keep at most 1/8 of the cache and it stays within 0.5 points of its
+    full cache (measured: 0.4); the standard model under the same budgets stays far below it."""
     rows = demo.run_demo(png=None, use_ascii=True, out=io.StringIO())
     sel_full, sel_cal, std_full, std_cal = rows
     assert [(r.model, r.cache) for r in rows] == [("selective", "full"),
@@ -282,7 +281,7 @@ def test_bundled_demo_numbers():
                                                   ("standard", "full"), ("standard", "calibrated")]
     assert sel_cal.reduction >= 8 and std_cal.budgets == sel_cal.budgets
     assert sel_full.accuracy >= 0.99
-    assert sel_cal.accuracy >= sel_full.accuracy - 0.015
+    assert sel_cal.accuracy >= sel_full.accuracy - 0.005
     assert std_cal.accuracy <= sel_cal.accuracy - 0.5
 
 
