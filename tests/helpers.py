@@ -186,6 +186,19 @@ def numerical_gradient(f: Callable[[], np.ndarray], x: np.ndarray, h: float) -> 
     return grad
 
 
+def soft_signature(cache) -> bytes:
+    """The rank penalty's discrete choices (§ 10 of docs/selective-attention.md) in a reference
+    attention ``Cache``: each row's cut and which keys are past it. A finite-difference step that
+    changes them crosses a kink, so the gradient checks skip it."""
+    if cache.soft_cut is None:
+        return b""
+    B, N, _ = cache.F.shape
+    rows = cache.soft_cut >= 0                                                   # (B, N)
+    theta = np.take_along_axis(cache.F, np.where(rows, cache.soft_cut, 0)[..., None], axis=-1)
+    past = np.tri(N, dtype=bool) & rows[..., None] & (cache.F > theta)           # (B, N, N)
+    return cache.soft_cut.tobytes() + past.tobytes()
+
+
 # ----------------------------------------------------------------------------------------------
 # Exactly representable inputs, for comparing eviction decisions across precisions
 
@@ -252,3 +265,4 @@ def cache_cases(draw, max_B: int = 2, max_H: int = 3, max_N: int = 90, max_D: in
     return CacheCase(q=q, k=k, v=v, budget=budget, evict_threshold=threshold,
                      selector_head=draw(st.integers(0, H - 1)), protect_bos=protect_bos,
                      selective=draw(st.booleans()), seed=seed)
+

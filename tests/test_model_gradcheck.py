@@ -5,8 +5,9 @@ that attention logits are of order 1, and eps = 1.0 so the memory loss weighs as
 cross-entropy. The loss is only piecewise smooth: relu(selector logit) has a kink at 0, min(F, tau)
 at tau, and the memory loss' max over rows switches where two rows tie. A centred step that
 crosses one of these measures neither one-sided derivative, so each perturbed component whose
-"kink signature" (every relu gate, every argmax row, every F < tau gate of those rows) differs at
-x - h, x or x + h is skipped (with soft budgets: also every rank-penalty cut), and counted: at most MODEL_FD_MAX_SKIPPED of a tensor may be.
+"kink signature" (every relu gate, every argmax row, every F < tau gate of those rows; with soft
+budgets, every rank-penalty cut) differs at x - h, x or x + h is skipped, and counted: at most
+MODEL_FD_MAX_SKIPPED of a tensor may be.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ from typing import Dict, Tuple
 import numpy as np
 import pytest
 
-from helpers import rel_error
-from test_reference_gradcheck import soft_signature
+from helpers import rel_error, soft_signature
 from selattn_reference import model as M
 from selattn_reference.attention import rank_penalty, selection_constraints
 from tolerances import (
@@ -145,8 +145,8 @@ def test_the_rank_penalty_is_live_in_the_gradcheck():
     _, plain, plain_cache = M.forward(params, cfg, tokens, targets, target_mask)
     _, soft, soft_cache = M.forward(params, cfg, tokens, targets, target_mask,
                                     soft_budgets=[3, 4])
-    for ctx in soft_cache.attention_contexts:
-        F_soft, _ = rank_penalty(ctx.F, int(np.count_nonzero(ctx.soft_cut[0] == -1)))
+    for ctx, budget in zip(soft_cache.attention_contexts, [3, 4]):
+        F_soft, _ = rank_penalty(ctx.F, budget)
         assert (F_soft > ctx.F).any()
     assert soft["ce"] != plain["ce"]
     g_plain, g_soft = M.backward(plain_cache), M.backward(soft_cache)

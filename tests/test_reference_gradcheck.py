@@ -22,7 +22,7 @@ import numpy as np
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from helpers import QKVCase, numerical_gradient, qkv_cases, rel_error
+from helpers import QKVCase, numerical_gradient, qkv_cases, rel_error, soft_signature
 from selattn_reference import attention as A
 from tolerances import FD_KINK_SAFETY, FD_MAX_REL_ERROR, FD_NOISE_FACTOR, FD_STEP
 
@@ -63,17 +63,6 @@ def assume_away_from_kinks(cache: A.Cache, q: np.ndarray, k: np.ndarray,
     row = row_sums.argmax(axis=-1)                                               # (B,)
     near_tau = np.abs(cache.F[np.arange(B), row] - tau) <= FD_KINK_SAFETY * dF   # (B, N)
     assume(not (near_tau & causal[row]).any())
-
-
-def soft_signature(cache: A.Cache) -> bytes:
-    """The rank penalty's discrete choices (§ 10): each row's cut and which keys are past it."""
-    if cache.soft_cut is None:
-        return b""
-    B, N, _ = cache.F.shape
-    rows = cache.soft_cut >= 0                                                   # (B, N)
-    theta = np.take_along_axis(cache.F, np.where(rows, cache.soft_cut, 0)[..., None], axis=-1)
-    past = np.tri(N, dtype=bool) & rows[..., None] & (cache.F > theta)           # (B, N, N)
-    return cache.soft_cut.tobytes() + past.tobytes()
 
 
 def gradient_errors(case: QKVCase, *, scale: Optional[float] = None,
