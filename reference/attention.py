@@ -211,15 +211,23 @@ def rank_penalty(F, budget: int, strength: float = DEFAULT_SOFT_STRENGTH
     cut = np.full((B, N), -1, dtype=np.int64)                           # (B, N)
     if K >= N:                                                          # no row has to drop
         return F.copy(), cut
-    causal = np.tri(N, dtype=bool)                                      # (N, N) j <= i
-    F_keys = np.where(causal, F, np.inf)                                # (B, N, N)
+    F_keys = np.where(np.tri(N, dtype=bool), F, np.inf)                 # (B, N, N) keys j <= i
     kth = np.argpartition(F_keys, K - 1, axis=-1)[..., K - 1]           # (B, N) column of the cut
     rows = np.arange(N) >= K                                            # (N,) rows with > K keys
     cut[:, rows] = kth[:, rows]
-    theta = np.take_along_axis(F, kth[..., None], axis=-1)              # (B, N, 1)
-    past = causal & rows[:, None] & (F > theta)                         # (B, N, N)
+    past, theta = keys_past_the_cut(F, cut)                             # (B, N, N), (B, N, 1)
     F_soft = F + strength * np.where(past, F - theta, 0.0)              # (B, N, N)
     return F_soft, cut
+
+
+def keys_past_the_cut(F, cut) -> Tuple[np.ndarray, np.ndarray]:
+    """past (B, N, N) bool: the keys j <= i of rows with a cut whose F is above the cut's, and
+    theta (B, N, 1) = F[i, cut[i]] (F[i, 0] where row i has no cut; unused there).  § 10"""
+    N = F.shape[-1]
+    rows = cut >= 0                                                     # (B, N)
+    theta = np.take_along_axis(F, np.where(rows, cut, 0)[..., None], axis=-1)  # (B, N, 1)
+    past = np.tri(N, dtype=bool) & rows[..., None] & (F > theta)        # (B, N, N)
+    return past, theta
 
 
 def rank_penalty_backward(dF_soft, F, cut, strength: float) -> np.ndarray:
@@ -231,14 +239,10 @@ def rank_penalty_backward(dF_soft, F, cut, strength: float) -> np.ndarray:
 
     dF_soft, F : (B, N, N); cut : (B, N) from ``rank_penalty`` -> dF (B, N, N)
     """
-    B, N, _ = F.shape
-    rows = cut >= 0                                                     # (B, N)
-    safe_cut = np.where(rows, cut, 0)                                   # (B, N)
-    theta = np.take_along_axis(F, safe_cut[..., None], axis=-1)         # (B, N, 1)
-    past = np.tri(N, dtype=bool) & rows[..., None] & (F > theta)        # (B, N, N)
+    past, _ = keys_past_the_cut(F, cut)                                 # (B, N, N)
     extra = strength * np.where(past, dF_soft, 0.0)                     # (B, N, N)
     dF = dF_soft + extra
-    b, i = np.nonzero(rows)
+    b, i = np.nonzero(cut >= 0)                                         # the rows with a cut
     np.subtract.at(dF, (b, i, cut[b, i]), extra.sum(axis=-1)[b, i])     # the cut's share
     return dF
 

@@ -15,6 +15,8 @@ from typing import Callable, Dict, List, NamedTuple, Optional
 import numpy as np
 from hypothesis import strategies as st
 
+from selattn_reference.attention import keys_past_the_cut
+
 GOLDEN_DIR = Path(__file__).parent / "data" / "golden"
 
 # Multipliers on standard-normal q, k, v. At 0.1 every logit is ~0 (soft, nearly uniform
@@ -192,10 +194,7 @@ def soft_signature(cache) -> bytes:
     changes them crosses a kink, so the gradient checks skip it."""
     if cache.soft_cut is None:
         return b""
-    B, N, _ = cache.F.shape
-    rows = cache.soft_cut >= 0                                                   # (B, N)
-    theta = np.take_along_axis(cache.F, np.where(rows, cache.soft_cut, 0)[..., None], axis=-1)
-    past = np.tri(N, dtype=bool) & rows[..., None] & (cache.F > theta)           # (B, N, N)
+    past, _ = keys_past_the_cut(cache.F, cache.soft_cut)                         # (B, N, N)
     return cache.soft_cut.tobytes() + past.tobytes()
 
 
