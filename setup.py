@@ -74,7 +74,11 @@ setup(
     **EXTENSION,
     install_requires=["numpy>=1.22", "cffi>=1.15"],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6.50"],
+        # gensim carries the Wikipedia sample of the text task (selattn_reference.text) in its
+        # wheel; the tests check the split of that very file, so the test extra brings it too.
+        "test": ["pytest>=7", "hypothesis>=6.50", "gensim>=4.0"],
+        # Only for the text task (selattn train --task text, selattn text-results): its data.
+        "text": ["gensim>=4.0"],
         # Only for `python -m selattn_c.bench` (PyTorch baselines); nothing else imports torch.
         "bench": ["torch>=2.1"],
         # Only for the PNG mask pictures of `selattn demo` / `selattn plot` (ASCII without it).

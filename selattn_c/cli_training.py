@@ -9,9 +9,15 @@ from dataclasses import fields
 from pathlib import Path
 from typing import List, Optional
 
+from .text_training import TextTrainConfig, save_text_run, train_text
 from .training import BACKENDS, TrainConfig, evaluate_checkpoint, save_run, train
 
 DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
+TEXT_DEFAULTS = {f.name: f.default for f in fields(TextTrainConfig)}
+TASKS = ("assign", "text")
+# Options whose default depends on --task: the parser leaves them None and run_train fills in
+# the task's own default (TrainConfig's or TextTrainConfig's).
+TASK_DEPENDENT = ("n_layers", "d_model", "context", "steps", "batch_size")
 
 
 def add_commands(subparsers) -> None:
@@ -30,9 +36,13 @@ def _add_runtime_options(p: argparse.ArgumentParser) -> None:
 
 def add_train(subparsers) -> None:
     p = subparsers.add_parser(
-        "train", help="train a model on the variable-assignment task",
+        "train", help="train a model on the variable-assignment task or on real text",
         description="Train the tiny selective-attention LM (or, with --standard, the baseline) on "
-                    "the variable-assignment task; write the checkpoint and a JSON log.")
+                    "the variable-assignment task (--task assign) or byte by byte on a Wikipedia "
+                    "sample (--task text); write the checkpoint and a JSON log.")
+    p.add_argument("--task", choices=TASKS, default="assign",
+                   help="assign: the variable-assignment task; text: byte-level language "
+                        "modelling of real text (selattn_reference.text) [assign]")
     p.add_argument("--out", type=Path, default=Path("model.npz"),
                    help="checkpoint to write [model.npz]")
     p.add_argument("--log", type=Path, default=None,
@@ -41,7 +51,15 @@ def add_train(subparsers) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_runtime_options(p)
 
-    g = p.add_argument_group("task")
+    g = p.add_argument_group("text task (--task text)")
+    g.add_argument("--corpus", type=str, default=None, metavar="DUMP",
+                   help="a MediaWiki XML dump (.xml or .xml.bz2) (default: the Wikipedia sample "
+                        "in the gensim wheel: pip install '.[text]')")
+    g.add_argument("--eval-windows", type=int, default=TEXT_DEFAULTS["eval_windows"],
+                   help="validation windows scored at every evaluation "
+                        f"[{TEXT_DEFAULTS['eval_windows']}]")
+
+    g = p.add_argument_group("variable-assignment task (--task assign)")
     g.add_argument("--n-vars", type=int, default=DEFAULTS["n_vars"])
     g.add_argument("--n-assignments", type=int, default=DEFAULTS["n_assignments"])
     g.add_argument("--max-value", type=int, default=DEFAULTS["max_value"])
@@ -57,19 +75,24 @@ def add_train(subparsers) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--standard", action="store_true",
                    help="standard causal attention (the baseline) instead of selective")
-    g.add_argument("--n-layers", type=int, default=DEFAULTS["n_layers"])
+    g.add_argument("--n-layers", type=int, default=None,
+                   help=f"[assign {DEFAULTS['n_layers']}, text {TEXT_DEFAULTS['n_layers']}]")
     g.add_argument("--n-heads", type=int, default=DEFAULTS["n_heads"])
-    g.add_argument("--d-model", type=int, default=DEFAULTS["d_model"])
+    g.add_argument("--d-model", type=int, default=None,
+                   help=f"[assign {DEFAULTS['d_model']}, text {TEXT_DEFAULTS['d_model']}]")
     g.add_argument("--mlp-ratio", type=int, default=DEFAULTS["mlp_ratio"])
-    g.add_argument("--context", type=int, default=DEFAULTS["context"],
-                   help="context length (default: the task's longest input)")
+    g.add_argument("--context", type=int, default=None,
+                   help="context length (assign: the task's longest input; text: "
+                        f"{TEXT_DEFAULTS['context']} bytes)")
     g.add_argument("--eps", type=float, default=DEFAULTS["eps"],
                    help=f"weight of the memory loss [{DEFAULTS['eps']}]")
     g.add_argument("--tau", type=float, default=DEFAULTS["tau"], help="memory-loss tau")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=DEFAULTS["steps"])
-    g.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
+    g.add_argument("--steps", type=int, default=None,
+                   help=f"[assign {DEFAULTS['steps']}, text {TEXT_DEFAULTS['steps']}]")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help=f"[assign {DEFAULTS['batch_size']}, text {TEXT_DEFAULTS['batch_size']}]")
     g.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="peak learning rate")
     g.add_argument("--min-lr", type=float, default=DEFAULTS["min_lr"],
                    help="learning rate at the end of the cosine")
@@ -151,7 +174,15 @@ def parse_budgets(text: Optional[str], n_layers: int, option: str = "--budgets"
 
 
 def run_train(args: argparse.Namespace) -> int:
+    if args.task == "text":
+        return run_train_text(args)
     settings = {name: getattr(args, name) for name in DEFAULTS}
+    for name in TASK_DEPENDENT:
+        if settings[name] is None:
+            settings[name] = DEFAULTS[name]
+    for name in ("corpus", "eval_windows"):
+        if getattr(args, name) != TEXT_DEFAULTS[name]:
+            raise ValueError(f"--{name.replace('_', '-')} is an option of --task text")
     settings["soft_budgets"] = parse_budgets(args.soft_budgets, args.n_layers, "--soft-budgets")
     cfg = TrainConfig(**settings)
     _set_threads(args.threads, args.backend)
@@ -163,6 +194,32 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"held-out exact-match accuracy {100 * log['final_heldout_accuracy']:.2f}% "
           f"({log['heldout_size']} examples) after {cfg.steps} steps, "
           f"{log['train_seconds']:.0f} s of training; {reached}")
+    print(f"wrote {args.out} and {log_path}")
+    return 0
+
+
+def run_train_text(args: argparse.Namespace) -> int:
+    """``selattn train --task text``: the text settings from the shared options; options of the
+    variable-assignment task are refused when set."""
+    for name, default in DEFAULTS.items():
+        if name not in TEXT_DEFAULTS and name not in TASK_DEPENDENT and name != "soft_budgets" \
+                and getattr(args, name) != default:
+            raise ValueError(f"--{name.replace('_', '-')} is an option of --task assign, not "
+                             "of --task text")
+    if args.soft_budgets is not None:
+        raise ValueError("--soft-budgets is an option of --task assign, not of --task text")
+    settings = {name: getattr(args, name) for name in TEXT_DEFAULTS}
+    for name in TASK_DEPENDENT:
+        if settings[name] is None:
+            settings[name] = TEXT_DEFAULTS[name]
+    cfg = TextTrainConfig(**settings)
+    _set_threads(args.threads, args.backend)
+    params, model_cfg, log = train_text(cfg, backend=args.backend, quiet=args.quiet)
+    log_path = save_text_run(params, model_cfg, log, args.out, args.log)
+    kind = "standard" if cfg.standard else "selective"
+    print(f"{kind} model: validation {log['final_valid_bpb']:.4f} bits per byte "
+          f"({cfg.eval_windows} windows of {cfg.context} bytes) after {cfg.steps} steps, "
+          f"{log['train_seconds']:.0f} s of training")
     print(f"wrote {args.out} and {log_path}")
     return 0
 

@@ -294,11 +294,14 @@ class ProgressBar:
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
 
     def update(self, step: int, seconds: float, loss: float, accuracy: Optional[float],
-               final_line: bool = False) -> None:
-        """Show ``step`` of ``total`` with the loss and the latest held-out accuracy."""
+               final_line: bool = False, heldout: Optional[str] = None) -> None:
+        """Show ``step`` of ``total`` with the loss and the latest held-out accuracy (or, when
+        given, the held-out score already written out, e.g. ``"2.134 bpb"``)."""
         done = int(self.width * step / self.total)
         bar = "=" * done + ">" * (done < self.width) + " " * (self.width - done - 1)
         acc = "  --  " if accuracy is None else f"{100 * accuracy:5.1f}%"
+        if heldout is not None:
+            acc, accuracy = heldout, heldout     # a score to show: this line is an evaluation
         rate = seconds / max(step, 1)
         eta = rate * (self.total - step)
         line = (f"step {step:>{len(str(self.total))}}/{self.total} [{bar}] loss {loss:.4f} "
