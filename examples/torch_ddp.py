@@ -105,6 +105,7 @@ def worker(rank: int, world: int, port: int, steps: int, queue) -> None:
     if rank == 0:
         spread = max(float((g - gathered[0]).abs().max()) for g in gathered)
         queue.put({"curve": curve, "max_param_diff_between_ranks": spread, "threads": threads})
+    dist.barrier()              # no rank tears its connections down while another still uses them
     dist.destroy_process_group()
 
 

@@ -165,3 +165,26 @@ RUNNER_LOGITS_RTOL = 1e-4
 # times the float32 error. (The same margin separates the top two logits where a test compares
 # argmaxes.)
 RUNNER_DECISION_MARGIN = 1e-4
+
+# ----------------------------------------------------------------------------------------------
+# The PyTorch bridge (selattn_c.torch, selattn_c.torch_model)
+
+# The bridge hands the kernels the tensors' own float32 memory and returns their arrays, so it is
+# compared with selattn_c.forward/backward bitwise, and with the float64 reference by
+# c_float32_atol like the kernels. selective=False against torch's scaled_dot_product_attention
+# (is_causal=True): two float32 implementations of one causal attention, each within
+# c_float32_atol of the exact result, so they differ by at most twice that bound.
+TORCH_SDPA_FACTOR = 2.0
+
+# The torch port of the tiny LM (float32 torch layers + the C kernels) against the reference model
+# in float64: the same ~10 float32 layers MODEL_FLOAT32_RTOL describes, summed in torch's order.
+# Measured at step 0 (eps 1, live selector): logits 7.3e-7 relative, worst gradient tensor 7.0e-7
+# by norm. 1e-4 is the margin; a wrong term (e.g. the memory loss' path through F left out) is
+# off by 1e-2 or more.
+TORCH_MODEL_RTOL = 1e-4
+
+# Training curves of the torch port (torch AdamW, clip_grad_norm_) and of
+# selattn_c.training.train (C backend, NumPy AdamW) from the same weights and batches: per-step
+# float32 differences (~1e-7) fed back through AdamW. Measured over 20 steps of the default task:
+# at most 2.0e-7 relative (window means of 5 steps). 1e-5 is the margin (50x).
+TORCH_TRAINING_CURVE_RTOL = 1e-5
