@@ -79,8 +79,10 @@ setup(
         "test": ["pytest>=7", "hypothesis>=6.50", "gensim>=4.0"],
         # Only for the text task (selattn train --task text, selattn text-results): its data.
         "text": ["gensim>=4.0"],
-        # Only for `python -m selattn_c.bench` (PyTorch baselines); nothing else imports torch.
+        # Only for `python -m selattn_c.bench` (PyTorch baselines).
         "bench": ["torch>=2.1"],
+        # The PyTorch bridge (selattn_c.torch, selattn_c.torch_model; docs/torch.md).
+        "torch": ["torch>=2.1"],
         # Only for the PNG mask pictures of `selattn demo` / `selattn plot` (ASCII without it).
         "plot": ["matplotlib>=3.6"],
     },
