@@ -353,7 +353,7 @@ def test_torch_port_step0_loss_and_gradients_match_the_numpy_model(selective):
     np.testing.assert_allclose(logits_t.detach().numpy(), logits,
                                atol=TORCH_MODEL_RTOL * np.abs(logits).max())
     for key in losses:
-        assert float(losses_t[key]) == pytest.approx(losses[key], rel=TORCH_MODEL_RTOL, abs=1e-6)
+        assert losses_t[key].item() == pytest.approx(losses[key], rel=TORCH_MODEL_RTOL, abs=1e-6)
     if selective:
         assert losses["mem"] > 0.05              # the memory loss' gradient is compared too
     assert_float32_grads_close(model.reference_grads(), grads, TORCH_MODEL_RTOL)
