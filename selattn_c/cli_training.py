@@ -183,7 +183,8 @@ def run_train(args: argparse.Namespace) -> int:
     for name in ("corpus", "eval_windows"):
         if getattr(args, name) != TEXT_DEFAULTS[name]:
             raise ValueError(f"--{name.replace('_', '-')} is an option of --task text")
-    settings["soft_budgets"] = parse_budgets(args.soft_budgets, args.n_layers, "--soft-budgets")
+    settings["soft_budgets"] = parse_budgets(args.soft_budgets, settings["n_layers"],
+                                             "--soft-budgets")
     cfg = TrainConfig(**settings)
     _set_threads(args.threads, args.backend)
     params, model_cfg, log = train(cfg, backend=args.backend, quiet=args.quiet)
