@@ -41,6 +41,40 @@ int selattn_backward(const float *q, const float *k, const float *v,
                      size_t selector_head, int protect_bos, int selective, float scale,
                      float *dq, float *dk, float *dv, int nthreads);
 
+/* selattn_backward with an extra gradient on F (e.g. the memory loss'), given as rows: dF_rows
+ * (B, R, N) is the gradient on F's rows dF_row_index (B, R) of each batch element; a slot whose
+ * index is -1 is unused (as is any index outside [0, N)), and slots naming the same row add up.
+ * Entries on keys j >= i (where F is a constant 0) and on a protected BOS contribute nothing, as
+ * in the reference. Ignored when not selective (F is then the constant 0). No N x N buffer: the
+ * rows are added into the tiled backward where they fall (docs/kernel-design.md). With R = 0 or
+ * NULL rows it is selattn_backward. */
+int selattn_backward_df_rows(const float *q, const float *k, const float *v,
+                             const float *out, const float *lse, const float *fstart,
+                             const float *dout,
+                             const float *dF_rows, const int64_t *dF_row_index, size_t R,
+                             size_t B, size_t H, size_t N, size_t D,
+                             size_t selector_head, int protect_bos, int selective, float scale,
+                             float *dq, float *dk, float *dv, int nthreads);
+
+/* The memory loss' row sums without any N x N buffer (reference: memory_loss, docs § 8):
+ * kept (B, N), kept[b, i] = sum_{j <= i} (1 - min(F[b, i, j], tau) / tau), summed in double;
+ * mem[b] = max_i kept[b, i]. fstart is the forward's (selattn_forward), or NULL (then built here:
+ * N^2 / 64 floats per batch element). tau > 0. */
+int selattn_memory_rows(const float *q, const float *k, const float *fstart,
+                        size_t B, size_t H, size_t N, size_t D,
+                        size_t selector_head, int protect_bos, float scale, float tau,
+                        float *kept, int nthreads);
+
+/* Rows of the accumulated mask F without any N x N buffer: F_rows (B, R, N) gets F[b, r, :] for
+ * r = row_index[b, slot] (zero where j > r, as F is), and zeros for a slot of index -1 (or any
+ * index outside [0, N)). fstart as in selattn_memory_rows; without it a row r costs the selector
+ * head's tiles above it. The same bits of F as the forward, the backward and
+ * selattn_memory_rows. */
+int selattn_mask_rows(const float *q, const float *k, const float *fstart,
+                      size_t B, size_t H, size_t N, size_t D,
+                      size_t selector_head, int protect_bos, float scale,
+                      const int64_t *row_index, size_t R, float *F_rows, int nthreads);
+
 /* The accumulated mask F (B, N, N), materialised: for inspection and plots only. */
 int selattn_accumulated_mask(const float *q, const float *k,
                              size_t B, size_t H, size_t N, size_t D,

@@ -6,7 +6,7 @@
  *   dv_h  += P_h^T dout_h                       <- out = P @ v
  *   dP_h   = dout_h v_h^T
  *   G_h    = P_h * (dP_h - delta_h)             <- P = softmax(logits), delta = rowsum(dout * out)
- *   dF     = -sum_h G_h                         <- logits = L - F[:, None]
+ *   dF     = -sum_h G_h + dF_extra              <- logits = L - F[:, None]; a loss on F
  *   dS[m, j] = sum_{i > m} dF[i, j]             <- F = shift(cumsum(S)) : a reverse cumsum
  *   dLsel  = dS * allowed * (L_s > 0)           <- S = relu(L_s) under the BOS/self constraints
  *   dq_h  += scale * (G_h + [h == s] dLsel) k_h <- L = scale * q k^T
@@ -19,8 +19,11 @@
  *   4.   key blocks are dealt to SELATTN_DQ_CHUNKS chunks; per (b, chunk) in parallel, for each
  *        key block of the chunk, query blocks from the last one up: recompute P and G for every
  *        head, accumulate dv and dk for the key block (owned: one task per key block); carry the
- *        reverse cumsum of Gsum = sum_h G_h down the key block's columns, which gives dLsel; add
- *        G k into the chunk's own partial sum of dq.
+ *        reverse cumsum of Gsum = sum_h G_h - dF_extra (= -dF) down the key block's columns,
+ *        which gives dLsel; add G k into the chunk's own partial sum of dq.
+ * dF_extra, an extra gradient on F (the memory loss'), comes as R rows per batch element
+ * (selattn_backward_df_rows); the rows are sorted into their query blocks once (df_rows_index),
+ * and each tile subtracts the rows that fall in it from its Gsum, in slot order.
  *   5.   dq = scale * (sum of the chunks' partial sums, in chunk order).
  * dk/dv are owned by key blocks and each partial sum of dq by one chunk, walked in a fixed order;
  * the chunks are a constant, not the thread count, so the result does not depend on the thread
@@ -60,6 +63,36 @@ static void recompute_probs(float *x, const tile_pos *tp, const float *lse_bhi,
     kern->exp_rows(x, lse_bhi, tp->rows, NULL);
 }
 
+/* The extra gradient on F, as rows: slot e of batch element b is F's row index[b * R + e]
+ * (skipped unless in [0, N)), with gradient rows[(b * R + e) * N ...]. first and order sort the
+ * slots by query block: the slots of (b, qb) are order[first[b * nqb + qb] ..
+ * first[b * nqb + qb + 1]), in increasing slot order. */
+typedef struct {
+    const float *rows;         /* (B, R, N) */
+    const int64_t *index;      /* (B, R) */
+    size_t R;
+    size_t *first;             /* (B * nqb + 1,) */
+    size_t *order;             /* (B * R,) slots b * R + e, grouped by (b, qb) */
+} df_rows;
+
+/* Sort the valid slots into their query blocks (a stable counting sort: slot order kept). */
+static void df_rows_index(df_rows *x, size_t B, size_t N, size_t nqb)
+{
+    for (size_t c = 0; c <= B * nqb; c++) x->first[c] = 0;
+    for (size_t be = 0; be < B * x->R; be++) {            /* count per (b, qb), shifted by 1 */
+        const int64_t r = x->index[be];
+        if (r >= 0 && (uint64_t)r < N) x->first[(be / x->R) * nqb + (size_t)r / T + 1]++;
+    }
+    for (size_t c = 0; c < B * nqb; c++) x->first[c + 1] += x->first[c];
+    size_t *fill = x->first;          /* reuse: fill[c] walks from first[c]; restored below */
+    for (size_t be = 0; be < B * x->R; be++) {
+        const int64_t r = x->index[be];
+        if (r >= 0 && (uint64_t)r < N) x->order[fill[(be / x->R) * nqb + (size_t)r / T]++] = be;
+    }
+    for (size_t c = B * nqb; c > 0; c--) fill[c] = fill[c - 1];   /* fill[c] ended at first[c+1] */
+    x->first[0] = 0;
+}
+
 /* The problem every tile of the backward reads. */
 typedef struct {
     const float *q, *k, *v, *lse, *dout, *delta;
@@ -69,7 +102,25 @@ typedef struct {
     int selective;
     float scale;
     const selattn_kernels *kern;
+    const df_rows *df;         /* extra gradient on F, or NULL */
 } problem;
+
+/* gsum (rows, T) -= the extra dF rows that fall in the tile (b, qb, kb), slot by slot: gsum is
+ * -dF of the tile, so the reverse cumsum then carries -(dF_attention + dF_extra). Entries at
+ * keys j >= i or on a protected BOS reach no S (selector_grad gates them by S > 0), as in the
+ * reference's accumulated_mask_backward. */
+static void subtract_df_rows(const problem *pr, size_t b, size_t qb, size_t kb, float *gsum)
+{
+    const df_rows *x = pr->df;
+    const size_t i0 = qb * T, j0 = kb * T, ncols = block_len(pr->N, j0);
+    const size_t cell = b * pr->nqb + qb;
+    for (size_t e = x->first[cell]; e < x->first[cell + 1]; e++) {
+        const size_t be = x->order[e];
+        const size_t r = (size_t)x->index[be] - i0;                       /* row in the tile */
+        const float *row = x->rows + be * pr->N + j0;                     /* (ncols,) */
+        for (size_t c = 0; c < ncols; c++) gsum[r * T + c] -= row[c];
+    }
+}
 
 /* Per-thread scratch of the backward (nothing here grows with N). */
 typedef struct {
@@ -156,6 +207,8 @@ static void key_block_grads(const problem *pr, size_t b, size_t kb, scratch *w, 
         const tile_pos tp = {i0, j0, rows, ncols, pr->selective ? w->ftile : NULL};
         tile_probs_and_grads(pr, b, &tp, w);
         if (pr->selective) {
+            /* dF_total = dF_attention + dF_extra: the memory loss' rows join -gsum */
+            if (pr->df) subtract_df_rows(pr, b, qb, kb, w->gsum);
             /* dS = reverse cumsum of dF = -gsum, gated where S > 0, into G_s (§ 7) */
             pr->kern->selector_grad(w->gsum, w->sel, rows, w->carry, w->g + pr->s * T * T);
         }
@@ -184,11 +237,24 @@ static void key_block_grads(const problem *pr, size_t b, size_t kb, scratch *w, 
 }
 
 int selattn_backward(const float *q, const float *k, const float *v,
-                     const float *out, const float *lse, const float *fstart_in,
+                     const float *out, const float *lse, const float *fstart,
                      const float *dout,
                      size_t B, size_t H, size_t N, size_t D,
                      size_t selector_head, int protect_bos, int selective, float scale,
                      float *dq, float *dk, float *dv, int nthreads)
+{
+    return selattn_backward_df_rows(q, k, v, out, lse, fstart, dout, NULL, NULL, 0, B, H, N, D,
+                                    selector_head, protect_bos, selective, scale, dq, dk, dv,
+                                    nthreads);
+}
+
+int selattn_backward_df_rows(const float *q, const float *k, const float *v,
+                             const float *out, const float *lse, const float *fstart_in,
+                             const float *dout,
+                             const float *dF_rows, const int64_t *dF_row_index, size_t R,
+                             size_t B, size_t H, size_t N, size_t D,
+                             size_t selector_head, int protect_bos, int selective, float scale,
+                             float *dq, float *dk, float *dv, int nthreads)
 {
     const selattn_kernels *kern = selattn_select_kernels();
     const size_t nqb = num_blocks(N);
@@ -202,7 +268,16 @@ int selattn_backward(const float *q, const float *k, const float *v,
     float *vt = big_alloc(B * H * nqb * D * T * sizeof(float)); /* (B, H, nqb, D, T) */
     /* (nchunks - 1, B, H, N, D) partial sums of dq; chunk 0 adds into dq itself */
     float *dq_parts = nchunks > 1 ? big_alloc((nchunks - 1) * nel * sizeof(float)) : NULL;
-    int rc = (!delta || !kt || !vt || (nchunks > 1 && !dq_parts)) ? SELATTN_ENOMEM : SELATTN_OK;
+    /* the extra dF rows, sorted into query blocks: O(B (R + nqb)), only when there are some */
+    const int with_df = selective && dF_rows && dF_row_index && R > 0 && B > 0 && N > 0;
+    df_rows df = {dF_rows, dF_row_index, R, NULL, NULL};
+    if (with_df) {
+        df.first = malloc((B * nqb + 1) * sizeof(size_t));
+        df.order = malloc(B * R * sizeof(size_t));
+    }
+    int rc = (!delta || !kt || !vt || (nchunks > 1 && !dq_parts) ||
+              (with_df && (!df.first || !df.order))) ? SELATTN_ENOMEM : SELATTN_OK;
+    if (rc == SELATTN_OK && with_df) df_rows_index(&df, B, N, nqb);
     if (rc == SELATTN_OK) {
         /* Pass 0: transposed key and value tiles */
         transpose_blocks(kern, k, B, H, N, D, kt, nthreads);
@@ -218,6 +293,7 @@ int selattn_backward(const float *q, const float *k, const float *v,
     }
     if (rc != SELATTN_OK) {
         free(fstart_own); free(delta); free(kt); free(vt); free(dq_parts);
+        free(df.first); free(df.order);
         return rc;
     }
     const float *fstart = fstart_in ? fstart_in : fstart_own;
@@ -236,7 +312,8 @@ int selattn_backward(const float *q, const float *k, const float *v,
     const problem pr = {q, k, v, lse, dout, delta, kt, vt,
                         {kern, q, kt, fstart, H, N, D, nqb, selector_head, protect_bos, scale,
                          H, selector_head},
-                        H, N, D, nqb, selector_head, selective, scale, kern};
+                        H, N, D, nqb, selector_head, selective, scale, kern,
+                        with_df ? &df : NULL};
     int failed = 0;
     #pragma omp parallel num_threads(team)
     {
@@ -267,5 +344,6 @@ int selattn_backward(const float *q, const float *k, const float *v,
         scratch_free(&w);
     }
     free(fstart_own); free(delta); free(kt); free(vt); free(dq_parts);
+    free(df.first); free(df.order);
     return failed ? SELATTN_ENOMEM : SELATTN_OK;
 }

@@ -538,9 +538,33 @@ def memory_forward(Fs: Sequence[np.ndarray], tokens: np.ndarray, tau: float):
     return mem, (Fs, tau, norm)
 
 
-def memory_backward(dmem: float, cache) -> List[np.ndarray]:
-    """Gradient of ``memory_forward``: one dF (B, N, N) per layer (zero on PAD rows)."""
-    Fs, tau, norm = cache
+def memory_forward_by_backend(attention, contexts: Sequence, tokens: np.ndarray, tau: float):
+    """``memory_forward`` computed by an attention backend from each layer's context, for
+    backends that can do it without F (B, N, N) (``selattn_c.CAttention``: the loss and its
+    gradient as rows of F). The backend's ``memory_loss(ctx, tau, ignore_rows)`` returns the
+    layer's mem (B,) with the rows ``ignore_rows`` (B, N) counted as fully evicted (as PAD rows
+    are above) and a state for its ``memory_loss_backward(dmem (B,), state)``, whose result its
+    ``backward`` takes as dF.
+
+    contexts : per-layer backend contexts; tokens (B, N) int -> mem (0-d array), cache
+    """
+    pad_rows = tokens == PAD                                               # (B, N)
+    non_pad = int((~pad_rows).sum())
+    if non_pad == 0:
+        raise ValueError("tokens are all PAD (0): the memory loss has nothing to normalise by")
+    norm = len(contexts) * non_pad
+    layers = [attention.memory_loss(ctx, tau, pad_rows) for ctx in contexts]   # (mem, state)
+    mem = sum(float(np.sum(m, dtype=np.float64)) for m, _ in layers) / norm
+    return np.asarray(mem), (None, tau, norm, attention, [state for _, state in layers])
+
+
+def memory_backward(dmem: float, cache) -> list:
+    """Gradient of ``memory_forward``: one dF (B, N, N) per layer (zero on PAD rows); of
+    ``memory_forward_by_backend``: one gradient per layer in the backend's own form."""
+    Fs, tau, norm = cache[:3]
+    if Fs is None:                                  # the backend computed it (no F)
+        attention, states = cache[3:]
+        return [attention.memory_loss_backward(dmem / norm, state) for state in states]
     B = Fs[0].shape[0]
     dmem_b = np.full(B, dmem / norm, dtype=Fs[0].dtype)                    # (B,)
     # a PAD row holds F = tau exactly, where min(F, tau) is flat: its gradient is 0
@@ -560,8 +584,8 @@ class ModelCache:
     blocks: list                   # block_forward caches, one per layer
     head: tuple                    # head_forward cache
     ce: tuple                      # cross_entropy_forward cache
-    mem: Optional[tuple]           # memory_forward cache (None when the memory loss is off)
-    Fs: Optional[List[np.ndarray]]  # per-layer F (B, N, N) when the memory loss is on
+    mem: Optional[tuple]           # memory_forward(_by_backend) cache (None: memory loss off)
+    Fs: Optional[List[np.ndarray]]  # per-layer F (B, N, N) when the memory loss reads F
     budgets: List[Optional[int]]
 
     @property
@@ -572,7 +596,8 @@ class ModelCache:
 
     @property
     def memory_masks(self) -> Optional[List[np.ndarray]]:
-        """The per-layer F the memory loss saw (PAD rows set to tau), or None when it is off."""
+        """The per-layer F the memory loss saw (PAD rows set to tau), or None when it is off or
+        the backend computed it without F (``memory_forward_by_backend``)."""
         return None if self.mem is None else self.mem[0]
 
 
@@ -643,7 +668,11 @@ def forward(params: Params, cfg: ModelConfig, tokens, targets=None, target_mask=
     with_loss = targets is not None
     if with_loss:
         targets, weights = _check_targets(targets, target_mask, tokens, cfg, dtype)
-    need_F = with_loss and cfg.selective and cfg.eps != 0.0
+    with_memory = with_loss and cfg.selective and cfg.eps != 0.0
+    # A backend with its own memory_loss (the C kernels) computes it from its contexts without
+    # F (B, N, N); every other backend hands F to memory_forward, the readable path.
+    by_backend = with_memory and hasattr(attention, "memory_loss")
+    need_F = with_memory and not by_backend
 
     x = embed(params, tokens)                                              # (B, N, d)
     blocks, Fs = [], []
@@ -658,7 +687,10 @@ def forward(params: Params, cfg: ModelConfig, tokens, targets=None, target_mask=
     if with_loss:
         ce_loss, ce = cross_entropy_forward(logits, targets, weights)
         mem_loss = 0.0
-        if need_F:
+        if by_backend:
+            contexts = [block[1][1] for block in blocks]   # block: (ln1, attn, ...), attn[1]
+            mem_loss, mem = memory_forward_by_backend(attention, contexts, tokens, cfg.tau)
+        elif need_F:
             mem_loss, mem = memory_forward(Fs, tokens, cfg.tau)
         losses = {"ce": float(ce_loss), "mem": float(mem_loss),
                   "total": float(ce_loss + cfg.eps * mem_loss)}
@@ -680,7 +712,7 @@ def backward(cache: ModelCache) -> Params:
     dlogits = cross_entropy_backward(1.0, cache.ce)                        # (B, N, V)
     dx, grads = head_backward(dlogits, cache.head)                         # (B, N, d)
     if cache.mem is not None:
-        dFs = memory_backward(cfg.eps, cache.mem)                          # (B, N, N) each
+        dFs = memory_backward(cfg.eps, cache.mem)       # per layer: (B, N, N) or the backend's
     else:
         dFs = [None] * cfg.n_layers
     for l in reversed(range(cfg.n_layers)):

@@ -4,6 +4,9 @@ The API mirrors ``selattn_reference.attention`` (the NumPy spec):
 
 - ``forward(q, k, v, ...) -> (out, ctx)`` and ``backward(dout, ctx) -> (dq, dk, dv)``,
 - ``accumulated_mask(q, k, ...) -> F`` (materialises (B, N, N): for inspection and plots only),
+- ``memory_loss(ctx, tau)``, ``memory_loss_backward(dmem, ctx, tau)``: the paper's memory loss
+  and its gradient as rows of F for ``backward(..., dF_rows=, dF_row_index=)``, without any
+  N x N buffer (``selattn_c.memory``; also ``memory_rows``, ``mask_rows``),
 - ``KVCache``: the pruned KV cache for token-by-token decoding (``selattn_c.kv_cache``),
 - ``CAttention``: the tiny LM's attention backend on these kernels (``selattn_c.backend``),
 - ``openmp_enabled()``, ``get_num_threads()``, ``set_num_threads(n)``, ``kernel_name()``.
@@ -49,6 +52,7 @@ from .checks import (
     as_c_float32,
     check_all_finite,
     check_buffer_sizes,
+    check_df_rows,
     check_scale_float32,
     fstart_shape,
 )
@@ -56,6 +60,7 @@ from .checks import (
 __all__ = [
     "CAttention",
     "Context",
+    "DFRows",
     "ExtensionNotBuilt",
     "KVCache",
     "accumulated_mask",
@@ -66,6 +71,10 @@ __all__ = [
     "forward",
     "get_num_threads",
     "kernel_name",
+    "mask_rows",
+    "memory_loss",
+    "memory_loss_backward",
+    "memory_rows",
     "openmp_enabled",
     "set_num_threads",
 ]
@@ -220,13 +229,15 @@ def forward(q, k, v, *, selector_head: int = 0, protect_bos: bool = True, select
     return out, ctx
 
 
-def _check_context(ctx) -> None:
+def _check_context(ctx, *, budget_ok: bool = False) -> None:
     """A Context whose arrays the backward kernel can read: the kernel trusts the shapes, so a
-    Context built or altered by hand is checked field by field (no data is scanned)."""
+    Context built or altered by hand is checked field by field (no data is scanned). A budgeted
+    one is refused unless ``budget_ok`` (the memory loss reads only q and k, which a budget
+    leaves alone)."""
     if not isinstance(ctx, Context):
         raise TypeError(f"ctx must be the Context returned by selattn_c.forward, got "
                         f"{type(ctx).__name__}")
-    if ctx.budget is not None:
+    if ctx.budget is not None and not budget_ok:
         raise ValueError(f"backward through a budgeted forward (budget={ctx.budget}) is not "
                          "supported: pruning is an inference feature; train with budget=None")
     q = ctx.q
@@ -248,7 +259,7 @@ def _check_context(ctx) -> None:
     check_scale_float32(resolve_scale(ctx.scale, D))
 
 
-def backward(dout, ctx: Context, *, check_finite: bool = True
+def backward(dout, ctx: Context, *, dF_rows=None, dF_row_index=None, check_finite: bool = True
              ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Selective attention, backward, including the path through F into the selector head.
 
@@ -256,7 +267,18 @@ def backward(dout, ctx: Context, *, check_finite: bool = True
     ----------
     dout : (B, H, N, D) float array, upstream gradient of ``out``
     ctx : Context from ``forward``
-    check_finite : bool, raise ValueError when dout holds NaN or infinity (False skips the scan)
+    dF_rows : (B, R, N) float array or None, an extra upstream gradient on F given as rows (the
+        memory loss': ``selattn_c.memory_loss_backward``): ``dF_rows[b, e]`` is the gradient on
+        ``F[b, dF_row_index[b, e], :]``; every other row of F gets none. Rows named twice add
+        up. Entries on keys ``j >= i`` (where F is a constant 0) or on a protected BOS
+        contribute nothing, as in ``selattn_reference.backward(..., dF=)``. No N x N buffer is
+        made: the rows join the tiled backward where they fall. When ``ctx`` is not selective,
+        F is the constant 0 and the rows are checked but contribute nothing (as in the
+        reference).
+    dF_row_index : (B, R) integer array or None, which row of F each slot is, or -1 for an
+        unused slot; given together with ``dF_rows``
+    check_finite : bool, raise ValueError when dout or dF_rows holds NaN or infinity (False
+        skips the scan)
 
     Returns
     -------
@@ -266,12 +288,20 @@ def backward(dout, ctx: Context, *, check_finite: bool = True
     _check_context(ctx)
     B, H, N, D = ctx.q.shape
     (dout,) = _c_inputs([check_like(dout, "dout", (B, H, N, D))], ["dout"], check_finite)
+    rows, index = check_df_rows(dF_rows, dF_row_index, B, N)
+    R = 0
+    if rows is not None:
+        (rows,) = _c_inputs([rows], ["dF_rows"], check_finite)
+        R = index.shape[1]
     dq, dk, dv = (np.empty((B, H, N, D), dtype=np.float32) for _ in range(3))
     fstart = _ptr(ctx.fstart) if ctx.fstart is not None else ffi.NULL
-    rc = lib.selattn_backward(_ptr(ctx.q), _ptr(ctx.k), _ptr(ctx.v), _ptr(ctx.out),
-                              _ptr(ctx.lse), fstart, _ptr(dout), B, H, N, D, ctx.selector_head,
-                              ctx.protect_bos, ctx.selective, ctx.scale, _ptr(dq), _ptr(dk),
-                              _ptr(dv), _threads_arg())
+    rows_ptr = _ptr(rows) if R > 0 else ffi.NULL
+    index_ptr = ffi.cast("int64_t *", ffi.from_buffer(index)) if R > 0 else ffi.NULL
+    rc = lib.selattn_backward_df_rows(_ptr(ctx.q), _ptr(ctx.k), _ptr(ctx.v), _ptr(ctx.out),
+                                      _ptr(ctx.lse), fstart, _ptr(dout), rows_ptr, index_ptr, R,
+                                      B, H, N, D, ctx.selector_head, ctx.protect_bos,
+                                      ctx.selective, ctx.scale, _ptr(dq), _ptr(dk), _ptr(dv),
+                                      _threads_arg())
     _check_rc(rc, "backward")
     return dq, dk, dv
 
@@ -303,4 +333,11 @@ def accumulated_mask(q, k, *, selector_head: int = 0, protect_bos: bool = True,
 
 
 from .kv_cache import KVCache  # noqa: E402  (needs _threads_arg above)
+from .memory import (  # noqa: E402  (needs _check_context, _ptr above)
+    DFRows,
+    mask_rows,
+    memory_loss,
+    memory_loss_backward,
+    memory_rows,
+)
 from .backend import CAttention  # noqa: E402  (needs forward, backward above)

@@ -1,18 +1,13 @@
 """``CAttention``: the tiny LM's attention backend on the C kernels (float32).
 
-It has the interface of ``selattn_reference.model.NumpyAttention``. The forward and the backward
-run in C without any N x N buffer; F, when the memory loss needs it, comes from
-``selattn_c.accumulated_mask``. ``selattn_c.backward`` has no input for an extra gradient on F,
-so the memory loss' gradient goes through F into the selector head in NumPy here:
-
-    F[i, j] = sum_{m < i} S[m, j]          ->  dS[m, j] = sum_{i > m} dF[i, j]
-    S = relu(L_sel) where allowed           ->  dS = 0 where S was constrained or L_sel <= 0
-    L_sel = scale * q_sel @ k_sel^T         ->  dq_sel += scale * dS @ k_sel,
-                                                dk_sel += scale * dS^T @ q_sel
-
-(``selattn_reference.attention.accumulated_mask_backward``, the reference backward's own steps,
-§ 7 of docs/selective-attention.md). This part costs
-O(B N^2 D) for the selector head only, once per layer.
+It has the interface of ``selattn_reference.model.NumpyAttention``, plus the memory loss
+(``memory_loss``, ``memory_loss_backward``), which ``selattn_reference.model.forward`` then asks
+the backend for instead of reading F. Nothing here holds an N x N buffer in training: the
+forward and the backward run in C in O(N) memory per head, the memory loss comes from the
+kernels' row sums of F (``selattn_c.memory_loss``), and its gradient, one row of F per batch
+element, goes into the C backward (``selattn_c.backward(..., dF_rows=, dF_row_index=)``), which
+carries it through F into the selector head inside its tiles (docs/kernel-design.md). F itself
+is materialised only when a caller asks for it (``need_F``: plots, inspection).
 """
 
 from __future__ import annotations
@@ -21,34 +16,12 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from selattn_reference.attention import accumulated_mask_backward
 from selattn_reference.validation import check_like
 
 from . import Context, accumulated_mask, backward, forward
+from .memory import DFRows, memory_loss, memory_loss_backward
 
 PROTECT_BOS = True   # the model always protects BOS (position 0 is never masked)
-
-
-def mask_gradient(dF: np.ndarray, q_sel: np.ndarray, k_sel: np.ndarray, scale: float,
-                  protect_bos: bool = PROTECT_BOS) -> Tuple[np.ndarray, np.ndarray]:
-    """Gradient of a loss on F with respect to the selector head's q and k.
-
-    Parameters
-    ----------
-    dF : (B, N, N) upstream gradient on the accumulated mask F
-    q_sel, k_sel : (B, N, D) the selector head's queries and keys (as the forward saw them)
-    scale : float, the logit scale of the forward
-    protect_bos : bool, as in the forward
-
-    Returns
-    -------
-    dq_sel, dk_sel : (B, N, D)
-    """
-    L_sel = scale * (q_sel @ k_sel.swapaxes(-1, -2))                       # (B, N, N)
-    dS = accumulated_mask_backward(dF, L_sel, protect_bos).astype(q_sel.dtype, copy=False)
-    dq_sel = scale * (dS @ k_sel)                                          # (B, N, D)
-    dk_sel = scale * (dS.swapaxes(-1, -2) @ q_sel)                         # (B, N, D)
-    return dq_sel, dk_sel
 
 
 class CAttention:
@@ -88,17 +61,43 @@ class CAttention:
                 F = np.zeros((B, N, N), dtype=np.float32)                       # baseline
         return out, F, ctx
 
+    def memory_loss(self, ctx: Context, tau: float, ignore_rows: Optional[np.ndarray] = None
+                    ) -> Tuple[np.ndarray, tuple]:
+        """The memory loss of one layer from its context, without F (``selattn_c.memory_loss``).
+
+        Parameters
+        ----------
+        ctx : Context of ``forward``
+        tau : float > 0
+        ignore_rows : (B, N) bool or None, rows counted as fully evicted (the model's PAD rows)
+
+        Returns
+        -------
+        mem : (B,) float32
+        state : what ``memory_loss_backward`` needs (the argmax rows, not F)
+        """
+        mem, row = memory_loss(ctx, tau, ignore_rows=ignore_rows, return_row=True)
+        return mem, (ctx, tau, ignore_rows, row)
+
+    def memory_loss_backward(self, dmem, state: tuple) -> DFRows:
+        """Gradient of ``memory_loss`` on F as rows (B, 1, N), for ``backward``'s ``dF``;
+        ``dmem`` is a float (the same for every batch element) or (B,)."""
+        ctx, tau, ignore_rows, row = state
+        dmem = np.broadcast_to(np.asarray(dmem, dtype=np.float64), row.shape)     # (B,)
+        return memory_loss_backward(dmem, ctx, tau, row=row, ignore_rows=ignore_rows)
+
     def backward(self, dout, dF, ctx: Context):
-        """Gradients (dq, dk, dv), float32 (B, H, N, hd), of ``forward``; ``dF`` (B, N, N) or
-        None is an extra upstream gradient on F (the memory loss)."""
-        dq, dk, dv = backward(dout, ctx)   # checks ctx, refuses a budget  (B, H, N, hd) each
+        """Gradients (dq, dk, dv), float32 (B, H, N, hd), of ``forward``. ``dF`` is None or an
+        extra upstream gradient on F: ``DFRows`` (``memory_loss_backward``: a few rows of F), or
+        a dense (B, N, N) array (then handed to the kernels as its N rows; it is N x N already).
+        Not selective: F is the constant 0 and dF contributes nothing."""
+        if dF is None:
+            return backward(dout, ctx)     # checks ctx, refuses a budget  (B, H, N, hd) each
+        if isinstance(dF, DFRows):
+            return backward(dout, ctx, dF_rows=dF.rows, dF_row_index=dF.index)
+        if not isinstance(ctx, Context):
+            return backward(dout, ctx)     # backward's own TypeError
         B, H, N, D = ctx.q.shape
-        if dF is not None:
-            dF = check_like(dF, "dF", (B, N, N))
-            if ctx.selective:     # not selective: F is a constant zero, dF contributes nothing
-                s = ctx.selector_head
-                dq_sel, dk_sel = mask_gradient(dF.astype(np.float32, copy=False), ctx.q[:, s],
-                                               ctx.k[:, s], ctx.scale, ctx.protect_bos)
-                dq[:, s] += dq_sel
-                dk[:, s] += dk_sel
-        return dq, dk, dv
+        dF = check_like(dF, "dF", (B, N, N))
+        index = np.broadcast_to(np.arange(N, dtype=np.int64), (B, N))         # every row
+        return backward(dout, ctx, dF_rows=dF, dF_row_index=index)

@@ -43,6 +43,7 @@ SOURCES = [
     "selattn_forward.c",
     "selattn_backward.c",
     "selattn_mask.c",
+    "selattn_memory.c",
     "kv_cache.c",
     "selector_mask.c",
     "threads.c",

@@ -103,3 +103,39 @@ def check_cache_bytes(B: int, H: int, D: int, capacity: int) -> None:
         raise ValueError(f"a KVCache of {capacity} slots for (batch, heads, head_dim) = "
                          f"({B}, {H}, {D}) needs {need:.3g} bytes per buffer, more than the "
                          f"{MAX_BUFFER_BYTES:.3g} the C code can index: lower the budget")
+
+
+def check_row_index(index, name: str, B: int, N: int) -> np.ndarray:
+    """``index`` (B, R) of row numbers in [0, N), or -1 for an unused slot, as a C-contiguous
+    int64 array; TypeError unless it is an integer array, ValueError on its shape or values."""
+    index = np.asarray(index)
+    if index.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be an integer array, got dtype {index.dtype}")
+    if index.ndim != 2 or index.shape[0] != B:
+        raise ValueError(f"{name} must have shape (B, R) = ({B}, R), got {index.shape}")
+    if index.size and not ((index >= -1) & (index < N)).all():
+        bad = index[(index < -1) | (index >= N)].flat[0]
+        raise ValueError(f"{name} holds {bad}: each entry must be a row in [0, {N}) or -1 "
+                         "(an unused slot)")
+    return np.ascontiguousarray(index, dtype=np.int64)
+
+
+def check_df_rows(dF_rows, dF_row_index, B: int, N: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The extra gradient on F as rows, for ``selattn_c.backward``: ``dF_rows`` (B, R, N) float
+    (as a C-contiguous float32 array, not yet scanned for NaN) and ``dF_row_index`` (B, R) int64
+    (``check_row_index``). Both or neither must be given (None, None is returned for neither)."""
+    if (dF_rows is None) != (dF_row_index is None):
+        given, missing = (("dF_rows", "dF_row_index") if dF_row_index is None
+                          else ("dF_row_index", "dF_rows"))
+        raise ValueError(f"{given} needs {missing}: the extra gradient on F is given as rows "
+                         "(dF_rows) and which rows of F they are (dF_row_index)")
+    if dF_rows is None:
+        return None, None
+    from selattn_reference.validation import as_float_array
+    rows = as_float_array(dF_rows, "dF_rows")
+    index = check_row_index(dF_row_index, "dF_row_index", B, N)
+    R = index.shape[1]
+    if rows.shape != (B, R, N):
+        raise ValueError(f"dF_rows must have shape (B, R, N) = ({B}, {R}, {N}) (R from "
+                         f"dF_row_index {index.shape}), got {rows.shape}")
+    return as_c_float32(rows, "dF_rows"), index
