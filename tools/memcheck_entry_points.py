@@ -36,6 +36,17 @@ def main() -> None:
         selattn_c.accumulated_mask(q, k, selector_head=2)
         selattn_c.build_info()
 
+        # the memory loss without F: row sums, rows of F, and the backward that takes dF as rows
+        out, ctx = selattn_c.forward(q, k, v)
+        mem, row = selattn_c.memory_loss(ctx, 0.5, return_row=True)
+        grad = selattn_c.memory_loss_backward(np.ones(2), ctx, 0.5, row=row)
+        selattn_c.backward(dout, ctx, dF_rows=grad.rows, dF_row_index=grad.index)
+        selattn_c.memory_rows((q, k), 1.0, selector_head=2, protect_bos=False)
+        selattn_c.mask_rows(ctx, np.array([[0, 69, -1], [35, 35, 64]], dtype=np.int64))
+        every = np.broadcast_to(np.arange(70, dtype=np.int64), (2, 70))
+        selattn_c.backward(dout, ctx, dF_rows=rng.standard_normal((2, 70, 70)),
+                           dF_row_index=every)
+
         with selattn_c.KVCache(2, 3, 8, budget=6, evict_threshold=1.0) as cache:
             cache.prefill(q[:, :, :40], k[:, :, :40], v[:, :, :40])
             for i in range(40, 70):
@@ -56,6 +67,9 @@ def main() -> None:
         selattn_c.forward(bad, k, v, check_finite=False)
         selattn_c.backward(bad, ctx, check_finite=False)
         expect_error(lambda: selattn_c.backward(dout[:, :1], ctx), ValueError)
+        expect_error(lambda: selattn_c.backward(dout, ctx, dF_rows=grad.rows,
+                                                dF_row_index=grad.index + 70), ValueError)
+        expect_error(lambda: selattn_c.mask_rows(ctx, np.array([[70], [0]])), ValueError)
         cache = selattn_c.KVCache(2, 3, 8)
         cache.prefill(q[:, :, :64], k[:, :, :64], v[:, :, :64])
         expect_error(lambda: cache.step(bad[:, :, 3], k[:, :, 0], v[:, :, 0]), ValueError)
