@@ -56,6 +56,39 @@ int selattn_backward_df_rows(const float *q, const float *k, const float *v,
                              size_t selector_head, int protect_bos, int selective, float scale,
                              float *dq, float *dk, float *dv, int nthreads);
 
+/* selattn_forward with the rank penalty of pruning-aware training (reference: forward(...,
+ * soft_budget=, soft_strength=) and rank_penalty, docs/selective-attention.md § 10): row i's cut
+ * theta[i] is the soft_budget-th smallest F[i, j] over its keys j <= i (no cut when i <
+ * soft_budget), and every head subtracts F_soft = F + soft_strength * (F - theta) on the keys
+ * past the cut (F > theta) instead of F. soft_theta (B, N) gets theta (+inf where a row has no
+ * cut) and soft_cut (B, N) the cut's column (-1 where none; on equal F the lowest column), for
+ * selattn_backward_soft; either may be NULL (not kept). soft_budget = 0: no penalty
+ * (selattn_forward); soft_budget >= N, or not selective: no row has a cut, the result is
+ * selattn_forward's bit for bit. soft_strength >= 0 and finite. Extra memory: Fstart for every
+ * block (as fstart, N^2 / 64 floats per batch element, allocated when fstart is NULL) and 65 x N
+ * floats per thread for the cuts; nothing N x N. */
+int selattn_forward_soft(const float *q, const float *k, const float *v,
+                         size_t B, size_t H, size_t N, size_t D,
+                         size_t selector_head, int protect_bos, int selective, float scale,
+                         size_t soft_budget, float soft_strength,
+                         float *out, float *lse, float *fstart, float *soft_theta,
+                         int64_t *soft_cut, int nthreads);
+
+/* selattn_backward_df_rows through the rank penalty of selattn_forward_soft: soft_theta and
+ * soft_cut (B, N) are what that forward wrote (and soft_strength what it was given); a key past
+ * the cut passes (1 + soft_strength) times its gradient to F and -soft_strength times it to the
+ * cut's F[i, soft_cut[i]] (reference: rank_penalty_backward); the extra dF rows are added after
+ * (they are a gradient on F, not on F_soft). NULL soft_theta or soft_cut: no penalty
+ * (selattn_backward_df_rows). Extra memory: 2 x B x N floats. */
+int selattn_backward_soft(const float *q, const float *k, const float *v,
+                          const float *out, const float *lse, const float *fstart,
+                          const float *dout,
+                          const float *dF_rows, const int64_t *dF_row_index, size_t R,
+                          size_t B, size_t H, size_t N, size_t D,
+                          size_t selector_head, int protect_bos, int selective, float scale,
+                          float soft_strength, const float *soft_theta, const int64_t *soft_cut,
+                          float *dq, float *dk, float *dv, int nthreads);
+
 /* The memory loss' row sums without any N x N buffer (reference: memory_loss, docs § 8):
  * kept (B, N), kept[b, i] = sum_{j <= i} (1 - min(F[b, i, j], tau) / tau), summed in double;
  * mem[b] = max_i kept[b, i]. fstart is the forward's (selattn_forward), or NULL (then built here:

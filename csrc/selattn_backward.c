@@ -24,6 +24,12 @@
  * dF_extra, an extra gradient on F (the memory loss'), comes as R rows per batch element
  * (selattn_backward_df_rows); the rows are sorted into their query blocks once (df_rows_index),
  * and each tile subtracts the rows that fall in it from its Gsum, in slot order.
+ * The rank penalty (selattn_backward_soft, docs § 10): the F tile becomes the forward's F_soft
+ * (theta from the forward), and before the dF rows a past key's gsum is multiplied by
+ * 1 + strength, its row's sum W over the past keys kept per dq chunk (past_sum);
+ *   4b.  per (b, chunk), after pass 4: the cut's share e[i, cut[i]] = -strength * W[i] through
+ *        the reverse cumsum and the S > 0 gate into the selector head's dq and dk
+ *        (cut_share_grads): 3 products of one head per tile, where pass 4 makes 5 H + 1.
  *   5.   dq = scale * (sum of the chunks' partial sums, in chunk order).
  * dk/dv are owned by key blocks and each partial sum of dq by one chunk, walked in a fixed order;
  * the chunks are a constant, not the thread count, so the result does not depend on the thread
@@ -35,6 +41,7 @@
 #include <string.h>
 
 #include "selattn.h"
+#include "rank_penalty.h"
 #include "selector_mask.h"
 #include "tile_kernels.h"
 #include "omp_compat.h"
@@ -103,6 +110,13 @@ typedef struct {
     float scale;
     const selattn_kernels *kern;
     const df_rows *df;         /* extra gradient on F, or NULL */
+    /* the rank penalty (§ 10), or theta = NULL: theta, cut (B, N) from the forward; past_sum
+     * (nchunks, B, N) each dq chunk's share of W[b, i] = sum of gsum over row i's past keys */
+    const float *theta;
+    const int64_t *cut;
+    float strength;
+    float *past_sum;
+    size_t B, nchunks;
 } problem;
 
 /* gsum (rows, T) -= the extra dF rows that fall in the tile (b, qb, kb), slot by slot: gsum is
@@ -129,13 +143,14 @@ typedef struct {
     float *p, *g;        /* (H, T, T) P and G of every head */
     float *gsum;         /* (T, T) sum_h G_h */
     float *carry;        /* (T,) reverse cumsum carry */
+    float *theta_rows;   /* (T,) the rank penalty's cut of each row of the tile */
     float *acc_a, *acc_b;/* (H, T, D) dk or dq; dv */
 } scratch;
 
 static void scratch_free(scratch *w)
 {
     free(w->ls); free(w->sel); free(w->ftile); free(w->p); free(w->g);
-    free(w->gsum); free(w->carry); free(w->acc_a);
+    free(w->gsum); free(w->carry); free(w->theta_rows); free(w->acc_a);
     free(w->acc_b);
 }
 
@@ -148,10 +163,11 @@ static int scratch_alloc(scratch *w, size_t H, size_t D)
     w->g = malloc(H * T * T * sizeof(float));
     w->gsum = malloc(T * T * sizeof(float));
     w->carry = malloc(T * sizeof(float));
+    w->theta_rows = malloc(T * sizeof(float));
     w->acc_a = malloc(H * T * D * sizeof(float));
     w->acc_b = malloc(H * T * D * sizeof(float));
     return w->ls && w->sel && w->ftile && w->p && w->g &&
-           w->gsum && w->carry && w->acc_a && w->acc_b;
+           w->gsum && w->carry && w->theta_rows && w->acc_a && w->acc_b;
 }
 
 /* For one tile: the selector's logits, S and F (when selective), then P_h and G_h of every head,
@@ -163,6 +179,10 @@ static void tile_probs_and_grads(const problem *pr, size_t b, const tile_pos *tp
     if (pr->selective) {
         memset(w->gsum, 0, T * T * sizeof(float));
         mask_of_tile(&pr->sel, b, tp->i0 / T, kb, w->ls, w->sel, w->ftile);
+        if (pr->theta) {       /* the forward's F_soft (§ 10): ftile > theta exactly where past */
+            soft_theta_rows(pr->theta + b * N, tp->i0, tp->rows, w->theta_rows);
+            soft_tile(w->ftile, w->theta_rows, pr->strength);
+        }
     }
     size_t nvis[T];
     visible_keys(tp->i0, tp->j0, tp->rows, tp->ncols, nvis);
@@ -206,6 +226,24 @@ static void key_block_grads(const problem *pr, size_t b, size_t kb, scratch *w, 
         const size_t i0 = qb * T, rows = block_len(N, i0);
         const tile_pos tp = {i0, j0, rows, ncols, pr->selective ? w->ftile : NULL};
         tile_probs_and_grads(pr, b, &tp, w);
+        if (pr->selective && pr->theta) {
+            /* dF = rank_penalty_backward(dF_soft): a past key passes (1 + strength) times its
+             * gradient (`F_soft = F + strength * (F - theta)`); its share for the cut,
+             * -strength times the row's sum W over the past keys, goes in pass 4b */
+            float *w_row = pr->past_sum + (dq_chunk(kb, pr->nchunks) * pr->B + b) * N + i0;
+            for (size_t r = 0; r < rows; r++) {
+                const float th = w->theta_rows[r];
+                float part = 0.0f;
+                for (size_t c = 0; c < ncols; c++) {
+                    float *x = w->gsum + r * T + c;
+                    if (w->ftile[r * T + c] > th) {      /* F_soft > theta iff F > theta */
+                        part += *x;
+                        *x += pr->strength * *x;
+                    }
+                }
+                w_row[r] += part;
+            }
+        }
         if (pr->selective) {
             /* dF_total = dF_attention + dF_extra: the memory loss' rows join -gsum */
             if (pr->df) subtract_df_rows(pr, b, qb, kb, w->gsum);
@@ -236,6 +274,57 @@ static void key_block_grads(const problem *pr, size_t b, size_t kb, scratch *w, 
     }
 }
 
+/* Pass 4b for one (b, key block), with the rank penalty: the cut's share of its row's gradient.
+ * rank_penalty_backward's `dF[i, cut[i]] -= strength * sum_{j past} dF_soft[i, j]` is, in gsum's
+ * terms (gsum = -dF), e[i, cut[i]] = -strength * W[i] with W[i] = sum of gsum over row i's past
+ * keys, which pass 4 left in past_sum (one partial sum per dq chunk, added here in chunk order).
+ * Like any gradient on F it goes through the reverse cumsum down its column and the S > 0 gate
+ * into the selector head only: G_s = selector_grad(e), then dk_s += scale * G_s^T q_s and the
+ * chunk's dq partial sum += G_s k_s. Query tiles from the last one up, as in pass 4; tiles below
+ * the lowest row whose cut falls in this key block are skipped (nothing to carry yet). */
+static void cut_share_grads(const problem *pr, size_t b, size_t kb, scratch *w, float *dk,
+                            float *dq_part)
+{
+    const size_t H = pr->H, N = pr->N, D = pr->D, nqb = pr->nqb, s = pr->s;
+    const size_t j0 = kb * T, ncols = block_len(N, j0);
+    const int64_t *cut_b = pr->cut + b * N;
+    int any = 0;               /* does a row (i >= j0: cut[i] <= i) cut in this key block? */
+    for (size_t i = j0; i < N && !any; i++)
+        any = cut_b[i] >= (int64_t)j0 && cut_b[i] < (int64_t)(j0 + ncols);
+    if (!any) return;
+    float *e = w->gsum;                  /* (T, T) the cuts' shares, in gsum's terms */
+    float *g = w->g;                     /* (T, T) the selector head's extra dL */
+    float *acc = w->acc_a;               /* (T, D) its dk on the key block */
+    memset(acc, 0, T * D * sizeof(float));
+    memset(w->carry, 0, T * sizeof(float));
+    int live = 0;                        /* has the carry been given anything yet? */
+    const size_t row_s = (b * H + s) * N;                            /* row (b, s, 0) */
+    for (size_t qb = nqb; qb-- > kb;) {
+        const size_t i0 = qb * T, rows = block_len(N, i0);
+        memset(e, 0, T * T * sizeof(float));
+        for (size_t r = 0; r < rows; r++) {
+            const size_t i = i0 + r;
+            const int64_t c = cut_b[i];
+            if (c < (int64_t)j0 || c >= (int64_t)(j0 + ncols) || c > (int64_t)i) continue;
+            float w_i = 0.0f;                                   /* W[i], in chunk order */
+            for (size_t ch = 0; ch < pr->nchunks; ch++)
+                w_i += pr->past_sum[(ch * pr->B + b) * N + i];
+            e[r * T + (size_t)c - j0] = -pr->strength * w_i;
+            live |= e[r * T + (size_t)c - j0] != 0.0f;
+        }
+        if (!live) continue;             /* carry and e are zero: this tile gets nothing */
+        selection_of_tile(&pr->sel, b, qb, kb, w->ls, w->sel);        /* S, for the gate */
+        memset(g, 0, T * T * sizeof(float));
+        pr->kern->selector_grad(e, w->sel, rows, w->carry, g);  /* dS = reverse cumsum, gated */
+        const float *q_bsi = pr->q + (row_s + i0) * D;                 /* (rows, D) */
+        const float *k_bsj = pr->k + (row_s + j0) * D;                 /* (ncols, D) */
+        pr->kern->gemm_acc_t(g, ncols, q_bsi, rows, D, NULL, acc);         /* dk += G^T q */
+        pr->kern->gemm_acc(g, rows, k_bsj, ncols, D, NULL, dq_part + (row_s + i0) * D);
+    }
+    float *dk_bsj = dk + (row_s + j0) * D;                             /* (ncols, D) */
+    for (size_t x = 0; x < ncols * D; x++) dk_bsj[x] += pr->scale * acc[x];
+}
+
 int selattn_backward(const float *q, const float *k, const float *v,
                      const float *out, const float *lse, const float *fstart,
                      const float *dout,
@@ -249,12 +338,26 @@ int selattn_backward(const float *q, const float *k, const float *v,
 }
 
 int selattn_backward_df_rows(const float *q, const float *k, const float *v,
-                             const float *out, const float *lse, const float *fstart_in,
+                             const float *out, const float *lse, const float *fstart,
                              const float *dout,
                              const float *dF_rows, const int64_t *dF_row_index, size_t R,
                              size_t B, size_t H, size_t N, size_t D,
                              size_t selector_head, int protect_bos, int selective, float scale,
                              float *dq, float *dk, float *dv, int nthreads)
+{
+    return selattn_backward_soft(q, k, v, out, lse, fstart, dout, dF_rows, dF_row_index, R,
+                                 B, H, N, D, selector_head, protect_bos, selective, scale,
+                                 0.0f, NULL, NULL, dq, dk, dv, nthreads);
+}
+
+int selattn_backward_soft(const float *q, const float *k, const float *v,
+                          const float *out, const float *lse, const float *fstart_in,
+                          const float *dout,
+                          const float *dF_rows, const int64_t *dF_row_index, size_t R,
+                          size_t B, size_t H, size_t N, size_t D,
+                          size_t selector_head, int protect_bos, int selective, float scale,
+                          float soft_strength, const float *soft_theta, const int64_t *soft_cut,
+                          float *dq, float *dk, float *dv, int nthreads)
 {
     const selattn_kernels *kern = selattn_select_kernels();
     const size_t nqb = num_blocks(N);
@@ -275,8 +378,12 @@ int selattn_backward_df_rows(const float *q, const float *k, const float *v,
         df.first = malloc((B * nqb + 1) * sizeof(size_t));
         df.order = malloc(B * R * sizeof(size_t));
     }
+    /* the rank penalty: W's partial sums per dq chunk, (nchunks, B, N) */
+    const int with_soft = selective && soft_theta && soft_cut && B > 0 && N > 0;
+    float *past_sum = with_soft ? calloc(nchunks * B * N, sizeof(float)) : NULL;
     int rc = (!delta || !kt || !vt || (nchunks > 1 && !dq_parts) ||
-              (with_df && (!df.first || !df.order))) ? SELATTN_ENOMEM : SELATTN_OK;
+              (with_df && (!df.first || !df.order)) || (with_soft && !past_sum))
+             ? SELATTN_ENOMEM : SELATTN_OK;
     if (rc == SELATTN_OK && with_df) df_rows_index(&df, B, N, nqb);
     if (rc == SELATTN_OK) {
         /* Pass 0: transposed key and value tiles */
@@ -293,7 +400,7 @@ int selattn_backward_df_rows(const float *q, const float *k, const float *v,
     }
     if (rc != SELATTN_OK) {
         free(fstart_own); free(delta); free(kt); free(vt); free(dq_parts);
-        free(df.first); free(df.order);
+        free(df.first); free(df.order); free(past_sum);
         return rc;
     }
     const float *fstart = fstart_in ? fstart_in : fstart_own;
@@ -313,7 +420,9 @@ int selattn_backward_df_rows(const float *q, const float *k, const float *v,
                         {kern, q, kt, fstart, H, N, D, nqb, selector_head, protect_bos, scale,
                          H, selector_head},
                         H, N, D, nqb, selector_head, selective, scale, kern,
-                        with_df ? &df : NULL};
+                        with_df ? &df : NULL,
+                        with_soft ? soft_theta : NULL, soft_cut, soft_strength, past_sum,
+                        B, nchunks};
     int failed = 0;
     #pragma omp parallel num_threads(team)
     {
@@ -330,6 +439,18 @@ int selattn_backward_df_rows(const float *q, const float *k, const float *v,
         }
         /* (the loop's implicit barrier: every partial sum is complete) */
 
+        /* Pass 4b, with the rank penalty: the cuts' shares (every W is complete), into the
+         * same dq partial sums and key blocks as pass 4, by the same ownership */
+        if (with_soft) {
+            #pragma omp for schedule(dynamic, 1)
+            for (size_t task = 0; task < B * nchunks; task++) {
+                const size_t b = task / nchunks, c = task % nchunks;
+                float *dq_part = c == 0 ? dq : dq_parts + (c - 1) * nel;
+                for (size_t kb = 0; kb < nqb && !failed; kb++)
+                    if (dq_chunk(kb, nchunks) == c) cut_share_grads(&pr, b, kb, &w, dk, dq_part);
+            }
+        }
+
         /* Pass 5: dq = scale * (part_0 + part_1 + ...), in chunk order */
         #pragma omp for schedule(static)
         for (size_t row = 0; row < B * H * N; row++) {
@@ -344,6 +465,6 @@ int selattn_backward_df_rows(const float *q, const float *k, const float *v,
         scratch_free(&w);
     }
     free(fstart_own); free(delta); free(kt); free(vt); free(dq_parts);
-    free(df.first); free(df.order);
+    free(df.first); free(df.order); free(past_sum);
     return failed ? SELATTN_ENOMEM : SELATTN_OK;
 }

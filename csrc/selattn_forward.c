@@ -27,6 +27,11 @@
  * sums are those of selector_block_prefix, in its order, so F has the same bits as there, on any
  * number of threads.
  *
+ * The rank penalty (selattn_forward_soft, docs § 10): every row's cut is needed before its first
+ * tile, so Fstart comes from selector_block_prefix for all blocks (all filler, no wavefront),
+ * soft_cuts then finds theta and the cut's column of each row (rank_penalty.c), and 1a turns each
+ * F tile into F_soft (soft_tile_t) before the heads use it.
+ *
  * Pruned prefill (forward_with_evictions): key j is visible to query i only while i < evict_at[j]
  * (the KV cache's eviction schedule, kv_cache.c). Evicted keys get F = +inf in the F tile, and key
  * tiles whose every key was evicted before the query block starts are skipped, so a small budget
@@ -39,6 +44,7 @@
 
 #include "selattn.h"
 #include "forward_internal.h"
+#include "rank_penalty.h"
 #include "selector_mask.h"
 #include "tile_kernels.h"
 #include "omp_compat.h"
@@ -105,20 +111,50 @@ int selattn_forward(const float *q, const float *k, const float *v,
                     float *out, float *lse, float *fstart, int nthreads)
 {
     return forward_with_evictions(q, k, v, B, H, N, D, selector_head, protect_bos, selective,
-                                  scale, NULL, out, lse, fstart, nthreads);
+                                  scale, NULL, NULL, out, lse, fstart, nthreads);
+}
+
+int selattn_forward_soft(const float *q, const float *k, const float *v,
+                         size_t B, size_t H, size_t N, size_t D,
+                         size_t selector_head, int protect_bos, int selective, float scale,
+                         size_t soft_budget, float soft_strength,
+                         float *out, float *lse, float *fstart, float *soft_theta,
+                         int64_t *soft_cut, int nthreads)
+{
+    if (soft_budget == 0 || B == 0 || N == 0) {           /* no penalty, or no row to cut */
+        if (soft_theta && soft_cut) soft_no_cuts(B, N, soft_theta, soft_cut);
+        return selattn_forward(q, k, v, B, H, N, D, selector_head, protect_bos, selective, scale,
+                               out, lse, fstart, nthreads);
+    }
+    float *theta = soft_theta ? soft_theta : malloc(B * N * sizeof(float));
+    int64_t *cut = soft_cut ? soft_cut : malloc(B * N * sizeof(int64_t));
+    int rc = SELATTN_ENOMEM;
+    if (theta && cut) {
+        const soft_penalty soft = {soft_budget, soft_strength, theta, cut};
+        rc = forward_with_evictions(q, k, v, B, H, N, D, selector_head, protect_bos, selective,
+                                    scale, NULL, &soft, out, lse, fstart, nthreads);
+    }
+    if (theta != soft_theta) free(theta);
+    if (cut != soft_cut) free(cut);
+    return rc;
 }
 
 int forward_with_evictions(const float *q, const float *k, const float *v,
                            size_t B, size_t H, size_t N, size_t D,
                            size_t selector_head, int protect_bos, int selective, float scale,
-                           const int64_t *evict_at, float *out, float *lse, float *fstart_out,
-                           int nthreads)
+                           const int64_t *evict_at, const soft_penalty *soft_in, float *out,
+                           float *lse, float *fstart_out, int nthreads)
 {
     const selattn_kernels *kern = selattn_select_kernels();
     const size_t nqb = num_blocks(N);
     const size_t s = selector_head;
-    /* the caller's (B, nqb, N) is a ring that never wraps: every row stays for the backward */
-    const size_t ring = fstart_out ? nqb : fstart_ring_rows(nqb, N);
+    /* The rank penalty only where a row has a cut: F = 0 (not selective) has nothing past a
+     * cut, and with budget >= N no row has more keys than the budget. */
+    if (soft_in) soft_no_cuts(B, N, soft_in->theta, soft_in->cut);
+    const soft_penalty *soft = soft_in && selective && soft_in->budget < N ? soft_in : NULL;
+    /* the caller's (B, nqb, N) is a ring that never wraps: every row stays for the backward;
+     * the rank penalty needs every row too (its cuts are found before the loop) */
+    const size_t ring = fstart_out || soft ? nqb : fstart_ring_rows(nqb, N);
     float *kt_s = NULL;                     /* (B, 1, nqb, D, T) the selector head's key tiles */
     float *fstart = NULL;                   /* (B, ring, N) Fstart row of block qb at qb % ring */
     int *ready = NULL;    /* (B, nqb) key tiles of Fstart[qb + 1] that block qb has written */
@@ -139,9 +175,18 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
                                  kt_s + b * nqb * D * T, nthreads);
         sp.kt = kt_s;
     }
-    const size_t nfill = selective ? filler_blocks(nqb, ring) : 0;
-    if (nfill > 0 && !failed)            /* rows 0 .. nfill: the filler's and the wavefront's seed */
-        failed |= selector_block_prefix(&sp, B, nfill + 1, ring, fstart, nthreads) != SELATTN_OK;
+    /* with the rank penalty every row comes from the prefix, and (almost) every block is filler:
+     * the cuts need all of F's rows before the loop */
+    const size_t nfill = !selective ? 0 : soft ? nqb - nqb % QPAIR : filler_blocks(nqb, ring);
+    const size_t nprefix = soft ? nqb : nfill + 1;
+    if ((nfill > 0 || soft) && !failed)  /* rows 0 .. nfill: the filler's and the wavefront's seed */
+        failed |= selector_block_prefix(&sp, B, nprefix, ring, fstart, nthreads) != SELATTN_OK;
+    if (soft && !failed) {
+        /* the cut of every row: theta, cut (B, N), from F's rows (rank_penalty.c) */
+        selector spf = sp;
+        spf.fstart = fstart;
+        failed |= soft_cuts(&spf, B, soft->budget, soft->theta, soft->cut, nthreads) != SELATTN_OK;
+    }
     if (evict_at && !failed) {
         tmin = malloc(B * nqb * sizeof(int64_t));
         tmax = malloc(B * nqb * sizeof(int64_t));
@@ -237,6 +282,11 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
                             if (qb > nfill) flag_wait_at_least(ready_b + qb - 1, (int)kb + 1);
                             mask_of_tile_t(&sp, b, qb, kb, fstart_b + qb % ring * N,
                                            ls + g * T * T, sel, ft_g, row_next);
+                            if (soft) {          /* F -> F_soft: the rank penalty (§ 10) */
+                                float theta_rows[T];
+                                soft_theta_rows(soft->theta + b * N, i0[g], rows[g], theta_rows);
+                                soft_tile_t(ft_g, theta_rows, soft->strength);
+                            }
                         }
                         int published = (int)kb + 1;
                         if (kb == qb) {          /* the diagonal: Fstart[qb + 1] is 0 beyond it */

@@ -31,11 +31,13 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
+from selattn_reference.attention import DEFAULT_SOFT_STRENGTH
 from selattn_reference.validation import (
     check_budget,
     check_like,
     check_qkv,
     check_selector_head,
+    check_strength,
     resolve_scale,
 )
 
@@ -54,6 +56,8 @@ from .checks import (
     check_buffer_sizes,
     check_df_rows,
     check_scale_float32,
+    check_soft_budget,
+    check_strength_float32,
     fstart_shape,
 )
 
@@ -133,7 +137,8 @@ if _reason and _reason != "SELATTN_NO_OPENMP":
 class Context:
     """What ``backward`` needs from ``forward``: the float32 inputs, the output, the per-row
     log-sum-exp and, for inputs up to N = 4096, the mask entering each block of 64 queries
-    (``fstart``, N^2 / 64 floats per batch element), which the backward would otherwise rebuild.
+    (``fstart``, N^2 / 64 floats per batch element), which the backward would otherwise rebuild;
+    with the rank penalty (``soft_budget``) each row's cut (``soft_theta``, ``soft_cut``).
     Nothing of size N x N is kept. Inputs that already are C-contiguous float32 are kept by
     reference, not copied: do not modify them between ``forward`` and ``backward``."""
 
@@ -148,6 +153,10 @@ class Context:
     selective: bool
     budget: Optional[int] = None   # a budgeted (pruned) forward has no backward
     fstart: Optional[np.ndarray] = None   # (B, ceil(N / 64), N) or None (the backward builds it)
+    soft_budget: Optional[int] = None     # the rank penalty's budget (§ 10), or None
+    soft_strength: float = 0.0            # its slope, as the float32 the kernels used
+    soft_theta: Optional[np.ndarray] = None  # (B, N) float32 each row's cut F[i, cut], +inf: none
+    soft_cut: Optional[np.ndarray] = None    # (B, N) int64 the cut's column, -1 where none
 
 
 def _c_inputs(arrays, names, check_finite: bool):
@@ -177,6 +186,7 @@ def _threads_arg() -> int:
 
 def forward(q, k, v, *, selector_head: int = 0, protect_bos: bool = True, selective: bool = True,
             scale: Optional[float] = None, budget: Optional[int] = None,
+            soft_budget: Optional[int] = None, soft_strength: float = DEFAULT_SOFT_STRENGTH,
             check_finite: bool = True) -> Tuple[np.ndarray, Context]:
     """Selective attention, forward, in float32 without any N x N buffer.
 
@@ -190,6 +200,13 @@ def forward(q, k, v, *, selector_head: int = 0, protect_bos: bool = True, select
     budget : int or None, pruned prefill: each query attends only to the keys a ``budget``-slot
         KV cache (``KVCache``) still holds when it arrives; O(B x N) extra memory. There is no
         backward through a budget (an inference feature): ``backward`` refuses its context.
+    soft_budget : int or None, training only: the rank penalty of pruning-aware training
+        (``selattn_reference.forward(..., soft_budget=)``, docs/selective-attention.md § 10):
+        every head subtracts ``F_soft = F + soft_strength * max(F - theta, 0)``, theta being
+        each row's ``soft_budget``-th smallest F; ``backward`` differentiates through it. >= 2
+        with BOS protection (>= 1 without); not with ``budget``. No N x N buffer either: the
+        cuts are found row by row (docs/kernel-design.md)
+    soft_strength : float >= 0, the penalty's slope (finite as a float32)
     check_finite : bool, raise ValueError when an input holds NaN or infinity (False skips the
         scan; such inputs then give NaN outputs, never a crash)
 
@@ -203,19 +220,32 @@ def forward(q, k, v, *, selector_head: int = 0, protect_bos: bool = True, select
     s = check_selector_head(selector_head, H)
     scale = check_scale_float32(resolve_scale(scale, D))
     budget = check_budget(budget, bool(protect_bos))
+    soft_budget = check_soft_budget(soft_budget, bool(protect_bos), budget)
+    soft_strength = check_strength_float32(check_strength(soft_strength))
     check_buffer_sizes((B, H, N, D), "forward")
     q, k, v = _c_inputs((q, k, v), "qkv", check_finite)
     out = np.empty((B, H, N, D), dtype=np.float32)
     lse = np.empty((B, H, N), dtype=np.float32)
-    fstart = None
+    fstart = theta = cut = None
     if budget is None:
         shape = fstart_shape(B, N) if selective else None
         # zeros: the kernel writes each row only up to its block's diagonal
         fstart = np.zeros(shape, dtype=np.float32) if shape else None
-        rc = lib.selattn_forward(_ptr(q), _ptr(k), _ptr(v), B, H, N, D, s, bool(protect_bos),
-                                 bool(selective), scale, _ptr(out), _ptr(lse),
-                                 _ptr(fstart) if fstart is not None else ffi.NULL,
-                                 _threads_arg())
+        fstart_ptr = _ptr(fstart) if fstart is not None else ffi.NULL
+        if soft_budget is None:
+            rc = lib.selattn_forward(_ptr(q), _ptr(k), _ptr(v), B, H, N, D, s, bool(protect_bos),
+                                     bool(selective), scale, _ptr(out), _ptr(lse), fstart_ptr,
+                                     _threads_arg())
+        else:
+            theta = np.empty((B, N), dtype=np.float32)                    # (B, N)
+            cut = np.empty((B, N), dtype=np.int64)                        # (B, N)
+            # a soft budget >= N cuts no row: min() keeps any Python int within size_t
+            rc = lib.selattn_forward_soft(_ptr(q), _ptr(k), _ptr(v), B, H, N, D, s,
+                                          bool(protect_bos), bool(selective), scale,
+                                          min(soft_budget, N), soft_strength, _ptr(out),
+                                          _ptr(lse), fstart_ptr, _ptr(theta),
+                                          ffi.cast("int64_t *", ffi.from_buffer(cut)),
+                                          _threads_arg())
     else:
         lse.fill(np.nan)   # not computed: nothing may differentiate through a budget
         # a budget >= N evicts nothing: min() keeps any Python int within size_t
@@ -225,7 +255,9 @@ def forward(q, k, v, *, selector_head: int = 0, protect_bos: bool = True, select
     _check_rc(rc, "forward")
     ctx = Context(q=q, k=k, v=v, out=out, lse=lse, scale=scale, selector_head=s,
                   protect_bos=bool(protect_bos), selective=bool(selective), budget=budget,
-                  fstart=fstart)
+                  fstart=fstart, soft_budget=soft_budget,
+                  soft_strength=soft_strength if soft_budget is not None else 0.0,
+                  soft_theta=theta, soft_cut=cut)
     return out, ctx
 
 
@@ -257,11 +289,21 @@ def _check_context(ctx, *, budget_ok: bool = False) -> None:
                              "this Context was not made by selattn_c.forward")
     check_selector_head(ctx.selector_head, H)
     check_scale_float32(resolve_scale(ctx.scale, D))
+    if ctx.soft_theta is not None or ctx.soft_cut is not None:      # the rank penalty's cuts
+        for name, dtype in (("soft_theta", np.float32), ("soft_cut", np.int64)):
+            x = getattr(ctx, name)
+            if not (isinstance(x, np.ndarray) and x.shape == (B, N) and x.dtype == dtype
+                    and x.flags.c_contiguous and x.flags.aligned):
+                raise ValueError(f"ctx.{name} must be a C-contiguous {np.dtype(dtype).name} "
+                                 f"array of shape {(B, N)}: this Context was not made by "
+                                 "selattn_c.forward")
+        check_strength_float32(check_strength(ctx.soft_strength))
 
 
 def backward(dout, ctx: Context, *, dF_rows=None, dF_row_index=None, check_finite: bool = True
              ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Selective attention, backward, including the path through F into the selector head.
+    """Selective attention, backward, including the path through F into the selector head
+    (and through the rank penalty when the forward had a ``soft_budget``).
 
     Parameters
     ----------
@@ -297,11 +339,15 @@ def backward(dout, ctx: Context, *, dF_rows=None, dF_row_index=None, check_finit
     fstart = _ptr(ctx.fstart) if ctx.fstart is not None else ffi.NULL
     rows_ptr = _ptr(rows) if R > 0 else ffi.NULL
     index_ptr = ffi.cast("int64_t *", ffi.from_buffer(index)) if R > 0 else ffi.NULL
-    rc = lib.selattn_backward_df_rows(_ptr(ctx.q), _ptr(ctx.k), _ptr(ctx.v), _ptr(ctx.out),
-                                      _ptr(ctx.lse), fstart, _ptr(dout), rows_ptr, index_ptr, R,
-                                      B, H, N, D, ctx.selector_head, ctx.protect_bos,
-                                      ctx.selective, ctx.scale, _ptr(dq), _ptr(dk), _ptr(dv),
-                                      _threads_arg())
+    soft = ctx.soft_theta is not None         # the rank penalty: its cuts (checked above)
+    theta_ptr = _ptr(ctx.soft_theta) if soft else ffi.NULL
+    cut_ptr = ffi.cast("int64_t *", ffi.from_buffer(ctx.soft_cut)) if soft else ffi.NULL
+    rc = lib.selattn_backward_soft(_ptr(ctx.q), _ptr(ctx.k), _ptr(ctx.v), _ptr(ctx.out),
+                                   _ptr(ctx.lse), fstart, _ptr(dout), rows_ptr, index_ptr, R,
+                                   B, H, N, D, ctx.selector_head, ctx.protect_bos,
+                                   ctx.selective, ctx.scale, ctx.soft_strength if soft else 0.0,
+                                   theta_ptr, cut_ptr, _ptr(dq), _ptr(dk), _ptr(dv),
+                                   _threads_arg())
     _check_rc(rc, "backward")
     return dq, dk, dv
 

@@ -6,7 +6,8 @@ the backend for instead of reading F. Nothing here holds an N x N buffer in trai
 forward and the backward run in C in O(N) memory per head, the memory loss comes from the
 kernels' row sums of F (``selattn_c.memory_loss``), and its gradient, one row of F per batch
 element, goes into the C backward (``selattn_c.backward(..., dF_rows=, dF_row_index=)``), which
-carries it through F into the selector head inside its tiles (docs/kernel-design.md). F itself
+carries it through F into the selector head inside its tiles (docs/kernel-design.md). The rank
+penalty of pruning-aware training (``soft_budget``) runs in the kernels too, row by row. F itself
 is materialised only when a caller asks for it (``need_F``: plots, inspection).
 """
 
@@ -16,6 +17,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from selattn_reference.attention import DEFAULT_SOFT_STRENGTH
 from selattn_reference.validation import check_like
 
 from . import Context, accumulated_mask, backward, forward
@@ -36,8 +38,9 @@ class CAttention:
     def forward(self, q, k, v, *, selective: bool, selector_head: int, need_F: bool,
                 budget: Optional[int] = None, soft_budget: Optional[int] = None,
                 soft_strength: Optional[float] = None):
-        """Selective attention of q, k, v (B, H, N, hd). The rank penalty of pruning-aware
-        training (``soft_budget``) is not in the kernels: ``NumpyAttention`` has it.
+        """Selective attention of q, k, v (B, H, N, hd); ``soft_budget`` adds the rank penalty
+        of pruning-aware training (``selattn_c.forward(..., soft_budget=)``), ``soft_strength``
+        None its default slope.
 
         Returns
         -------
@@ -46,11 +49,11 @@ class CAttention:
             else None
         ctx : Context for ``backward`` (that of ``selattn_c.forward``)
         """
-        if soft_budget is not None:
-            raise ValueError("the C kernels have no rank penalty (soft_budget): use "
-                             "NumpyAttention for pruning-aware training steps")
+        if soft_strength is None:
+            soft_strength = DEFAULT_SOFT_STRENGTH
         out, ctx = forward(q, k, v, selector_head=selector_head, protect_bos=PROTECT_BOS,
-                           selective=selective, budget=budget)
+                           selective=selective, budget=budget, soft_budget=soft_budget,
+                           soft_strength=soft_strength)
         F = None
         if need_F:
             B, H, N, D = ctx.q.shape

@@ -46,6 +46,7 @@ SOURCES = [
     "selattn_memory.c",
     "kv_cache.c",
     "selector_mask.c",
+    "rank_penalty.c",
     "threads.c",
     "finite.c",
     "tile_kernels.c",

@@ -139,3 +139,32 @@ def check_df_rows(dF_rows, dF_row_index, B: int, N: int) -> Tuple[np.ndarray, np
         raise ValueError(f"dF_rows must have shape (B, R, N) = ({B}, {R}, {N}) (R from "
                          f"dF_row_index {index.shape}), got {rows.shape}")
     return as_c_float32(rows, "dF_rows"), index
+
+
+def check_soft_budget(soft_budget, protect_bos: bool, budget) -> Optional[int]:
+    """The rank penalty's budget (pruning-aware training, docs/selective-attention.md § 10): None,
+    or an int >= 2 with BOS protection (>= 1 without), as ``selattn_reference.forward`` takes
+    it; not together with ``budget`` (the pruned inference forward has no backward)."""
+    if soft_budget is None:
+        return None
+    if isinstance(soft_budget, bool) or not isinstance(soft_budget, (int, np.integer)):
+        raise TypeError(f"soft_budget must be an int or None, got {type(soft_budget).__name__}")
+    smallest = 2 if protect_bos else 1
+    if soft_budget < smallest:
+        raise ValueError(f"soft_budget {soft_budget} is too small: it must be >= {smallest} "
+                         f"({'with' if protect_bos else 'without'} BOS protection)")
+    if budget is not None:
+        raise ValueError("soft_budget (the rank penalty of training) and budget (the pruned "
+                         "inference forward, which has no backward) cannot be combined")
+    return int(soft_budget)
+
+
+def check_strength_float32(strength: float) -> float:
+    """The C kernels take the (already finite, >= 0) soft_strength as a float32: refuse one that
+    overflows it, and return the float32 value as a float."""
+    with np.errstate(over="ignore"):
+        as_float32 = np.float32(strength)
+    if not np.isfinite(as_float32):
+        raise ValueError(f"soft_strength must be finite as a float32 (< 3.4e38), got "
+                         f"{strength!r}")
+    return float(as_float32)

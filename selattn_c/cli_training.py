@@ -116,7 +116,7 @@ def add_train(subparsers) -> None:
     g.add_argument("--soft-budgets", type=str, default=None, metavar="B0,B1,...",
                    help="KV budgets to train for, one per layer (or one for all): steps add "
                         "the rank penalty of those budgets, masking harder the keys a pruned "
-                        "cache would drop (these steps run on the NumPy attention)")
+                        "cache would drop")
     g.add_argument("--soft-strength", type=float, default=DEFAULTS["soft_strength"],
                    help=f"slope of the rank penalty [{DEFAULTS['soft_strength']:g}]")
     g.add_argument("--soft-share", type=float, default=DEFAULTS["soft_share"],

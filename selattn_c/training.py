@@ -68,7 +68,7 @@ class TrainConfig:
     ``soft_share`` of the steps (drawn at random) run with the rank penalty of those budgets
     (``selattn_reference.attention.rank_penalty``, slope ``soft_strength``): keys a pruned
     cache would rank out are masked harder, so the loss sees, softly, what eviction would do.
-    Those steps run on the NumPy attention (the C kernels have no rank penalty).
+    Those steps run on the chosen backend (the C kernels have the penalty too).
     """
 
     # task
@@ -343,7 +343,6 @@ def train(cfg: TrainConfig, *, backend: str = "auto", progress: Optional[Progres
     heldout_prompts = prompts(heldout)
     rng = np.random.default_rng([cfg.seed, 1])        # the training stream (never the held-out)
     soft_rng = np.random.default_rng([cfg.seed, 2])   # which steps get the rank penalty
-    soft_attention = lm.NumpyAttention()              # the C kernels have no rank penalty
     if cfg.init_from is not None:
         params = start_from_checkpoint(cfg, model_cfg)
     else:
@@ -365,7 +364,7 @@ def train(cfg: TrainConfig, *, backend: str = "auto", progress: Optional[Progres
         tokens, targets, mask = encode_batch(tokenizer, batch, model_cfg.context)
         soft = cfg.soft_budgets is not None and soft_rng.random() < cfg.soft_share
         _, losses, cache = lm.forward(params, step_cfg, tokens, targets, mask,
-                                      attention=soft_attention if soft else attention,
+                                      attention=attention,
                                       soft_budgets=cfg.soft_budgets if soft else None,
                                       soft_strength=cfg.soft_strength)
         grads = lm.backward(cache)

@@ -94,6 +94,16 @@ def test_train_with_soft_budgets(tmp_path):
     assert config["soft_share"] == 1.0
 
 
+@pytest.mark.parametrize("backend", ["c", "numpy"])
+def test_train_with_soft_budgets_on_either_backend(tmp_path, backend):
+    """--soft-budgets trains on the backend asked for: the C kernels have the rank penalty too."""
+    out = str(tmp_path / "soft.npz")
+    assert main(["train", *TINY_TRAIN, "--steps", "2", "--eval-every", "2", "--quiet",
+                 "--backend", backend, "--soft-budgets", "3,4", "--out", out]) == 0
+    log = json.loads((tmp_path / "soft.json").read_text())
+    assert log["backend"] == backend and log["train_config"]["soft_budgets"] == [3, 4]
+
+
 def one_line_error(capsys, argv) -> str:
     code = main(argv)
     err = capsys.readouterr().err

@@ -1,6 +1,7 @@
 """``selattn_c.CAttention`` (the C kernels as the tiny LM's attention backend) against the NumPy
 backend: forward, F, backward including the extra gradient on F, the whole model's gradients, and
-a short training run whose loss curve must match the NumPy backend's within float32 noise."""
+a short training run whose loss curve must match the NumPy backend's within float32 noise. (With
+the rank penalty of pruning-aware training: tests/test_c_rank_penalty.py.)"""
 
 from __future__ import annotations
 
@@ -197,12 +198,3 @@ def test_training_curve_matches_the_numpy_backend(one_kernel_thread):
     curve_c, _ = train(params, CFG, CAttention(), steps=20, seed=6)
     assert curve[-1] < curve[0] - 0.05    # it trains: the loss went down
     np.testing.assert_allclose(curve_c, curve, rtol=TRAINING_CURVE_RTOL)
-
-
-def test_the_kernels_refuse_the_rank_penalty():
-    """Pruning-aware training's rank penalty exists only in NumpyAttention: the C backend says so
-    instead of training without it."""
-    q = np.zeros((1, 1, 4, 2), dtype=np.float32)
-    with pytest.raises(ValueError, match="no rank penalty"):
-        CAttention().forward(q, q, q, selective=True, selector_head=0, need_F=False,
-                             soft_budget=2)

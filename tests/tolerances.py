@@ -102,6 +102,14 @@ def selector_kink_margin(D: int) -> float:
     """Relative distance from 0 below which a selector logit's float32 sign is not trusted."""
     return SELECTOR_KINK_FACTOR * D * FLOAT32_EPS
 
+# The rank penalty (docs/selective-attention.md § 10) subtracts F_soft = (1 + s) F - s theta past
+# the cut instead of F, theta being one of the row's F values: its float32 error is at most
+# (1 + 2 s) times F's, so the C kernels' bound takes (1 + 2 s) max F where it takes max F.
+def rank_penalty_mask_max(mask_max: float, strength: float) -> float:
+    """The ``mask_max`` of c_float32_atol for a layer with the rank penalty of slope strength."""
+    return (1.0 + 2.0 * strength) * mask_max
+
+
 # The C kernels' own exponential (Cody-Waite reduction and a degree-6 polynomial) is accurate to
 # about 1 ulp. With one key against another (N = 2, D = 1, so each logit is one float32 product
 # with a relative rounding of eps32 / 2), a softmax weight p is off by at most about

@@ -43,6 +43,10 @@ def main() -> None:
         selattn_c.backward(dout, ctx, dF_rows=grad.rows, dF_row_index=grad.index)
         selattn_c.memory_rows((q, k), 1.0, selector_head=2, protect_bos=False)
         selattn_c.mask_rows(ctx, np.array([[0, 69, -1], [35, 35, 64]], dtype=np.int64))
+        # the rank penalty of pruning-aware training (soft budgets), with and without dF rows
+        out, ctx = selattn_c.forward(q, k, v, soft_budget=9, soft_strength=10.0)
+        selattn_c.backward(dout, ctx)
+        selattn_c.backward(dout, ctx, dF_rows=grad.rows, dF_row_index=grad.index)
         every = np.broadcast_to(np.arange(70, dtype=np.int64), (2, 70))
         selattn_c.backward(dout, ctx, dF_rows=rng.standard_normal((2, 70, 70)),
                            dF_row_index=every)
