@@ -153,6 +153,9 @@ void soft_tile(float *f, const float *theta_rows, float strength)
 {
     for (size_t r = 0; r < T; r++) {
         const float th = theta_rows[r];
+        /* no cut (theta = +inf: x > th never holds), or a row past the tile's end, whose F the
+         * caller left undefined: nothing to do, and nothing read */
+        if (th == INFINITY) continue;
         for (size_t c = 0; c < T; c++) {
             const float x = f[r * T + c];
             f[r * T + c] = x > th ? x + strength * (x - th) : x;       /* past the cut */
