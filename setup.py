@@ -1,7 +1,9 @@
 """Build and install selattn.
 
-Two import packages: ``selattn_reference`` (the NumPy spec, from ``reference/``) and
-``selattn_c`` (the C extension and its wrappers).
+Four import packages, one concern each: ``selattn_reference`` (the NumPy spec),
+``selattn_c`` (the C extension and its wrapper), ``selattn_lm`` (the tiny language model:
+training, inference, the ``selattn`` command, the bundled checkpoints) and ``selattn_bench``
+(the benchmarks).
 
 The C extension is built when it can be. Without a working C compiler the install still succeeds,
 with a warning, as a pure-Python install: the NumPy reference, ``selattn train`` and ``selattn
@@ -65,23 +67,22 @@ setup(
     long_description=README.read_text(encoding="utf-8") if README.exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["selattn_reference", "selattn_c"],
-    package_dir={"selattn_reference": "reference", "selattn_c": "selattn_c"},
+    packages=["selattn_reference", "selattn_c", "selattn_lm", "selattn_bench"],
     # The trained checkpoints (and their training logs) install with the package.
-    package_data={"selattn_c": ["data/*"]},
-    entry_points={"console_scripts": ["selattn = selattn_c.cli:main"]},
+    package_data={"selattn_lm": ["data/*"]},
+    entry_points={"console_scripts": ["selattn = selattn_lm.cli:main"]},
     setup_requires=["cffi>=1.15"],
     **EXTENSION,
     install_requires=["numpy>=1.22", "cffi>=1.15"],
     extras_require={
-        # gensim carries the Wikipedia sample of the text task (selattn_reference.text) in its
+        # gensim carries the Wikipedia sample of the text task (selattn_lm.text) in its
         # wheel; the tests check the split of that very file, so the test extra brings it too.
         "test": ["pytest>=7", "hypothesis>=6.50", "gensim>=4.0"],
         # Only for the text task (selattn train --task text, selattn text-results): its data.
         "text": ["gensim>=4.0"],
-        # Only for `python -m selattn_c.bench` (PyTorch baselines).
+        # Only for `python -m selattn_bench.kernels` (PyTorch baselines).
         "bench": ["torch>=2.1"],
-        # The PyTorch bridge (selattn_c.torch, selattn_c.torch_model; docs/torch.md).
+        # The PyTorch bridge (selattn_c.torch, selattn_lm.torch_model; docs/torch.md).
         "torch": ["torch>=2.1"],
         # Only for the PNG mask pictures of `selattn demo` / `selattn plot` (ASCII without it).
         "plot": ["matplotlib>=3.6"],

@@ -10,10 +10,10 @@ one forward and one backward (``out = f(q, k, v); out.backward(dout)``), q, k, v
 ``SDPA``     ``torch.nn.functional.scaled_dot_product_attention(is_causal=True)``: standard
              causal attention (no selection), PyTorch's fused CPU kernel
 ``eager``    the paper's listing (selective attention) written eagerly in torch, differentiated
-             by autograd (``selattn_c.bench.torch_selective_attention``)
+             by autograd (``selattn_bench.kernels.torch_selective_attention``)
 
 The three are timed in interleaved rounds (one run of each per round, so a slow spell of a shared
-machine hits them alike) with ``selattn_c.bench.time_ops_interleaved``; medians and ratios are
+machine hits them alike) with ``selattn_bench.common.time_ops_interleaved``; medians and ratios are
 printed. Threads: ``--threads`` for both the kernels and torch (default: all cores).
 """
 
@@ -26,7 +26,8 @@ import statistics
 import torch
 
 import selattn_c
-from selattn_c.bench import load_average, time_ops_interleaved, torch_selective_attention
+from selattn_bench.common import load_average, time_ops_interleaved
+from selattn_bench.kernels import torch_selective_attention
 from selattn_c.torch import selective_attention
 
 

@@ -3,7 +3,7 @@
     python examples/torch_ddp.py                      # 2 processes on this machine, 8 steps
     python examples/torch_ddp.py --world-size 2 --steps 20
 
-Every process (rank) builds the same model (``selattn_c.torch_model.TinyLM`` from
+Every process (rank) builds the same model (``selattn_lm.torch_model.TinyLM`` from
 ``init_params``), wraps it in ``DistributedDataParallel`` and trains on its own share of each
 global batch (rank r takes examples r, r + W, r + 2W, ... of the batch all ranks draw from the
 same seeded stream). The attention (``selattn_c.torch.SelectiveSelfAttention``) has no parameters
@@ -38,10 +38,10 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 import selattn_c
-from selattn_c.torch_model import TinyLM, optimizer_for
-from selattn_c.training import TrainConfig, learning_rate, memory_loss_weight
-from selattn_reference import model as lm
-from selattn_reference.tasks import CharTokenizer, encode_batch, generate_examples
+from selattn_lm.torch_model import TinyLM, optimizer_for
+from selattn_lm.training import TrainConfig, learning_rate, memory_loss_weight
+from selattn_lm import model as lm
+from selattn_lm.tasks import CharTokenizer, encode_batch, generate_examples
 
 CONFIG = dict(n_assignments=8, batch_size=16, warmup_steps=2, eval_every=1000, heldout_size=1)
 

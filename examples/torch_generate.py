@@ -3,12 +3,12 @@
     python examples/torch_generate.py              # 200 held-out questions
     python examples/torch_generate.py --n 50
 
-Loads the bundled checkpoint (``selattn_c/data/selective.npz``) into the torch port
-(``selattn_c.torch_model.TinyLM``), then answers held-out questions greedily: each prompt is
+Loads the bundled checkpoint (``selattn_lm/data/selective.npz``) into the torch port
+(``selattn_lm.torch_model.TinyLM``), then answers held-out questions greedily: each prompt is
 prefilled through one ``selattn_c.torch.TorchKVCache`` per layer and every answer token is one
 ``step`` per layer, first with full caches, then with the calibrated per-layer budgets
 (``selective.budgets.json``). Prints the accuracy of both and whether every answer equals the
-NumPy runner's (``selattn_c.runner.ModelRunner``, the same C caches driven from NumPy).
+NumPy runner's (``selattn_lm.runner.ModelRunner``, the same C caches driven from NumPy).
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 
 import selattn_c
-from selattn_c.runner import ModelRunner
-from selattn_c.torch_model import TinyLM
+from selattn_lm.runner import ModelRunner
+from selattn_lm.torch_model import TinyLM
+import selattn_lm
 
-DATA = Path(selattn_c.__file__).with_name("data")
+DATA = Path(selattn_lm.__file__).with_name("data")
 
 
 def main(argv=None) -> None:

@@ -8,7 +8,6 @@ The API mirrors ``selattn_reference.attention`` (the NumPy spec):
   and its gradient as rows of F for ``backward(..., dF_rows=, dF_row_index=)``, without any
   N x N buffer (``selattn_c.memory``; also ``memory_rows``, ``mask_rows``),
 - ``KVCache``: the pruned KV cache for token-by-token decoding (``selattn_c.kv_cache``),
-- ``CAttention``: the tiny LM's attention backend on these kernels (``selattn_c.backend``),
 - ``openmp_enabled()``, ``get_num_threads()``, ``set_num_threads(n)``, ``kernel_name()``.
 
 Inputs are (B, H, N, D) float32 or float64 arrays of any strides; the kernels compute in float32
@@ -20,7 +19,8 @@ infinity in an input raises ``ValueError`` unless ``check_finite=False`` (docs/r
 
 On a pure-Python install (no C compiler at install time) the package still imports:
 ``extension_built()`` is False and every function above raises ``ExtensionNotBuilt`` (an
-``ImportError``) saying why, while training falls back to the NumPy attention (``_extension.py``).
+``ImportError``) saying why, while training (``selattn_lm``) falls back to the NumPy
+attention (``_extension.py``).
 """
 
 from __future__ import annotations
@@ -62,7 +62,6 @@ from .checks import (
 )
 
 __all__ = [
-    "CAttention",
     "Context",
     "DFRows",
     "ExtensionNotBuilt",
@@ -386,4 +385,3 @@ from .memory import (  # noqa: E402  (needs _check_context, _ptr above)
     memory_loss_backward,
     memory_rows,
 )
-from .backend import CAttention  # noqa: E402  (needs forward, backward above)

@@ -46,7 +46,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 import selattn_c
-from selattn_c import Context, KVCache
+from . import Context, KVCache
 from selattn_reference.validation import (
     check_budget,
     check_selector_head,
@@ -345,7 +345,7 @@ class SelectiveSelfAttention(nn.Module):
     x (B, N, d_model) -> (B, N, d_model).
 
     ``qkv`` (an ``nn.Linear(d_model, 3 d_model)``) gives the columns [q | k | v], each with its
-    heads side by side (the layout of ``selattn_reference.model``: column ``c`` of q belongs to
+    heads side by side (the layout of ``selattn_lm.model``: column ``c`` of q belongs to
     head ``c // head_dim``); the heads' outputs, side by side, go through ``out``
     (``nn.Linear(d_model, d_model)``). The attention itself has no parameters: under
     ``DistributedDataParallel`` its q, k, v gradients flow into ``qkv``, which DDP all-reduces.

@@ -1,10 +1,10 @@
-"""The memory-loss benchmark (selattn_c.bench_memory_loss): its two routes agree, and it runs."""
+"""The memory-loss benchmark (selattn_bench.memory_loss): its two routes agree, and it runs."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from selattn_c import bench_memory_loss as bench
+from selattn_bench import memory_loss as bench
 
 
 def test_the_dense_route_computes_the_same_step():

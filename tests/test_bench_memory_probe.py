@@ -1,4 +1,4 @@
-"""The memory benchmark's child process (selattn_c.bench_memory_probe) reports sane figures."""
+"""The memory benchmark's child process (selattn_bench.memory_probe) reports sane figures."""
 
 import json
 import subprocess
@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from selattn_c import bench_memory_probe
+from selattn_bench import memory_probe as bench_memory_probe
 
 
 @pytest.mark.parametrize("case, tensors", [("fwd", 4), ("fwdbwd", 8)])
@@ -15,7 +15,7 @@ def test_probe_reports_its_tensors_and_a_peak_above_them(case, tensors, tmp_path
     N, H, D, B = 300, 2, 8, 1
     # cwd elsewhere: `python -m` puts the cwd first on sys.path, and the checkout's selattn_c
     # (no compiled extension) must not shadow the installed one
-    proc = subprocess.run([sys.executable, "-m", "selattn_c.bench_memory_probe", case, str(N),
+    proc = subprocess.run([sys.executable, "-m", "selattn_bench.memory_probe", case, str(N),
                            str(H), str(D), str(B), "1"], capture_output=True, text=True,
                           check=True, cwd=tmp_path)
     info = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -26,7 +26,7 @@ def test_probe_reports_its_tensors_and_a_peak_above_them(case, tensors, tmp_path
 
 
 def test_probe_refuses_bad_arguments(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "selattn_c.bench_memory_probe", "fwd", "300"],
+    proc = subprocess.run([sys.executable, "-m", "selattn_bench.memory_probe", "fwd", "300"],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode != 0 and "fwd|fwdbwd" in proc.stderr
 

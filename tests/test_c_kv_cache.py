@@ -1,4 +1,4 @@
-"""The C pruned KV cache and the budgeted forward, against the NumPy model (reference/cache.py),
+"""The C pruned KV cache and the budgeted forward, against the NumPy model (selattn_reference/cache.py),
 the golden vectors, and themselves: decode equals prefill equals the reference."""
 
 from __future__ import annotations

@@ -22,10 +22,10 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import selattn_c
-from selattn_c import CAttention
+from selattn_lm.backends import CAttention, NumpyAttention
 from selattn_reference import attention as ref
-from selattn_reference import model as M
-from selattn_reference.optim import AdamW
+from selattn_lm import model as M
+from selattn_lm.optim import AdamW
 
 from helpers import assert_float32_grads_close, qkv_cases
 from tolerances import (
@@ -365,14 +365,14 @@ def test_model_gradient_step_with_soft_budgets_matches_the_numpy_backend():
     themselves are not compared: see test_model_backend's training curve for why). And the
     penalty matters: the gradient without it differs by far more."""
     params, tokens, targets, mask = model_inputs(2)
-    losses, grads, new = gradient_step(params, tokens, targets, mask, M.NumpyAttention(),
+    losses, grads, new = gradient_step(params, tokens, targets, mask, NumpyAttention(),
                                        SOFT_BUDGETS)
     losses_c, grads_c, new_c = gradient_step(params, tokens, targets, mask, CAttention(),
                                              SOFT_BUDGETS)
     for key in losses:
         assert losses_c[key] == pytest.approx(losses[key], rel=MODEL_FLOAT32_RTOL, abs=1e-6)
     assert_float32_grads_close(grads_c, grads, MODEL_FLOAT32_RTOL)
-    after, _, _ = gradient_step(new, tokens, targets, mask, M.NumpyAttention(), SOFT_BUDGETS)
+    after, _, _ = gradient_step(new, tokens, targets, mask, NumpyAttention(), SOFT_BUDGETS)
     after_c, _, _ = gradient_step(new_c, tokens, targets, mask, CAttention(), SOFT_BUDGETS)
     assert after["total"] < losses["total"]           # the step went downhill
     assert after_c["total"] == pytest.approx(after["total"], rel=TRAINING_CURVE_RTOL)

@@ -1,4 +1,4 @@
-"""The greedy budget search (selattn_c.calibrate) against synthetic score functions, where the
+"""The greedy budget search (selattn_lm.calibrate) against synthetic score functions, where the
 right answer is known: each layer needs a known number of slots, and fewer slots in any layer
 loses accuracy. The calibration of a real checkpoint is tested in tests/test_runner.py and
 tests/test_demo.py."""
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from selattn_c.calibrate import (
+from selattn_lm.calibrate import (
     Score,
     candidate_budgets,
     check_budgets,

@@ -1,4 +1,4 @@
-"""Checkpoints (reference/checkpoint.py): exact round trip, and a clear CheckpointError for every
+"""Checkpoints (selattn_lm/checkpoint.py): exact round trip, and a clear CheckpointError for every
 kind of bad file."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import zipfile
 import numpy as np
 import pytest
 
-from selattn_reference import model as M
-from selattn_reference.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from selattn_lm import model as M
+from selattn_lm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 CFG = M.ModelConfig(vocab_size=11, context=16, n_layers=2, n_heads=2, d_model=8, eps=0.25,
                     selective=True, selector_head=1, tau=2.0)

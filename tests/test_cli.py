@@ -2,7 +2,7 @@
 one-line errors with exit status 2 for bad input.
 
 The end-to-end test runs the installed console script in a subprocess from a temporary directory
-(outside the repository); the error tests call ``selattn_c.cli.main`` in-process (faster).
+(outside the repository); the error tests call ``selattn_lm.cli.main`` in-process (faster).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from selattn_c.cli import main
+from selattn_lm.cli import main
 
 TINY_TRAIN = ["--n-vars", "2", "--n-assignments", "3", "--max-value", "9", "--d-model", "16",
               "--n-heads", "2", "--batch-size", "16", "--steps", "12", "--eval-every", "6",
@@ -28,7 +28,7 @@ def selattn_command():
     if script.exists():
         return [str(script)]
     found = shutil.which("selattn")
-    return [found] if found else [sys.executable, "-m", "selattn_c.cli"]
+    return [found] if found else [sys.executable, "-m", "selattn_lm.cli"]
 
 
 def run(tmp_path, *args) -> subprocess.CompletedProcess:

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 
 import selattn_c
-from selattn_c import demo
-from selattn_c.calibrate import read_budgets
-from selattn_c.cli import main
-from selattn_c.runner import ModelRunner
-from selattn_reference import model as M
-from selattn_reference.checkpoint import CheckpointError, save_checkpoint
-from selattn_reference.tasks import CharTokenizer, TaskConfig
+from selattn_lm import demo
+from selattn_lm.calibrate import read_budgets
+from selattn_lm.cli import main
+from selattn_lm.runner import ModelRunner
+from selattn_lm import model as M
+from selattn_lm.checkpoint import CheckpointError, save_checkpoint
+from selattn_lm.tasks import CharTokenizer, TaskConfig
 
 TASK = TaskConfig(n_vars=2, n_assignments=4, max_value=9)
 
@@ -244,7 +244,7 @@ def test_bundled_demo_runs_from_the_console_script(tmp_path):
     """`selattn demo` with no model arguments (the README's main job) in a fresh interpreter,
     outside the repository, in ASCII mode so that it needs no matplotlib."""
     script = Path(sys.executable).with_name("selattn")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "selattn_c.cli"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "selattn_lm.cli"]
     result = subprocess.run(command + ["demo", "--examples", "40", "--ascii"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from selattn_reference import attention as ref
-from selattn_reference import model as lm
+from selattn_lm import model as lm
 from selattn_reference.eviction_baselines import (
     HeavyHitters,
     SlidingWindow,

@@ -1,4 +1,4 @@
-"""Mask pictures (selattn_c.mask_plot): the ASCII heatmap cell by cell, the PNG file."""
+"""Mask pictures (selattn_lm.mask_plot): the ASCII heatmap cell by cell, the PNG file."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from selattn_c.mask_plot import ASCII_LEVELS, ascii_heatmap, save_png
+from selattn_lm.mask_plot import ASCII_LEVELS, ascii_heatmap, save_png
 
 
 @st.composite

@@ -1,4 +1,4 @@
-"""Properties of the tiny LM (reference/model.py): the contract's parameter names and shapes,
+"""Properties of the tiny LM (selattn_lm/model.py): the contract's parameter names and shapes,
 causality, the baseline (selective=False), padding, budgets, float32 vs float64, and clear errors
 for bad input."""
 
@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from helpers import assert_float32_grads_close
-from selattn_reference import model as M
+from selattn_lm import model as M
 from tolerances import MODEL_FLOAT32_RTOL, REORDERED_FLOAT64
 
 seeds = st.integers(0, 2**32 - 1)

@@ -1,4 +1,4 @@
-"""``selattn_c.CAttention`` (the C kernels as the tiny LM's attention backend) against the NumPy
+"""``selattn_lm.backends.CAttention`` (the C kernels as the tiny LM's attention backend) against the NumPy
 backend: forward, F, backward including the extra gradient on F, the whole model's gradients, and
 a short training run whose loss curve must match the NumPy backend's within float32 noise. (With
 the rank penalty of pruning-aware training: tests/test_c_rank_penalty.py.)"""
@@ -11,9 +11,9 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from helpers import assert_float32_grads_close, qkv_cases
-from selattn_c import CAttention
-from selattn_reference import model as M
-from selattn_reference.optim import AdamW, clip_grad_norm
+from selattn_lm.backends import CAttention, NumpyAttention
+from selattn_lm import model as M
+from selattn_lm.optim import AdamW, clip_grad_norm
 from tolerances import (
     MODEL_FLOAT32_RTOL,
     TRAINING_CURVE_RTOL,
@@ -53,9 +53,9 @@ def test_c_backend_matches_the_numpy_backend(case, need_F, with_dF):
 
     out, F, ctx = CAttention().forward(q, k, v, **options)
     q64, k64, v64 = (x.astype(np.float64) for x in (q, k, v))
-    ref_out, ref_F, ref_ctx = M.NumpyAttention().forward(q64, k64, v64, **options)
+    ref_out, ref_F, ref_ctx = NumpyAttention().forward(q64, k64, v64, **options)
     grads = CAttention().backward(dout, dF, ctx)
-    ref_grads = M.NumpyAttention().backward(dout.astype(np.float64),
+    ref_grads = NumpyAttention().backward(dout.astype(np.float64),
                                             None if dF is None else dF.astype(np.float64),
                                             ref_ctx)
 
@@ -92,10 +92,10 @@ def test_the_dF_path_is_what_makes_the_difference():
     dF = np.random.default_rng(3).standard_normal((1, 12, 12)).astype(np.float32)
     options = dict(selective=True, selector_head=0, need_F=True)
     _, _, ctx = CAttention().forward(q, k, v, **options)
-    _, _, ref_ctx = M.NumpyAttention().forward(q, k, v, **options)
+    _, _, ref_ctx = NumpyAttention().forward(q, k, v, **options)
     with_dF = CAttention().backward(dout, dF, ctx)
     without = CAttention().backward(dout, None, ctx)
-    reference = M.NumpyAttention().backward(dout, dF, ref_ctx)
+    reference = NumpyAttention().backward(dout, dF, ref_ctx)
     np.testing.assert_allclose(with_dF[0], reference[0], rtol=1e-4, atol=1e-5)
     assert np.abs(without[0][:, 0] - reference[0][:, 0]).max() > 1e-2
     np.testing.assert_array_equal(with_dF[0][:, 1], without[0][:, 1])   # other heads untouched
@@ -194,7 +194,7 @@ def test_training_curve_matches_the_numpy_backend(one_kernel_thread):
     arithmetic (e.g. a key bias, to which the softmax is invariant) gets float32 noise for a
     gradient, and Adam normalises that noise to steps of size lr, differently on each backend."""
     params = M.init_params(CFG, seed=5)
-    curve, _ = train(params, CFG, M.NumpyAttention(), steps=20, seed=6)
+    curve, _ = train(params, CFG, NumpyAttention(), steps=20, seed=6)
     curve_c, _ = train(params, CFG, CAttention(), steps=20, seed=6)
     assert curve[-1] < curve[0] - 0.05    # it trains: the loss went down
     np.testing.assert_allclose(curve_c, curve, rtol=TRAINING_CURVE_RTOL)

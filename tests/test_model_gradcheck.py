@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from helpers import rel_error, soft_signature
-from selattn_reference import model as M
+from selattn_lm import model as M
 from selattn_reference.attention import rank_penalty, selection_constraints
 from tolerances import (
     FD_STEP,

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from helpers import numerical_gradient, rel_error
-from selattn_reference import model as M
+from selattn_lm import model as M
 from tolerances import FD_MAX_REL_ERROR, FD_STEP, REORDERED_FLOAT64
 
 EPS64 = float(np.finfo(np.float64).eps)

@@ -1,4 +1,4 @@
-"""AdamW and gradient clipping (reference/optim.py)."""
+"""AdamW and gradient clipping (selattn_lm/optim.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from selattn_reference.optim import AdamW, clip_grad_norm, global_norm
+from selattn_lm.optim import AdamW, clip_grad_norm, global_norm
 from tolerances import REORDERED_FLOAT64
 
 seeds = st.integers(0, 2**32 - 1)

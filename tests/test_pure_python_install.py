@@ -66,7 +66,7 @@ def test_package_imports_and_every_kernel_entry_point_says_what_is_missing(tmp_p
 def test_train_and_eval_fall_back_to_numpy_and_kernel_commands_fail_in_one_line(tmp_path):
     proc = run_without_extension(tmp_path, """
         import json
-        from selattn_c.cli import main
+        from selattn_lm.cli import main
         tiny = ["--steps", "2", "--n-layers", "1", "--n-heads", "2", "--d-model", "16",
                 "--batch-size", "4", "--eval-every", "2", "--heldout-size", "8", "--quiet"]
         assert main(["train", *tiny, "--out", "m.npz"]) == 0
@@ -91,7 +91,7 @@ def test_train_and_eval_fall_back_to_numpy_and_kernel_commands_fail_in_one_line(
 def _source_copy(tmp_path: Path) -> Path:
     """The files setup.py needs, copied: the build writes build/ and *.egg-info next to them."""
     src = tmp_path / "src"
-    for name in ("reference", "selattn_c", "csrc"):
+    for name in ("selattn_reference", "selattn_c", "selattn_lm", "selattn_bench", "csrc"):
         shutil.copytree(ROOT / name, src / name,
                         ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.o"))
     for name in ("setup.py", "README.md"):

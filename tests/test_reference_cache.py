@@ -1,4 +1,4 @@
-"""The NumPy model of the pruned KV cache (reference/cache.py) against the spec's buffer rule
+"""The NumPy model of the pruned KV cache (selattn_reference/cache.py) against the spec's buffer rule
 (``eviction_mask`` + ``forward``), the golden vectors, and its own invariants."""
 
 from __future__ import annotations

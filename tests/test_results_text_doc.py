@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from selattn_c import text_results
-from selattn_c.text_training import bits_per_byte, load_text_model
+from selattn_lm import text_results
+from selattn_lm.text_training import bits_per_byte, load_text_model
+from selattn_lm.backends import CAttention
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "results-text.md"
@@ -43,14 +44,13 @@ def test_the_bundled_models_score_as_the_json_says_on_the_first_windows():
     an untrained or swapped model, or a broken scorer, is off by far more (an untrained model
     scores log2(258) = 8.0)."""
     pytest.importorskip("gensim")
-    import selattn_c
-    from selattn_reference.text import eval_windows, load_corpus
+    from selattn_lm.text import eval_windows, load_corpus
 
     test = eval_windows(load_corpus().test, RESULTS["context"], 16)
     bpb = {}
     for name in ("selective", "standard"):
         params, cfg, _ = load_text_model(text_results.DATA / f"text-{name}.npz")
-        bpb[name] = bits_per_byte(params, cfg, *test, attention=selattn_c.CAttention())
+        bpb[name] = bits_per_byte(params, cfg, *test, attention=CAttention())
         # measured: 2.193 and 2.368 on these windows against 2.241 and 2.349 on all 903
         assert np.isfinite(bpb[name]) and abs(bpb[name] - RESULTS["full"][name]) < 0.15, bpb
     assert bpb["selective"] < bpb["standard"]

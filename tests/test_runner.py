@@ -1,4 +1,4 @@
-"""The C-backed inference runner (selattn_c.runner.ModelRunner) against the NumPy reference model:
+"""The C-backed inference runner (selattn_lm.runner.ModelRunner) against the NumPy reference model:
 no budget -> the reference's logits within RUNNER_LOGITS_RTOL; with budgets -> the reference's
 ``budgets=`` forward; decode (one token at a time) = prefill; greedy generation = argmax of the
 logits; clear errors for bad input. The runner on a trained checkpoint (task, tokenizer, answers,
@@ -11,8 +11,8 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from selattn_c.runner import ModelRunner
-from selattn_reference import model as M
+from selattn_lm.runner import ModelRunner
+from selattn_lm import model as M
 from tolerances import RUNNER_DECISION_MARGIN, RUNNER_LOGITS_RTOL
 
 seeds = st.integers(0, 2**32 - 1)

@@ -1,4 +1,4 @@
-"""Tests of the variable-assignment task (selattn_reference.tasks): answers, seeds, splits,
+"""Tests of the variable-assignment task (selattn_lm.tasks): answers, seeds, splits,
 tokenizer, lengths and batch encoding."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from selattn_reference.tasks import (
+from selattn_lm.tasks import (
     BOS,
     PAD,
     CharTokenizer,

@@ -1,4 +1,4 @@
-"""The real-text pipeline (``selattn_reference.text``): markup stripping, parsing a MediaWiki dump,
+"""The real-text pipeline (``selattn_lm.text``): markup stripping, parsing a MediaWiki dump,
 the deterministic split by article, byte tokens and windows, and clear errors for bad paths.
 
 Most tests run on a small dump the test writes itself; ``test_the_wikipedia_sample`` runs on the
@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from selattn_reference import text
-from selattn_reference.text import (
+from selattn_lm import text
+from selattn_lm.text import (
     BOS,
     ByteTokenizer,
     CorpusNotFound,

@@ -1,4 +1,4 @@
-"""Training on text (``selattn_c.text_training``), ``selattn train --task text`` and the budget
+"""Training on text (``selattn_lm.text_training``), ``selattn train --task text`` and the budget
 curve of ``selattn text-results``, on a small dump written by the test (seconds, not minutes)."""
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ import math
 import numpy as np
 import pytest
 
-from selattn_reference import model as lm
-from selattn_reference.checkpoint import CheckpointError, save_checkpoint
-from selattn_reference.text import ByteTokenizer, eval_windows, load_corpus
-from selattn_c import text_results
-from selattn_c.cli import main
-from selattn_c.text_training import (
+from selattn_lm import model as lm
+from selattn_lm.checkpoint import CheckpointError, save_checkpoint
+from selattn_lm.text import ByteTokenizer, eval_windows, load_corpus
+from selattn_lm import text_results
+from selattn_lm.cli import main
+from selattn_lm.text_training import (
     TextTrainConfig,
     bits_per_byte,
     load_text_model,

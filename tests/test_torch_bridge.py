@@ -1,4 +1,4 @@
-"""The PyTorch bridge (selattn_c.torch, selattn_c.torch_model, examples/torch_*.py).
+"""The PyTorch bridge (selattn_c.torch, selattn_lm.torch_model, examples/torch_*.py).
 
 Skipped without torch (``pip install '.[torch]'``)."""
 
@@ -13,18 +13,19 @@ import numpy as np
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
+import selattn_lm
 
 torch = pytest.importorskip("torch")
 
 import selattn_c  # noqa: E402
 import selattn_c.torch as sat  # noqa: E402
-from selattn_c import training  # noqa: E402
-from selattn_c.bench import torch_selective_attention  # noqa: E402
-from selattn_c.runner import ModelRunner  # noqa: E402
-from selattn_c.torch_model import TinyLM  # noqa: E402
-from selattn_c.torch_model import train as torch_train  # noqa: E402
+from selattn_lm import training  # noqa: E402
+from selattn_bench.kernels import torch_selective_attention  # noqa: E402
+from selattn_lm.runner import ModelRunner  # noqa: E402
+from selattn_lm.torch_model import TinyLM  # noqa: E402
+from selattn_lm.torch_model import train as torch_train  # noqa: E402
 from selattn_reference import attention as ref  # noqa: E402
-from selattn_reference import model as M  # noqa: E402
+from selattn_lm import model as M  # noqa: E402
 
 from helpers import assert_float32_grads_close, qkv_cases  # noqa: E402
 from tolerances import (  # noqa: E402
@@ -37,7 +38,7 @@ from tolerances import (  # noqa: E402
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = Path(selattn_c.__file__).with_name("data")
+DATA = Path(selattn_lm.__file__).with_name("data")
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -1,4 +1,4 @@
-"""Tests of the training loop (selattn_c.training): schedules, settings, exact-match scoring,
+"""Tests of the training loop (selattn_lm.training): schedules, settings, exact-match scoring,
 reproducibility, the log and the checkpoint's task settings."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from selattn_c import training
-from selattn_c.training import (
+from selattn_lm import training
+from selattn_lm.training import (
     ProgressBar,
     TrainConfig,
     answer_accuracy,
@@ -24,8 +24,9 @@ from selattn_c.training import (
     save_run,
     train,
 )
-from selattn_reference.checkpoint import load_checkpoint
-from selattn_reference.tasks import CharTokenizer, TaskConfig, encode_batch, make_split
+from selattn_lm.checkpoint import load_checkpoint
+from selattn_lm.tasks import CharTokenizer, TaskConfig, encode_batch, make_split
+import selattn_lm
 
 # A model and task small enough that a run of a few dozen steps takes a second or two.
 TINY = dict(n_vars=2, n_assignments=3, max_value=9, n_layers=2, n_heads=2, d_model=16,
@@ -218,8 +219,7 @@ def test_shipped_checkpoints_score_what_their_logs_say(name, selective):
     """The installed checkpoints (docs/results.md) load, carry their task, and still score
     exactly the held-out accuracy their training logs recorded."""
     from pathlib import Path
-    import selattn_c
-    data = Path(selattn_c.__file__).parent / "data"
+    data = Path(selattn_lm.__file__).parent / "data"
     log = json.loads((data / f"{name}.json").read_text())
     result = evaluate_checkpoint(data / f"{name}.npz", backend=log["backend"])
     assert result["selective"] is selective
@@ -235,7 +235,7 @@ def test_shipped_checkpoints_score_what_their_logs_say(name, selective):
 def test_inserted_identity_block_leaves_the_logits_unchanged(tiny_run, at):
     """A block with zero output projections adds exactly 0 to the residual stream, wherever it
     goes: the grown model's logits are the checkpoint's, bit for bit."""
-    from selattn_reference import model as lm
+    from selattn_lm import model as lm
     cfg, params, model_cfg, _, _, _ = tiny_run
     grown, grown_cfg = training.insert_identity_block(params, model_cfg, at, seed=1)
     assert grown_cfg.n_layers == model_cfg.n_layers + 1

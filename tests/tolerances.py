@@ -119,7 +119,7 @@ def rank_penalty_mask_max(mask_max: float, strength: float) -> float:
 C_SOFTMAX_ULPS = 4.0
 
 # ----------------------------------------------------------------------------------------------
-# The tiny language model (reference/model.py)
+# The tiny language model (selattn_lm/model.py)
 
 # Whole-model centred finite differences in float64 (the issue's requirement: max relative error
 # <= 1e-5 on every parameter tensor). A correct backward measures ~1e-9 (truncation h^2 f''' and
@@ -155,7 +155,7 @@ MODEL_FLOAT32_RTOL = 1e-4
 TRAINING_CURVE_RTOL = 1e-5
 
 # ----------------------------------------------------------------------------------------------
-# The inference runner (selattn_c.runner: float32 NumPy layers + C KV caches) vs the reference model
+# The inference runner (selattn_lm.runner: float32 NumPy layers + C KV caches) vs the reference model
 
 # The issue's requirement: with no budget the runner's logits equal the reference model's within
 # 1e-4 relative (max |a - b| / max |b|). The runner is float32 end to end (NumPy layers and the C
@@ -175,7 +175,7 @@ RUNNER_LOGITS_RTOL = 1e-4
 RUNNER_DECISION_MARGIN = 1e-4
 
 # ----------------------------------------------------------------------------------------------
-# The PyTorch bridge (selattn_c.torch, selattn_c.torch_model)
+# The PyTorch bridge (selattn_c.torch, selattn_lm.torch_model)
 
 # The bridge hands the kernels the tensors' own float32 memory and returns their arrays, so it is
 # compared with selattn_c.forward/backward bitwise, and with the float64 reference by
@@ -192,7 +192,7 @@ TORCH_SDPA_FACTOR = 2.0
 TORCH_MODEL_RTOL = 1e-4
 
 # Training curves of the torch port (torch AdamW, clip_grad_norm_) and of
-# selattn_c.training.train (C backend, NumPy AdamW) from the same weights and batches: per-step
+# selattn_lm.training.train (C backend, NumPy AdamW) from the same weights and batches: per-step
 # float32 differences (~1e-7) fed back through AdamW. Measured over 20 steps of the default task:
 # at most 2.0e-7 relative (window means of 5 steps). 1e-5 is the margin (50x).
 TORCH_TRAINING_CURVE_RTOL = 1e-5

@@ -1,7 +1,7 @@
 """What a trained checkpoint gets wrong on its held-out set, and whether a value's digits can see
 the name they belong to in the first layer.
 
-    python tools/analyse_errors.py selattn_c/data/selective-2layer.npz   # needs an installed selattn_c
+    python tools/analyse_errors.py selattn_lm/data/selective-2layer.npz   # needs an installed selattn_c
 
 Prints, for the checkpoint's own held-out set (the one ``selattn eval`` scores):
 
@@ -28,9 +28,9 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from selattn_c.training import heldout_set, load_task_model
-from selattn_reference import model as lm
-from selattn_reference.tasks import CharTokenizer, Example, encode_batch
+from selattn_lm.training import heldout_set, load_task_model
+from selattn_lm import model as lm
+from selattn_lm.tasks import CharTokenizer, Example, encode_batch
 
 
 def parse(prompt: str) -> Tuple[str, List[Tuple[int, str, str]]]:

@@ -1,6 +1,6 @@
 """End-to-end CPU inference of a checkpoint from ``selattn train``: one pruned ``KVCache`` per
 layer (the C kernels), everything else (embeddings, LayerNorm, projections, MLP, head) in NumPy
-with the building blocks of ``selattn_reference.model``.
+with the building blocks of ``selattn_lm.model``.
 
 A prompt is prefilled through every layer's cache at once (the blocked kernel with the cache's
 eviction schedule) and each generated token is one ``KVCache.step`` per layer, so a layer never
@@ -18,9 +18,9 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from selattn_reference import model as lm
-from selattn_reference.checkpoint import CheckpointError
-from selattn_reference.tasks import (
+from . import model as lm
+from .checkpoint import CheckpointError
+from .tasks import (
     BOS,
     CharTokenizer,
     Example,
@@ -30,9 +30,9 @@ from selattn_reference.tasks import (
     prompts,
 )
 
-from .backend import CAttention
+from .backends import CAttention
 from .calibrate import Score, check_budgets
-from .kv_cache import KVCache
+from selattn_c.kv_cache import KVCache
 from .training import load_task_model
 
 BYTES_PER_VALUE = 4    # keys and values are held in float32
@@ -43,7 +43,7 @@ class ModelRunner:
 
     Parameters
     ----------
-    params : dict of arrays (``selattn_reference.model`` names and shapes; cast to float32)
+    params : dict of arrays (``selattn_lm.model`` names and shapes; cast to float32)
     cfg : ModelConfig
     task : TaskConfig or None, the task the model was trained on (gives the tokenizer and the
         held-out set; None: token ids only)
@@ -149,7 +149,7 @@ class ModelRunner:
 
     def _blocks(self, tokens: np.ndarray, start: int, attentions: Sequence, need_F: bool = False
                 ) -> Tuple[np.ndarray, List[Optional[np.ndarray]]]:
-        """The model's blocks (``selattn_reference.model.block_forward``) on tokens (B, N) at
+        """The model's blocks (``selattn_lm.model.block_forward``) on tokens (B, N) at
         positions start.., layer l's attention by the backend ``attentions[l]``; returns the
         logits (B, N, V) and each layer's F (B, N, N) when ``need_F`` (else Nones)."""
         p, cfg = self.params, self.cfg
@@ -309,7 +309,7 @@ def _answer_text(text: str) -> str:
 
 
 class _CacheAttention:
-    """One layer's ``KVCache`` as an attention backend of ``selattn_reference.model``: N > 1
+    """One layer's ``KVCache`` as an attention backend of ``selattn_lm.model``: N > 1
     tokens are a prefill, one token a decode step; the cache holds the budget and the selector
     settings it was made with. Inference only: no F, no backward."""
 

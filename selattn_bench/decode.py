@@ -2,9 +2,9 @@
 
 Run it as a script (it is not a test)::
 
-    python -m selattn_c.bench_decode                  # context 4096, budgets 4096,1024,256,64,2
-    python -m selattn_c.bench_decode --threads 2 --markdown
-    python -m selattn_c.bench_decode --context 1024 --budgets 1024,64 --no-torch   # quick look
+    python -m selattn_bench.decode                  # context 4096, budgets 4096,1024,256,64,2
+    python -m selattn_bench.decode --threads 2 --markdown
+    python -m selattn_bench.decode --context 1024 --budgets 1024,64 --no-torch   # quick look
 
 What one run prints
 -------------------
@@ -28,7 +28,7 @@ cache (preallocated K, V and F; logits, minus F, softmax, times V, then F += rel
 logits), which is what a public implementation that keeps the whole cache does. Each timed run
 starts again from ``--context`` tokens.
 
-All decode rows are timed in interleaved rounds (bench.time_ops_interleaved), so a slow spell of
+All decode rows are timed in interleaved rounds (common.time_ops_interleaved), so a slow spell of
 a shared machine hits them alike and their ratios stay honest.
 
 Prefill table: ``selattn_c.forward`` at N = context, unbudgeted and with each budget below the
@@ -44,7 +44,7 @@ import platform
 import time
 from typing import Any, List, Optional, Sequence
 
-from .bench import (
+from .common import (
     Result,
     cpu_flags,
     cpu_model,
@@ -58,7 +58,7 @@ TARGET_BUDGET, TARGET_FULL, TARGET_SPEEDUP = 256, 4096, 10.0
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m selattn_c.bench_decode",
+    p = argparse.ArgumentParser(prog="python -m selattn_bench.decode",
                                 description="Benchmark KV-cache decoding and budgeted prefill.")
     p.add_argument("--context", type=int, default=4096, help="tokens in the cache (default 4096)")
     p.add_argument("--budgets", default="4096,1024,256,64,2", help="comma-separated budgets")
@@ -84,7 +84,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def decode_ops(np: Any, sc: Any, args: argparse.Namespace):
     """(label, budget, cache, step run, bound step run, bare C run, warm-up) for every budget."""
-    from ._selattn_cffi import ffi, lib
+    from selattn_c._selattn_cffi import ffi, lib
 
     B, H, D = args.batch, args.heads, args.dim
     rng = np.random.default_rng(0)
@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> None:
     torch, torch_note = import_torch(args.no_torch)
     if torch is not None:
         torch.set_num_threads(args.threads)
-    print("KV-cache decode benchmark (selattn_c.bench_decode)")
+    print("KV-cache decode benchmark (selattn_bench.decode)")
     print(f"shape: B={args.batch}, H={args.heads}, D={args.dim}; context {args.context}; "
           f"budgets {args.budgets}; float32; selector head 0, BOS protected")
     print(f"cpu: {cpu_model()}; {os.cpu_count()} logical cores; flags: {cpu_flags()}; "

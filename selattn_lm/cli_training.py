@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from .text_training import TextTrainConfig, save_text_run, train_text
-from .training import BACKENDS, TrainConfig, evaluate_checkpoint, save_run, train
+from .backends import BACKENDS
+from .training import TrainConfig, evaluate_checkpoint, save_run, train
 
 DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
 TEXT_DEFAULTS = {f.name: f.default for f in fields(TextTrainConfig)}
@@ -42,7 +43,7 @@ def add_train(subparsers) -> None:
                     "sample (--task text); write the checkpoint and a JSON log.")
     p.add_argument("--task", choices=TASKS, default="assign",
                    help="assign: the variable-assignment task; text: byte-level language "
-                        "modelling of real text (selattn_reference.text) [assign]")
+                        "modelling of real text (selattn_lm.text) [assign]")
     p.add_argument("--out", type=Path, default=Path("model.npz"),
                    help="checkpoint to write [model.npz]")
     p.add_argument("--log", type=Path, default=None,
@@ -227,7 +228,7 @@ def run_train_text(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     _set_threads(args.threads, args.backend)
-    from selattn_reference.checkpoint import load_checkpoint
+    from .checkpoint import load_checkpoint
     if args.budgets is not None:
         _, model_cfg, _ = load_checkpoint(args.checkpoint)
         budgets = parse_budgets(args.budgets, model_cfg.n_layers)

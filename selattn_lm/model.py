@@ -24,10 +24,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .attention import DEFAULT_SOFT_STRENGTH
-from .attention import backward as attention_backward_reference
-from .attention import forward as attention_forward_reference
-from .attention import memory_loss, memory_loss_backward
+from selattn_reference.attention import DEFAULT_SOFT_STRENGTH
+from selattn_reference.attention import memory_loss, memory_loss_backward
+from .backends import NumpyAttention
 
 PAD = 0                 # token id of padding: not counted in the memory loss' normalisation
 LAYERNORM_EPS = 1e-5    # added to the variance in every LayerNorm
@@ -382,40 +381,6 @@ def merge_heads_backward(dy: np.ndarray, n_heads: int) -> np.ndarray:
     return dy.reshape(B, N, n_heads, d // n_heads).transpose(0, 2, 1, 3)  # (B, H, N, hd)
 
 
-class NumpyAttention:
-    """Attention backend on the NumPy reference (``selattn_reference.forward``/``backward``).
-
-    Slow (it keeps (B, H, N, N) logits and weights) but dtype-generic: the backend of the
-    float64 gradient checks, and of training when the C extension is not built.
-    """
-
-    def forward(self, q, k, v, *, selective: bool, selector_head: int, need_F: bool,
-                budget: Optional[int] = None, soft_budget: Optional[int] = None,
-                soft_strength: float = DEFAULT_SOFT_STRENGTH):
-        """Selective attention of q, k, v (B, H, N, hd), BOS protected; ``soft_budget`` adds the
-        rank penalty of pruning-aware training (``selattn_reference.attention.rank_penalty``).
-
-        Returns
-        -------
-        out : (B, H, N, hd)
-        F : (B, N, N) accumulated mask when ``need_F`` (else None)
-        ctx : what ``backward`` needs
-        """
-        out, cache = attention_forward_reference(q, k, v, selector_head=selector_head,
-                                                 selective=selective, budget=budget,
-                                                 soft_budget=soft_budget,
-                                                 soft_strength=soft_strength)
-        return out, (cache.F if need_F else None), cache
-
-    def backward(self, dout, dF, ctx):
-        """Gradients (dq, dk, dv) of ``forward``; ``dF`` (B, N, N) or None is an extra upstream
-        gradient on F (the memory loss)."""
-        if ctx.budget is not None:
-            raise ValueError(f"backward through a budgeted forward (budget={ctx.budget}) is not "
-                             "supported: budgets are for inference; train with budgets=None")
-        return attention_backward_reference(dout, ctx, dF=dF)
-
-
 def attention_forward(h: np.ndarray, params: Params, l: int, cfg: ModelConfig, attention,
                       need_F: bool, budget: Optional[int] = None, soft: Optional[tuple] = None):
     """Block ``l``'s attention sub-layer: QKV projection, selective attention, output projection.
@@ -540,7 +505,7 @@ def memory_forward(Fs: Sequence[np.ndarray], tokens: np.ndarray, tau: float):
 
 def memory_forward_by_backend(attention, contexts: Sequence, tokens: np.ndarray, tau: float):
     """``memory_forward`` computed by an attention backend from each layer's context, for
-    backends that can do it without F (B, N, N) (``selattn_c.CAttention``: the loss and its
+    backends that can do it without F (B, N, N) (``selattn_lm.backends.CAttention``: the loss and its
     gradient as rows of F). The backend's ``memory_loss(ctx, tau, ignore_rows)`` returns the
     layer's mem (B,) with the rows ``ignore_rows`` (B, N) counted as fully evicted (as PAD rows
     are above) and a state for its ``memory_loss_backward(dmem (B,), state)``, whose result its

@@ -2,12 +2,12 @@
 
 Run it as a script (it is not a test)::
 
-    python -m selattn_c.bench                       # B=1, H=8, D=64, N in 512..4096, all cores
-    python -m selattn_c.bench --threads 2           # the setting the performance targets use
-    python -m selattn_c.bench --threads 1,2         # both counts, and the 2-thread speed-up
-    python -m selattn_c.bench --sizes 256,512 --repeats 3 --no-torch    # quick look
-    python -m selattn_c.bench --markdown            # the same tables as Markdown
-    python -m selattn_c.bench --memory              # peak resident memory at N = 16384 instead
+    python -m selattn_bench.kernels                       # B=1, H=8, D=64, N in 512..4096, all cores
+    python -m selattn_bench.kernels --threads 2           # the setting the performance targets use
+    python -m selattn_bench.kernels --threads 1,2         # both counts, and the 2-thread speed-up
+    python -m selattn_bench.kernels --sizes 256,512 --repeats 3 --no-torch    # quick look
+    python -m selattn_bench.kernels --markdown            # the same tables as Markdown
+    python -m selattn_bench.kernels --memory              # peak resident memory at N = 16384 instead
 
 PyTorch is optional (``pip install 'selattn[bench]'``); without it the torch rows are left out.
 
@@ -64,7 +64,7 @@ first count over the others) and target 6: the C forward at N = 2048 on 2 thread
 faster than on 1.
 
 ``--memory`` instead runs one forward (and, in a second fresh process, forward + backward) at
-B=1, H=8, N=16384, D=64 (``selattn_c.bench_memory_probe``: a process holding only the
+B=1, H=8, N=16384, D=64 (``selattn_bench.memory_probe``: a process holding only the
 interpreter, NumPy and selattn_c) and reports the whole process's peak resident set size (interpreter and
 NumPy included) against the bytes of the tensors the call must hold: q, k, v, out for the
 forward; q, k, v, out, dout, dq, dk, dv for forward + backward. The target (issue 7, for the
@@ -93,15 +93,28 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from .common import (
+    Result,
+    blas_thread_report,
+    cpu_flags,
+    cpu_model,
+    import_torch,
+    load_average,
+    render,
+    strip_option,
+    time_op,
+    time_ops_interleaved,
+    verdict,
+)
+from .peak_memory import memory_report
+
 if TYPE_CHECKING:  # numpy is imported in main(), after the thread variables are set
     import numpy as np
 
 TARGET_NS = (2048, 4096)       # the sizes issue 7's speed targets name
 TARGET_THREADS = 2
 SGEMM_N = 2048
-MEMORY_TARGET = 1.3           # issue 7, item 5: peak of a forward <= 1.3x q, k, v, out
 VERIFY_N = 256
-MAX_RUNS_FACTOR = 20          # at most repeats * this many timed runs for fast operations
 _REEXEC_GUARD = "SELATTN_BENCH_REEXEC"
 _BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -124,7 +137,7 @@ PAIRED = (C_FWD, C_FWD_STD, C_BWD, SDPA_FWD, SDPA_BWD)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m selattn_c.bench",
+    p = argparse.ArgumentParser(prog="python -m selattn_bench.kernels",
                                 description="Benchmark selective attention: C, NumPy, PyTorch.")
     p.add_argument("--sizes", default="512,1024,2048,4096", help="comma-separated N values")
     p.add_argument("--heads", type=int, default=8, help="H (default 8)")
@@ -190,132 +203,14 @@ def pin_blas_threads(threads: int, allow_reexec: bool) -> None:
         os.environ[key] = str(threads)
     if "numpy" in sys.modules and effective != threads and allow_reexec \
             and not os.environ.get(_REEXEC_GUARD):
-        # `python -m selattn_c.bench` imports the package (and NumPy) before this module runs.
+        # `python -m selattn_bench.kernels` imports the package (and NumPy) before this module runs.
         os.environ[_REEXEC_GUARD] = "1"
         sys.stdout.flush()
-        os.execv(sys.executable, [sys.executable, "-m", "selattn_c.bench", *sys.argv[1:]])
-
-
-def blas_thread_report() -> str:
-    try:
-        from threadpoolctl import threadpool_info  # optional
-    except ImportError:
-        return f"{os.environ.get('OPENBLAS_NUM_THREADS', '?')} (OPENBLAS_NUM_THREADS)"
-    pools = [f"{i.get('internal_api')}={i.get('num_threads')}" for i in threadpool_info()
-             if i.get("user_api") == "blas"]
-    return ", ".join(pools) or "? (threadpoolctl found no BLAS)"
-
-
-def import_torch(no_torch: bool) -> Tuple[Any, str]:
-    """(torch module or None, a note for the header)."""
-    if no_torch:
-        return None, "not used (--no-torch)"
-    try:
-        import torch
-    except ImportError:
-        return None, ("not installed: pip install 'selattn[bench]' (on a CPU-only machine, the "
-                      "CPU build of torch); torch rows skipped")
-    return torch, torch.__version__
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def load_average() -> str:
-    """1-minute load average: other processes on a 2-core machine move every row."""
-    try:
-        return f"{os.getloadavg()[0]:.2f}"
-    except (AttributeError, OSError):
-        return "?"
-
-
-def cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
-                    return " ".join(x for x in wanted if x in flags) or "-"
-    except OSError:
-        pass
-    return "?"
+        os.execv(sys.executable, [sys.executable, "-m", "selattn_bench.kernels", *sys.argv[1:]])
 
 
 # ----------------------------------------------------------------------------------------------
 # Timing
-
-
-@dataclass
-class Result:
-    """One row of the timing table."""
-
-    n: int
-    name: str
-    flops: float
-    times: Optional[List[float]] = None     # seconds; None when skipped
-    note: str = ""
-
-    @property
-    def median(self) -> Optional[float]:
-        return statistics.median(self.times) if self.times else None
-
-    @property
-    def best(self) -> Optional[float]:
-        return min(self.times) if self.times else None
-
-    def gflops(self) -> Optional[float]:
-        return self.flops / self.median / 1e9 if self.times else None
-
-
-def time_op(run: Callable[[Any], Any], setup: Optional[Callable[[], Any]], *, warmup: int,
-            repeats: int, min_time: float) -> List[float]:
-    """Wall times of ``run(setup())``; ``setup`` is not timed. At least ``repeats`` runs, more
-    (up to ``repeats * MAX_RUNS_FACTOR``) until ``min_time`` seconds of runs are collected."""
-    return time_ops_interleaved([(run, setup)], warmup=warmup, repeats=repeats,
-                                min_time=min_time)[0]
-
-
-def time_ops_interleaved(ops: Sequence[Tuple[Callable[[Any], Any], Optional[Callable[[], Any]]]],
-                         *, warmup: int, repeats: int, min_time: float) -> List[List[float]]:
-    """Wall times of several ``run(setup())`` pairs, taken in rounds: every round runs each op
-    once, in order. A slow spell of a shared machine then hits all ops alike, which keeps the
-    ratios of their medians honest. Rounds continue until every op has ``repeats`` runs and the
-    fastest-finishing criterion ``min_time`` (seconds of the op with the least total) is met, up
-    to ``repeats * MAX_RUNS_FACTOR`` rounds."""
-    gc.collect()
-    for run, setup in ops:
-        for _ in range(warmup):
-            arg = setup() if setup else None
-            run(arg)
-            del arg
-    times: List[List[float]] = [[] for _ in ops]
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        while True:
-            rounds = len(times[0])
-            if rounds >= repeats and (min(sum(t) for t in times) >= min_time
-                                      or rounds >= repeats * MAX_RUNS_FACTOR):
-                break
-            for (run, setup), op_times in zip(ops, times):
-                arg = setup() if setup else None
-                t0 = time.perf_counter()
-                run(arg)
-                op_times.append(time.perf_counter() - t0)
-                del arg
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return times
 
 
 def attention_flops(B: int, H: int, N: int, D: int, backward: bool = False) -> float:
@@ -552,19 +447,6 @@ def bench_one_n(np_mod: Any, sc: Any, ref: Any, torch: Any, args: argparse.Names
 # Output
 
 
-def render(headers: Sequence[str], rows: Sequence[Sequence[str]], markdown: bool,
-           right: Sequence[bool]) -> str:
-    if markdown:
-        sep = ["---:" if r else "---" for r in right]
-        lines = [headers, sep, *rows]
-        return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
-    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
-
-    def fmt(cells: Sequence[str]) -> str:
-        return "  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right))
-    return "\n".join([fmt(headers), "  ".join("-" * w for w in widths), *map(fmt, rows)])
-
-
 def timing_table(results: List[Result], sgemm: float, markdown: bool) -> str:
     headers = ["N", "operation", "median ms", "min ms", "runs", "GFLOP/s", "% sgemm"]
     rows = []
@@ -630,21 +512,13 @@ def ratio_table(table: Dict[int, Dict[str, Optional[float]]], markdown: bool) ->
     return render(headers, rows, markdown, [True] * len(headers))
 
 
-def verdict(value: Optional[float], op: str, bound: float) -> Tuple[str, str]:
-    """(shown value, PASS / MISS / n/a)."""
-    if value is None:
-        return "-", "n/a (not measured)"
-    ok = value <= bound if op == "<=" else value >= bound
-    return f"{value:.2f}", "PASS" if ok else "MISS"
-
-
 def target_lines(table: Dict[int, Dict[str, Optional[float]]], threads: int) -> List[str]:
     lines = [f"issue 7 targets (specified for {TARGET_THREADS} threads; this run: {threads}):"]
     for n, col, op, bound, words in TARGETS:
         shown, result = verdict(table.get(n, {}).get(col), op, bound)
         lines.append(f"  {words:<50} N={n:<5} {col} = {shown:>6} (target {op} {bound:g})  "
                      f"{result}")
-    lines.append("  (4. decode: python -m selattn_c.bench_decode; 5. memory: --memory; "
+    lines.append("  (4. decode: python -m selattn_bench.decode; 5. memory: --memory; "
                  "6. speed-up: --threads 1,2)")
     return lines
 
@@ -660,59 +534,13 @@ FOOTNOTES = [
 
 
 # ----------------------------------------------------------------------------------------------
-# Peak memory (--memory): each case in a fresh process
-
-
-def run_memory_case(args: argparse.Namespace, case: str) -> Dict[str, Any]:
-    """One case in a fresh process (selattn_c.bench_memory_probe): its JSON line of figures."""
-    cmd = [sys.executable, "-m", "selattn_c.bench_memory_probe", case, str(args.memory_n),
-           str(args.heads), str(args.dim), str(args.batch), str(args.threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-    if proc.returncode != 0:
-        raise RuntimeError(f"memory child ({case}) failed with code {proc.returncode}:\n"
-                           f"{proc.stderr.strip()}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def memory_report(args: argparse.Namespace) -> None:
-    MiB = 2.0 ** 20
-    B, H, N, D = args.batch, args.heads, args.memory_n, args.dim
-    print(f"peak resident memory, B={B}, H={H}, N={N}, D={D}, float32, {args.threads} threads, "
-          "each case in a fresh process (whole process: interpreter, NumPy, selattn_c)")
-    headers = ["case", "tensors", "tensor MiB", "RSS after imports", "RSS before call",
-               "peak RSS", "peak / tensors", "(peak - imports) / tensors", "time s",
-               f"<= {MEMORY_TARGET}x (whole / net)"]
-    cases = [("forward", "fwd", "q,k,v,out"),
-             ("forward+backward", "fwdbwd", "q,k,v,out,dout,dq,dk,dv")]
-    rows = []
-    for label, case, tensors in cases:
-        info = run_memory_case(args, case)
-        whole = info["peak"] / info["tensor_bytes"]
-        net = (info["peak"] - info["rss_after_imports"]) / info["tensor_bytes"]
-        seconds = info["fwd_seconds"] + info.get("bwd_seconds", 0.0)
-        rows.append([label, tensors, f"{info['tensor_bytes'] / MiB:.0f}",
-                     f"{info['rss_after_imports'] / MiB:.0f} MiB",
-                     f"{info['rss_before_call'] / MiB:.0f} MiB", f"{info['peak'] / MiB:.0f} MiB",
-                     f"{whole:.2f}x", f"{net:.2f}x", f"{seconds:.1f}",
-                     " / ".join(verdict(x, "<=", MEMORY_TARGET)[1] for x in (whole, net))])
-    print(render(headers, rows, args.markdown, [False, False, True, True, True, True, True, True,
-                                                True, False]))
-    print(f"issue 7 target 5: the forward's peak resident memory <= {MEMORY_TARGET}x the bytes of "
-          f"q, k, v and out ({4 * B * H * N * D * 4 / MiB:.0f} MiB -> "
-          f"{MEMORY_TARGET * 4 * B * H * N * D * 4 / MiB:.0f} MiB). Peak is ru_maxrss of the "
-          "child process. 'whole' counts the whole process (interpreter, NumPy and their "
-          "libraries included); 'net' subtracts the resident set after the imports, i.e. what "
-          "the tensors and the call add.")
-
-
-# ----------------------------------------------------------------------------------------------
 # Main
 
 
 def header_lines(np_mod: Any, sc: Any, torch: Any, torch_note: str, args: argparse.Namespace,
                  sgemm: float, torch_sgemm: Optional[float], denormals: str) -> List[str]:
     lines = [
-        "selective attention benchmark (selattn_c.bench)",
+        "selective attention benchmark (selattn_bench.kernels)",
         f"shape: B={args.batch}, H={args.heads}, D={args.dim}, N in {args.sizes}; float32 inputs; "
         "selector head 0, BOS protected",
         f"cpu: {cpu_model()}; {os.cpu_count()} logical cores; flags: {cpu_flags()}; "
@@ -793,7 +621,7 @@ def run_thread_counts(args: argparse.Namespace, argv: Sequence[str]) -> None:
             path = os.path.join(tmp, f"threads-{t}.json")
             env = dict(os.environ, **{key: str(t) for key in _BLAS_ENV})
             print(f"==== {t} thread(s) ====", flush=True)
-            subprocess.run([sys.executable, "-m", "selattn_c.bench", *rest, "--threads", str(t),
+            subprocess.run([sys.executable, "-m", "selattn_bench.kernels", *rest, "--threads", str(t),
                             "--results-json", path], env=env, check=True)
             with open(path, encoding="utf-8") as f:
                 runs.append(json.load(f))
@@ -823,19 +651,6 @@ def run_thread_counts(args: argparse.Namespace, argv: Sequence[str]) -> None:
     shown, result = verdict(value, ">=", bound)
     print(f"\nissue 7 target 6: {name} at N={n}, {TARGET_THREADS} threads over 1 = {shown} "
           f"(target >= {bound:g})  {result}")
-
-
-def strip_option(argv: List[str], name: str) -> List[str]:
-    """argv without ``name VALUE`` / ``name=VALUE``."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == name:
-            skip = True
-        elif not a.startswith(name + "="):
-            out.append(a)
-    return out
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

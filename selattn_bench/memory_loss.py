@@ -3,12 +3,12 @@ routes the C backend has had for the memory loss.
 
 Run it as a script (it is not a test)::
 
-    python -m selattn_c.bench_memory_loss                     # N = 1024, 2048, 4096, 1 thread
-    python -m selattn_c.bench_memory_loss --sizes 4096 --repeats 5 --markdown
+    python -m selattn_bench.memory_loss                     # N = 1024, 2048, 4096, 1 thread
+    python -m selattn_bench.memory_loss --sizes 4096 --repeats 5 --markdown
 
 Routes, each a whole ``model.forward`` (cross-entropy + memory loss) and ``model.backward``:
 
-* ``rows`` (today's ``selattn_c.CAttention``): the kernels give each layer's kept row sums of F
+* ``rows`` (today's ``selattn_lm.backends.CAttention``): the kernels give each layer's kept row sums of F
   (``selattn_c.memory_loss``), the gradient is one row of F per sequence
   (``memory_loss_backward``), and ``selattn_c.backward(..., dF_rows=)`` carries it into the
   selector head inside its tiles. No N x N buffer anywhere.
@@ -35,11 +35,12 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from selattn_reference import model as M
+from selattn_lm import model as M
 from selattn_reference.attention import accumulated_mask_backward
 
-from . import CAttention, backward, get_num_threads, set_num_threads
-from .bench_memory_probe import rss_now, rss_peak
+from selattn_lm.backends import CAttention
+from selattn_c import backward, get_num_threads, set_num_threads
+from .memory_probe import rss_now, rss_peak
 
 MIB = 1 << 20
 PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
@@ -150,7 +151,7 @@ def child(args: argparse.Namespace) -> None:
 
 
 def run_child(args: argparse.Namespace, route: str, N: int) -> Dict[str, object]:
-    cmd = [sys.executable, "-m", "selattn_c.bench_memory_loss", "--child", route,
+    cmd = [sys.executable, "-m", "selattn_bench.memory_loss", "--child", route,
            "--child-n", str(N), "--threads", str(args.threads), "--repeats", str(args.repeats),
            "--vocab", str(args.vocab), "--layers", str(args.layers), "--heads", str(args.heads),
            "--d-model", str(args.d_model), "--batch", str(args.batch)]
@@ -201,7 +202,7 @@ def render_table(results, markdown: bool) -> str:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m selattn_c.bench_memory_loss",
+    p = argparse.ArgumentParser(prog="python -m selattn_bench.memory_loss",
                                 description="Time and peak memory of a training step with the "
                                             "memory loss: kernels' rows vs dense F.")
     p.add_argument("--sizes", default="1024,2048,4096", help="contexts N, comma-separated")

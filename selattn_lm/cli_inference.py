@@ -1,6 +1,6 @@
 """The inference commands of the ``selattn`` console script: ``calibrate``, ``demo``, ``plot``.
 
-``selattn_c.cli.main`` builds the parser, calls ``add_commands(subparsers)`` of every command
+``selattn_lm.cli.main`` builds the parser, calls ``add_commands(subparsers)`` of every command
 module and runs the chosen command's ``run(args) -> exit code``. Bad input (a missing or corrupt
 checkpoint, a malformed budgets file, bad numbers) raises ValueError / OSError here, or fails in
 argparse, and ``main`` turns it into one line ``selattn <command>: error: ...`` and exit code 2.

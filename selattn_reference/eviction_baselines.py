@@ -1,7 +1,7 @@
 """KV-cache eviction rules to compare selective attention's pruning with: a sliding window and
 H2O (heavy hitters by accumulated attention).
 
-Both are attention backends with the interface of ``selattn_reference.model.NumpyAttention``
+Both are attention backends with the interface of ``selattn_lm.backends.NumpyAttention``
 (inference only: ``backward`` refuses), so ``model.forward(..., attention=SlidingWindow(),
 budgets=[...])`` scores a model, usually a standard one, under a ``budget``-slot cache per layer.
 A budget counts every key a query can see, itself included, as in ``eviction_mask``:

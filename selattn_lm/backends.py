@@ -1,7 +1,17 @@
-"""``CAttention``: the tiny LM's attention backend on the C kernels (float32).
+"""The tiny LM's attention backends, in one place: ``NumpyAttention`` (the NumPy reference,
+dtype-generic, with the rank penalty of pruning-aware training), ``CAttention`` (the C
+kernels, float32) and ``make_attention`` (the chooser behind ``--backend auto|c|numpy``).
 
-It has the interface of ``selattn_reference.model.NumpyAttention``, plus the memory loss
-(``memory_loss``, ``memory_loss_backward``), which ``selattn_reference.model.forward`` then asks
+Both backends have the same interface: ``forward(q, k, v, *, selective, selector_head,
+need_F, budget, soft_budget, soft_strength) -> (out, F, ctx)`` and ``backward(dout, dF,
+ctx) -> (dq, dk, dv)``; ``CAttention`` adds the memory loss without F.
+
+CAttention
+----------
+``CAttention``: the tiny LM's attention backend on the C kernels (float32).
+
+It has the interface of ``selattn_lm.backends.NumpyAttention``, plus the memory loss
+(``memory_loss``, ``memory_loss_backward``), which ``selattn_lm.model.forward`` then asks
 the backend for instead of reading F. Nothing here holds an N x N buffer in training: the
 forward and the backward run in C in O(N) memory per head, the memory loss comes from the
 kernels' row sums of F (``selattn_c.memory_loss``), and its gradient, one row of F per batch
@@ -19,9 +29,45 @@ import numpy as np
 
 from selattn_reference.attention import DEFAULT_SOFT_STRENGTH
 from selattn_reference.validation import check_like
+from selattn_reference.attention import backward as attention_backward_reference
+from selattn_reference.attention import forward as attention_forward_reference
+from selattn_c import Context, accumulated_mask, backward, forward
+from selattn_c.memory import DFRows, memory_loss, memory_loss_backward
 
-from . import Context, accumulated_mask, backward, forward
-from .memory import DFRows, memory_loss, memory_loss_backward
+
+class NumpyAttention:
+    """Attention backend on the NumPy reference (``selattn_reference.forward``/``backward``).
+
+    Slow (it keeps (B, H, N, N) logits and weights) but dtype-generic: the backend of the
+    float64 gradient checks, and of training when the C extension is not built.
+    """
+
+    def forward(self, q, k, v, *, selective: bool, selector_head: int, need_F: bool,
+                budget: Optional[int] = None, soft_budget: Optional[int] = None,
+                soft_strength: float = DEFAULT_SOFT_STRENGTH):
+        """Selective attention of q, k, v (B, H, N, hd), BOS protected; ``soft_budget`` adds the
+        rank penalty of pruning-aware training (``selattn_reference.attention.rank_penalty``).
+
+        Returns
+        -------
+        out : (B, H, N, hd)
+        F : (B, N, N) accumulated mask when ``need_F`` (else None)
+        ctx : what ``backward`` needs
+        """
+        out, cache = attention_forward_reference(q, k, v, selector_head=selector_head,
+                                                 selective=selective, budget=budget,
+                                                 soft_budget=soft_budget,
+                                                 soft_strength=soft_strength)
+        return out, (cache.F if need_F else None), cache
+
+    def backward(self, dout, dF, ctx):
+        """Gradients (dq, dk, dv) of ``forward``; ``dF`` (B, N, N) or None is an extra upstream
+        gradient on F (the memory loss)."""
+        if ctx.budget is not None:
+            raise ValueError(f"backward through a budgeted forward (budget={ctx.budget}) is not "
+                             "supported: budgets are for inference; train with budgets=None")
+        return attention_backward_reference(dout, ctx, dF=dF)
+
 
 PROTECT_BOS = True   # the model always protects BOS (position 0 is never masked)
 
@@ -29,7 +75,7 @@ PROTECT_BOS = True   # the model always protects BOS (position 0 is never masked
 class CAttention:
     """Attention backend of the tiny LM on the C kernels: float32 in, float32 out, BOS protected.
 
-    The interface is ``selattn_reference.model.NumpyAttention``'s; the two agree within float32
+    The interface is ``selattn_lm.backends.NumpyAttention``'s; the two agree within float32
     rounding (tests/test_model_backend.py). With a ``budget`` the forward is the kernels' pruned
     prefill and ``backward`` refuses it (pruning is an inference feature): the context is the
     kernels' own ``Context``, which ``selattn_c.backward`` checks.
@@ -104,3 +150,26 @@ class CAttention:
         dF = check_like(dF, "dF", (B, N, N))
         index = np.broadcast_to(np.arange(N, dtype=np.int64), (B, N))         # every row
         return backward(dout, ctx, dF_rows=dF, dF_row_index=index)
+
+
+# ----------------------------------------------------------------------------------------------
+# The backend chooser of the command line and the training loops
+
+
+BACKENDS = ("auto", "c", "numpy")
+
+
+def make_attention(backend: str = "auto"):
+    """The attention backend: ``'c'`` (selattn_lm.backends.CAttention), ``'numpy'`` (the reference)
+    or ``'auto'`` (C when the extension is built, else NumPy: a pure-Python install still trains).
+    Returns (attention object, name)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend in ("auto", "c"):
+        import selattn_c
+        if selattn_c.extension_built():
+            return CAttention(), "c"
+        if backend == "c":
+            raise ValueError("backend 'c' needs the compiled extension, which is not installed "
+                             f"({selattn_c.extension_reason()}); use --backend numpy or auto")
+    return NumpyAttention(), "numpy"

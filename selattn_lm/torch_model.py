@@ -1,15 +1,15 @@
-"""The tiny selective-attention LM of ``selattn_reference.model`` in PyTorch, attention on the C
+"""The tiny selective-attention LM of ``selattn_lm.model`` in PyTorch, attention on the C
 kernels through ``selattn_c.torch`` (CPU, float32). Optional: ``pip install '.[torch]'``.
 
 Same architecture, parameter shapes and losses as the NumPy model: token and learned positional
 embeddings, pre-LayerNorm blocks (``SelectiveSelfAttention``, then a GELU (tanh) MLP), a final
 LayerNorm and a head tied to the token embedding; the loss is the weighted cross-entropy plus
 ``eps`` times the memory loss (F from ``selattn_c.torch.accumulated_mask``, differentiated by
-autograd). ``TinyLM.from_reference`` loads the weights of ``selattn_reference.model.init_params``
+autograd). ``TinyLM.from_reference`` loads the weights of ``selattn_lm.model.init_params``
 (or of a checkpoint); ``reference_grads`` returns the gradients under the reference's names and
 layouts, so the two models can be compared tensor by tensor.
 
-``train`` runs the recipe of ``selattn_c.training.train`` (the same ``TrainConfig``, initial
+``train`` runs the recipe of ``selattn_lm.training.train`` (the same ``TrainConfig``, initial
 weights, batches, learning-rate and memory-loss schedules) with ``torch.optim.AdamW`` and
 ``torch.nn.utils.clip_grad_norm_``; ``generate`` decodes greedily through one pruned
 ``TorchKVCache`` per layer. docs/torch.md compares the two training runs.
@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from selattn_reference import model as lm
-from selattn_reference.tasks import (
+from . import model as lm
+from .tasks import (
     CharTokenizer,
     encode_batch,
     generate_examples,
@@ -35,7 +35,7 @@ from selattn_reference.tasks import (
     prompts,
 )
 
-from .torch import SelectiveSelfAttention, TorchKVCache, memory_loss
+from selattn_c.torch import SelectiveSelfAttention, TorchKVCache, memory_loss
 
 __all__ = ["Block", "TinyLM", "answer_accuracy", "train"]
 
@@ -67,11 +67,11 @@ class Block(nn.Module):
 
 
 class TinyLM(nn.Module):
-    """``selattn_reference.model`` in torch: tokens (B, N) -> logits (B, N, V) and the losses.
+    """``selattn_lm.model`` in torch: tokens (B, N) -> logits (B, N, V) and the losses.
 
     Parameters
     ----------
-    cfg : selattn_reference.model.ModelConfig (its ``eps`` and ``tau`` are the memory loss')
+    cfg : selattn_lm.model.ModelConfig (its ``eps`` and ``tau`` are the memory loss')
     """
 
     def __init__(self, cfg: lm.ModelConfig):
@@ -106,7 +106,7 @@ class TinyLM(nn.Module):
 
     @classmethod
     def from_reference(cls, params: lm.Params, cfg: lm.ModelConfig) -> "TinyLM":
-        """A model holding ``params`` (the names and shapes of ``selattn_reference.model``, e.g.
+        """A model holding ``params`` (the names and shapes of ``selattn_lm.model``, e.g.
         from ``init_params`` or a checkpoint), cast to float32."""
         model = cls(cfg)
         model.load_reference(params)
@@ -136,7 +136,7 @@ class TinyLM(nn.Module):
     def forward(self, tokens, targets=None, target_mask=None, *, eps: Optional[float] = None,
                 budgets: Optional[Sequence[Optional[int]]] = None,
                 caches: Optional[Sequence[TorchKVCache]] = None):
-        """Logits, and with targets the losses (as ``selattn_reference.model.forward``).
+        """Logits, and with targets the losses (as ``selattn_lm.model.forward``).
 
         Parameters
         ----------
@@ -266,7 +266,7 @@ def _targets(targets, target_mask, tokens: np.ndarray, cfg: lm.ModelConfig
 
 
 def _memory(Fs: Sequence[torch.Tensor], tokens: torch.Tensor, tau: float) -> torch.Tensor:
-    """``selattn_reference.model.memory_forward`` in torch: the layers' memory losses summed
+    """``selattn_lm.model.memory_forward`` in torch: the layers' memory losses summed
     over the batch, divided by n_layers x non-PAD tokens; PAD query rows count as fully evicted
     (F = tau), so padding changes neither the loss nor its gradient."""
     pad_rows = (tokens == lm.PAD)[:, :, None]                              # (B, N, 1)
@@ -279,14 +279,14 @@ def _memory(Fs: Sequence[torch.Tensor], tokens: torch.Tensor, tau: float) -> tor
 
 
 # ----------------------------------------------------------------------------------------------
-# Training: the recipe of selattn_c.training.train
+# Training: the recipe of selattn_lm.training.train
 
 
 @torch.no_grad()
 def answer_accuracy(model: TinyLM, tokenizer: CharTokenizer, examples, batch_size: int = 256
                     ) -> float:
     """Exact-match answer accuracy (teacher-forced argmax at every answer position), as
-    ``selattn_c.training.answer_accuracy``."""
+    ``selattn_lm.training.answer_accuracy``."""
     correct = 0
     for i in range(0, len(examples), batch_size):
         tokens, targets, mask = encode_batch(tokenizer, examples[i:i + batch_size],
@@ -298,7 +298,7 @@ def answer_accuracy(model: TinyLM, tokenizer: CharTokenizer, examples, batch_siz
 
 
 def optimizer_for(model: TinyLM, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """torch AdamW as ``selattn_reference.optim.AdamW``: betas (0.9, 0.95), eps 1e-8, decoupled
+    """torch AdamW as ``selattn_lm.optim.AdamW``: betas (0.9, 0.95), eps 1e-8, decoupled
     weight decay on the 2-D parameters only (embeddings and projections)."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
@@ -309,7 +309,7 @@ def optimizer_for(model: TinyLM, lr: float, weight_decay: float) -> torch.optim.
 
 def train(cfg, *, eval_every: Optional[int] = None, heldout_size: Optional[int] = None,
           step_losses: bool = False) -> Tuple[TinyLM, Dict]:
-    """Train the torch port with the recipe of ``selattn_c.training.train``.
+    """Train the torch port with the recipe of ``selattn_lm.training.train``.
 
     The same initial weights (``init_params(model_cfg, seed=cfg.seed)``), the same stream of
     training batches (``default_rng([seed, 1])``, held-out prompts excluded), the same learning
@@ -319,7 +319,7 @@ def train(cfg, *, eval_every: Optional[int] = None, heldout_size: Optional[int] 
 
     Parameters
     ----------
-    cfg : selattn_c.training.TrainConfig (no soft_budgets, no init_from)
+    cfg : selattn_lm.training.TrainConfig (no soft_budgets, no init_from)
     eval_every, heldout_size : int or None, override the config's (None: the config's)
     step_losses : bool, also log every step's (total, ce, mem) in ``log["steps"]``
 

@@ -2,12 +2,12 @@
 standard model of the same size with a sliding window and with H2O.
 
 ``selattn text-results`` (``run``) scores two checkpoints of ``selattn train --task text`` (by
-default the bundled ones) on the test split of ``selattn_reference.text``:
+default the bundled ones) on the test split of ``selattn_lm.text``:
 
 - both models with the full cache;
 - the selective model with a pruned cache of ``fraction x context`` slots in every layer
   (``selattn_c.forward(budget=)``: the KV cache's own eviction rule), and with per-layer budgets
-  found by the greedy search of ``selattn_c.calibrate`` on the validation split (criterion: bits
+  found by the greedy search of ``selattn_lm.calibrate`` on the validation split (criterion: bits
   per byte). The search runs once with no tolerance, down to the smallest budgets, and each
   fraction takes the first budgets on its path that fit (``budgets_on_path``); the "calibrated"
   budgets are the smallest on the path whose validation bits per byte are within
@@ -33,10 +33,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from selattn_reference.eviction_baselines import HeavyHitters, SlidingWindow
-from selattn_reference.text import eval_windows, load_corpus
+from .text import eval_windows, load_corpus
 
 from .calibrate import Score, greedy_calibrate
 from .text_training import bits_per_byte, load_text_model
+from .backends import CAttention
 
 DATA = Path(__file__).with_name("data")
 DEFAULT_SELECTIVE = DATA / "text-selective.npz"
@@ -83,7 +84,6 @@ def evaluate(selective_path: Path, standard_path: Path, *, fractions=DEFAULT_FRA
              valid_windows: int = 64, corpus: Optional[str] = None,
              log=None) -> Dict[str, object]:
     """All the numbers of the table (see the module docstring). Returns a JSON-able dict."""
-    import selattn_c
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     sel_params, sel_cfg, sel_train = load_text_model(selective_path)
     std_params, std_cfg, std_train = load_text_model(standard_path)
@@ -97,7 +97,7 @@ def evaluate(selective_path: Path, standard_path: Path, *, fractions=DEFAULT_FRA
     text = load_corpus(corpus)
     test = eval_windows(text.test, N, test_windows)
     valid = eval_windows(text.valid, N, valid_windows)
-    c_attention = selattn_c.CAttention()
+    c_attention = CAttention()
     t0 = time.perf_counter()
 
     def bpb(params, cfg, windows, attention, budgets=None):

@@ -1,13 +1,13 @@
-"""The child process of ``python -m selattn_c.bench --memory``: one forward (or forward and
+"""The child process of ``python -m selattn_bench.kernels --memory``: one forward (or forward and
 backward) at a large N, and the process's resident memory around it, printed as one JSON line.
 
 It is its own small module so that the process holds only what a user's forward needs: the
-interpreter, NumPy and selattn_c (``python -m selattn_c.bench`` would add the benchmark's own
+interpreter, NumPy and selattn_c (``python -m selattn_bench.kernels`` would add the benchmark's own
 imports). The inputs are filled with a deterministic pattern instead of ``numpy.random``, whose
 extension modules would add about 5 MiB of libraries that have nothing to do with the forward; the
 kernels' memory does not depend on the values (no budget here, so nothing is evicted).
 
-    python -m selattn_c.bench_memory_probe fwd|fwdbwd N H D B THREADS
+    python -m selattn_bench.memory_probe fwd|fwdbwd N H D B THREADS
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ at the full context, then repeatedly apply the single-layer budget reduction tha
 held-out score least, as long as the model stays within a tolerance of the unpruned one.
 
 The search only sees an abstract ``score(budgets) -> Score`` function, so it is tested on its own
-with synthetic scores (tests/test_calibrate.py); ``selattn_c.runner`` supplies the real one (exact-
+with synthetic scores (tests/test_calibrate.py); ``selattn_lm.runner`` supplies the real one (exact-
 match accuracy and answer loss of a checkpoint on held-out examples under per-layer budgets).
 
 Why per layer and greedy: layers differ in how much context they need, so one budget for all

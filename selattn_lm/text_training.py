@@ -1,14 +1,14 @@
-"""Train the tiny LM (``selattn_reference.model``) on real text, byte by byte, and score it in bits
+"""Train the tiny LM (``selattn_lm.model``) on real text, byte by byte, and score it in bits
 per byte.
 
-The corpus is the Wikipedia sample of ``selattn_reference.text`` (train / valid / test split by
+The corpus is the Wikipedia sample of ``selattn_lm.text`` (train / valid / test split by
 article). Each step trains on ``batch_size`` windows of ``context`` bytes at random offsets of the
 train split; every ``eval_every`` steps the model is scored on the first ``eval_windows``
 non-overlapping windows of the validation split. The recipe (AdamW, warmup then cosine decay,
-gradient clipping, the memory loss weighted by ``eps``) is the one of ``selattn_c.training``; so
+gradient clipping, the memory loss weighted by ``eps``) is the one of ``selattn_lm.training``; so
 are its schedules and its progress bar.
 
-``selattn train --task text`` runs ``train_text``; ``selattn_c.text_results`` scores checkpoints
+``selattn train --task text`` runs ``train_text``; ``selattn_lm.text_results`` scores checkpoints
 under pruned KV caches.
 """
 
@@ -23,13 +23,14 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from selattn_reference import model as lm
-from selattn_reference.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from selattn_reference.optim import AdamW, clip_grad_norm
-from selattn_reference.text import ByteTokenizer, TextCorpus, eval_windows, load_corpus, \
+from . import model as lm
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .optim import AdamW, clip_grad_norm
+from .text import ByteTokenizer, TextCorpus, eval_windows, load_corpus, \
     random_windows
 
-from .training import ProgressBar, learning_rate, make_attention, memory_loss_weight
+from .training import ProgressBar, learning_rate, memory_loss_weight
+from .backends import make_attention
 
 LN2 = math.log(2.0)
 TASK_NAME = "text"
@@ -129,7 +130,7 @@ def bits_per_byte(params: Dict[str, np.ndarray], cfg: "lm.ModelConfig", tokens: 
     Parameters
     ----------
     params, cfg : the model
-    tokens, targets : (W, N) windows from ``selattn_reference.text.eval_windows``
+    tokens, targets : (W, N) windows from ``selattn_lm.text.eval_windows``
     attention : attention backend (``CAttention``, ``NumpyAttention``, or one of the eviction
         baselines of ``selattn_reference.eviction``); default NumPy
     budgets : per-layer KV budgets for backends that take them (pruned cache), or None
@@ -165,7 +166,7 @@ def train_text(cfg: TextTrainConfig, *, backend: str = "auto",
     Parameters
     ----------
     cfg : TextTrainConfig
-    backend : 'auto', 'c' or 'numpy' (``selattn_c.training.make_attention``)
+    backend : 'auto', 'c' or 'numpy' (``selattn_lm.backends.make_attention``)
     progress : ProgressBar or None (default: one on stderr unless ``quiet``)
     quiet : bool, no progress output
     corpus : TextCorpus or None (default: ``load_corpus(cfg.corpus)``)

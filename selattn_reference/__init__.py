@@ -1,12 +1,12 @@
 """selattn_reference: the NumPy executable spec of selective attention.
 
 See ``selattn_reference.attention`` for the layer and ``docs/selective-attention.md`` for the
-line-by-line explanation. ``selattn_reference.model`` is a tiny selective-attention language model
-built on it (forward and backward by hand), ``selattn_reference.optim`` its AdamW and
-``selattn_reference.checkpoint`` its ``.npz`` checkpoints.
+line-by-line explanation; ``cache`` is the pruned KV cache as a readable data structure,
+``validation`` the input checks every implementation shares, ``explain`` the worked example
+(``python -m selattn_reference explain``) and ``eviction_baselines`` the H2O and sliding-window
+baselines. The tiny language model built on it is ``selattn_lm``.
 """
 
-from . import checkpoint, model, optim
 from .cache import KVCache
 from .attention import (
     Cache,
@@ -31,8 +31,5 @@ __all__ = [
     "memory_loss_backward",
     "rank_penalty",
     "rank_penalty_backward",
-    "checkpoint",
-    "model",
-    "optim",
 ]
 __version__ = "0.1.0"

@@ -2,15 +2,15 @@
 
 Run it as a script (it is not a test)::
 
-    python -m selattn_c.bench_model                      # vocab 20, context 128, 2 x (4 heads,
+    python -m selattn_bench.model                      # vocab 20, context 128, 2 x (4 heads,
                                                          # d_model 64), batch 32, float32
-    OPENBLAS_NUM_THREADS=1 python -m selattn_c.bench_model --threads 1 --markdown
+    OPENBLAS_NUM_THREADS=1 python -m selattn_bench.model --threads 1 --markdown
 
-One row per backend: ``selattn_reference.model.NumpyAttention`` (the reference, which keeps the
-(B, H, N, N) logits) and ``selattn_c.CAttention`` (the C kernels). Each timed run is
+One row per backend: ``selattn_lm.backends.NumpyAttention`` (the reference, which keeps the
+(B, H, N, N) logits) and ``selattn_lm.backends.CAttention`` (the C kernels). Each timed run is
 ``model.forward`` with targets (cross-entropy and, when selective, the memory loss) followed by
 ``model.backward``, on the same batch; the rows are timed in interleaved rounds
-(``bench.time_ops_interleaved``), so a slow spell of a shared machine hits both alike.
+(``common.time_ops_interleaved``), so a slow spell of a shared machine hits both alike.
 
 Threads: ``--threads`` sets the C kernels' threads; NumPy's BLAS takes its own from
 ``OPENBLAS_NUM_THREADS`` when NumPy loads, so set that variable on the command line. On a machine
@@ -26,14 +26,15 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from selattn_reference import model as M
+from selattn_lm import model as M
 
-from . import CAttention, get_num_threads, set_num_threads
-from .bench import blas_thread_report, load_average, render, time_ops_interleaved
+from selattn_lm.backends import CAttention, NumpyAttention
+from selattn_c import get_num_threads, set_num_threads
+from .common import blas_thread_report, load_average, render, time_ops_interleaved
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m selattn_c.bench_model",
+    p = argparse.ArgumentParser(prog="python -m selattn_bench.model",
                                 description="Time a forward + backward step of the tiny LM.")
     p.add_argument("--vocab", type=int, default=20)
     p.add_argument("--context", type=int, default=128, help="tokens per sequence")
@@ -58,7 +59,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     rng = np.random.default_rng(0)
     tokens = rng.integers(1, cfg.vocab_size, (args.batch, cfg.context))      # (B, N)
     targets = rng.integers(1, cfg.vocab_size, (args.batch, cfg.context))     # (B, N)
-    backends = [("numpy (reference)", M.NumpyAttention()), ("C (selattn_c)", CAttention())]
+    backends = [("numpy (reference)", NumpyAttention()), ("C (selattn_c)", CAttention())]
 
     def step(attention):
         _, _, cache = M.forward(params, cfg, tokens, targets, attention=attention)

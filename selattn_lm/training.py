@@ -1,4 +1,4 @@
-"""Train the tiny language model (``selattn_reference.model``) on the variable-assignment task.
+"""Train the tiny language model (``selattn_lm.model``) on the variable-assignment task.
 
 The recipe, in one place (``TrainConfig``): AdamW, linear warmup then cosine decay of the learning
 rate, gradient-norm clipping, cross-entropy on the answer characters only (every value is random,
@@ -24,11 +24,11 @@ from typing import Dict, List, Optional, Sequence, TextIO, Tuple
 
 import numpy as np
 
-from selattn_reference import model as lm
+from . import model as lm
 from selattn_reference.attention import DEFAULT_SOFT_STRENGTH
-from selattn_reference.checkpoint import load_checkpoint, save_checkpoint
-from selattn_reference.optim import AdamW, clip_grad_norm
-from selattn_reference.tasks import (
+from .checkpoint import load_checkpoint, save_checkpoint
+from .optim import AdamW, clip_grad_norm
+from .tasks import (
     CharTokenizer,
     Example,
     TaskConfig,
@@ -38,8 +38,7 @@ from selattn_reference.tasks import (
     prompts,
 )
 from selattn_reference.validation import check_budget
-
-BACKENDS = ("auto", "c", "numpy")
+from .backends import make_attention
 
 
 @dataclass(frozen=True)
@@ -232,22 +231,6 @@ def memory_loss_weight(step: int, cfg: TrainConfig) -> float:
 
 # ----------------------------------------------------------------------------------------------
 # Backends and evaluation
-
-
-def make_attention(backend: str = "auto"):
-    """The attention backend: ``'c'`` (selattn_c.backend.CAttention), ``'numpy'`` (the reference)
-    or ``'auto'`` (C when the extension is built, else NumPy: a pure-Python install still trains).
-    Returns (attention object, name)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend in ("auto", "c"):
-        import selattn_c
-        if selattn_c.extension_built():
-            return selattn_c.CAttention(), "c"
-        if backend == "c":
-            raise ValueError("backend 'c' needs the compiled extension, which is not installed "
-                             f"({selattn_c.extension_reason()}); use --backend numpy or auto")
-    return lm.NumpyAttention(), "numpy"
 
 
 def answer_accuracy(params: Dict[str, np.ndarray], cfg: "lm.ModelConfig",
@@ -508,7 +491,7 @@ def load_task_model(path: Path) -> Tuple[Dict[str, np.ndarray], "lm.ModelConfig"
                                          Dict[str, object]]:
     """Load a checkpoint written by ``save_run``: (params, model config, task, extra).
     Raises CheckpointError (a ValueError) when the file or its task settings are unusable."""
-    from selattn_reference.checkpoint import CheckpointError
+    from .checkpoint import CheckpointError
     params, model_cfg, extra = load_checkpoint(path)
     if not isinstance(extra, dict) or "task" not in extra:
         raise CheckpointError(f"{path}: the checkpoint has no task settings in its 'extra' "
