@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from selattn_reference.validation import check_budget
+from selattn_reference.validation import check_budget, check_budgets
 
 # candidate budgets: these fractions of a layer's current budget. 0.9 lets the search end close
 # to a layer's real need (with 0.5 and 0.75 alone, a layer at 43 can only try 32 or 21)
@@ -227,23 +227,6 @@ def write_budgets(path, calibration: Calibration, meta: Optional[Dict[str, objec
     data = dict(meta or {})
     data.update(calibration.to_dict())
     Path(path).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-
-
-def check_budgets(budgets, n_layers: int) -> List[Optional[int]]:
-    """Per-layer budgets: a sequence of ``n_layers`` entries, each None (no pruning) or an int
-    >= 2 (BOS and the current token). A budget at or above the sequence length never evicts."""
-    if isinstance(budgets, (str, bytes)) or not hasattr(budgets, "__len__"):
-        raise TypeError(f"budgets must be a sequence of per-layer ints (or None), got "
-                        f"{type(budgets).__name__}")
-    if len(budgets) != n_layers:
-        raise ValueError(f"budgets must have one entry per layer ({n_layers}), got {len(budgets)}")
-    out = []
-    for layer, b in enumerate(budgets):
-        try:
-            out.append(check_budget(b, protect_bos=True))
-        except (TypeError, ValueError) as exc:
-            raise type(exc)(f"budgets[{layer}]: {exc}") from None
-    return out
 
 
 def read_budgets(path, n_layers: int) -> List[int]:

@@ -26,6 +26,7 @@ import numpy as np
 
 from selattn_reference.attention import DEFAULT_SOFT_STRENGTH
 from selattn_reference.attention import memory_loss, memory_loss_backward
+from selattn_reference.validation import check_budgets
 from .backends import NumpyAttention
 
 PAD = 0                 # token id of padding: not counted in the memory loss' normalisation
@@ -566,16 +567,6 @@ class ModelCache:
         return None if self.mem is None else self.mem[0]
 
 
-def _check_budgets(budgets, cfg: ModelConfig, name: str = "budgets") -> List[Optional[int]]:
-    if budgets is None:
-        return [None] * cfg.n_layers
-    budgets = list(budgets)
-    if len(budgets) != cfg.n_layers:
-        raise ValueError(f"{name} must have one entry per layer ({cfg.n_layers}), got "
-                         f"{len(budgets)}")
-    return budgets
-
-
 def _check_targets(targets, target_mask, tokens: np.ndarray, cfg: ModelConfig, dtype):
     targets = check_tokens(targets, cfg, name="targets")
     if targets.shape != tokens.shape:
@@ -627,8 +618,8 @@ def forward(params: Params, cfg: ModelConfig, tokens, targets=None, target_mask=
         raise TypeError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")
     dtype = check_params(params, cfg)
     tokens = check_tokens(tokens, cfg)
-    budgets = _check_budgets(budgets, cfg)
-    soft_budgets = _check_budgets(soft_budgets, cfg, "soft_budgets")
+    budgets = check_budgets(budgets, cfg.n_layers)
+    soft_budgets = check_budgets(soft_budgets, cfg.n_layers, "soft_budgets")
     attention = NumpyAttention() if attention is None else attention
     with_loss = targets is not None
     if with_loss:

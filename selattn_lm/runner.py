@@ -31,8 +31,9 @@ from .tasks import (
 )
 
 from .backends import CAttention
-from .calibrate import Score, check_budgets
+from .calibrate import Score
 from selattn_c.kv_cache import KVCache
+from selattn_reference.validation import check_budgets
 from .training import load_task_model
 
 BYTES_PER_VALUE = 4    # keys and values are held in float32
@@ -126,8 +127,6 @@ class ModelRunner:
 
     def check_budgets(self, budgets) -> List[Optional[int]]:
         """Per-layer budgets: None (no pruning anywhere) or one int >= 2 / None per layer."""
-        if budgets is None:
-            return [None] * self.cfg.n_layers
         return check_budgets(budgets, self.cfg.n_layers)
 
     def new_caches(self, batch: int, budgets=None) -> List[KVCache]:

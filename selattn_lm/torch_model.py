@@ -36,6 +36,7 @@ from .tasks import (
 )
 
 from selattn_c.torch import SelectiveSelfAttention, TorchKVCache, memory_loss
+from selattn_reference.validation import check_budgets
 
 __all__ = ["Block", "TinyLM", "answer_accuracy", "train"]
 
@@ -158,9 +159,7 @@ class TinyLM(nn.Module):
         if caches is not None and budgets is not None:
             raise ValueError("pass either budgets or caches: the caches have their budgets")
         tokens_np = lm.check_tokens(_as_numpy(tokens), cfg, start)
-        budgets = [None] * cfg.n_layers if budgets is None else list(budgets)
-        if len(budgets) != cfg.n_layers:
-            raise ValueError(f"budgets must have one entry per layer ({cfg.n_layers})")
+        budgets = check_budgets(budgets, cfg.n_layers)
         eps = cfg.eps if eps is None else float(eps)
         with_loss = targets is not None
         need_F = with_loss and cfg.selective and eps != 0.0
@@ -191,9 +190,7 @@ class TinyLM(nn.Module):
     def new_caches(self, batch: int, budgets: Optional[Sequence[Optional[int]]] = None
                    ) -> List[TorchKVCache]:
         """One empty TorchKVCache per layer (``budgets``: one int >= 2 or None per layer)."""
-        budgets = [None] * self.cfg.n_layers if budgets is None else list(budgets)
-        if len(budgets) != self.cfg.n_layers:
-            raise ValueError(f"budgets must have one entry per layer ({self.cfg.n_layers})")
+        budgets = check_budgets(budgets, self.cfg.n_layers)
         return [block.attn.new_cache(batch, budget)
                 for block, budget in zip(self.blocks, budgets)]
 

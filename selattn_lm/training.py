@@ -37,7 +37,7 @@ from .tasks import (
     make_split,
     prompts,
 )
-from selattn_reference.validation import check_budget
+from selattn_reference.validation import check_budgets
 from .backends import make_attention
 
 
@@ -138,14 +138,8 @@ class TrainConfig:
             if self.standard:
                 raise ValueError("soft_budgets need a selective model: a standard model's F is "
                                  "zero, so the rank penalty has nothing to act on")
-            if not isinstance(self.soft_budgets, (list, tuple)):
-                raise TypeError(f"soft_budgets must be a list of ints (one per layer), got "
-                                f"{type(self.soft_budgets).__name__}")
             object.__setattr__(self, "soft_budgets",            # frozen: a validated list
-                               [check_budget(b, protect_bos=True) for b in self.soft_budgets])
-            if len(self.soft_budgets) != self.n_layers:
-                raise ValueError(f"soft_budgets must have one entry per layer ({self.n_layers}), "
-                                 f"got {len(self.soft_budgets)}")
+                               check_budgets(self.soft_budgets, self.n_layers, "soft_budgets"))
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_heads "
                              f"({self.n_heads})")

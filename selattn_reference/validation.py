@@ -8,7 +8,7 @@ into a wrong answer.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import List, Optional
 
 import numpy as np
 
@@ -87,6 +87,38 @@ def check_budget(budget, protect_bos: bool) -> Optional[int]:
             f"budget {budget} is too small: it must be >= {smallest} to hold {why}"
         )
     return int(budget)
+
+
+def check_budgets(budgets, n_layers: int, name: str = "budgets",
+                  protect_bos: bool = True) -> List[Optional[int]]:
+    """Check per-layer KV budgets, the one check of every entry point that takes them.
+
+    Parameters
+    ----------
+    budgets : None (no pruning in any layer) or a sequence of ``n_layers`` entries, each None
+        (that layer unpruned) or an int (``check_budget``: >= 2 with BOS protection)
+    n_layers : int, the model's number of layers
+    name : str, the argument's name in the error messages (``"soft_budgets"``, ``"--budgets"``)
+
+    Returns
+    -------
+    list of ``n_layers`` entries, each None or a Python int
+    """
+    if budgets is None:
+        return [None] * n_layers
+    if isinstance(budgets, (str, bytes)) or not hasattr(budgets, "__len__"):
+        raise TypeError(f"{name} must be a sequence of per-layer ints (or None), got "
+                        f"{type(budgets).__name__}")
+    if len(budgets) != n_layers:
+        raise ValueError(f"{name} must have one entry per layer ({n_layers}), got "
+                         f"{len(budgets)}")
+    out = []
+    for layer, b in enumerate(budgets):
+        try:
+            out.append(check_budget(b, protect_bos))
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{name}[{layer}]: {exc}") from None
+    return out
 
 
 def check_strength(strength) -> float:

@@ -14,11 +14,11 @@ from hypothesis import strategies as st
 from selattn_lm.calibrate import (
     Score,
     candidate_budgets,
-    check_budgets,
     greedy_calibrate,
     read_budgets,
     write_budgets,
 )
+from selattn_reference.validation import check_budgets
 
 QUIET = dict(log=lambda line: None)
 

@@ -77,7 +77,7 @@ def test_memory_loss_weight_is_off_then_ramps_to_eps(cfg):
     (dict(n_vars=0), "n_vars"), (dict(context=10), "context"), (dict(steps=1.5), "steps"),
     (dict(train_min_assignments=21), "train_min_assignments"),
     (dict(soft_budgets=[4]), "soft_budgets must have one entry per layer"),
-    (dict(soft_budgets=8), "soft_budgets must be a list"),
+    (dict(soft_budgets=8), "soft_budgets must be a sequence"),
     (dict(soft_budgets=[1, 4]), "budget 1 is too small"),
     (dict(soft_budgets=[4, 4], standard=True), "need a selective model"),
     (dict(soft_share=1.5), "soft_share"), (dict(soft_strength=-1.0), "soft_strength"),
