@@ -2,12 +2,12 @@
 
 Run it as a script (it is not a test)::
 
-    python -m selattn_bench.kernels                       # B=1, H=8, D=64, N in 512..4096, all cores
-    python -m selattn_bench.kernels --threads 2           # the setting the performance targets use
-    python -m selattn_bench.kernels --threads 1,2         # both counts, and the 2-thread speed-up
+    python -m selattn_bench.kernels                # B=1, H=8, D=64, N in 512..4096, all cores
+    python -m selattn_bench.kernels --threads 2    # the setting the performance targets use
+    python -m selattn_bench.kernels --threads 1,2  # both counts, and the 2-thread speed-up
     python -m selattn_bench.kernels --sizes 256,512 --repeats 3 --no-torch    # quick look
-    python -m selattn_bench.kernels --markdown            # the same tables as Markdown
-    python -m selattn_bench.kernels --memory              # peak resident memory at N = 16384 instead
+    python -m selattn_bench.kernels --markdown     # the same tables as Markdown
+    python -m selattn_bench.kernels --memory       # peak resident memory at N = 16384 instead
 
 PyTorch is optional (``pip install 'selattn[bench]'``); without it the torch rows are left out.
 
@@ -65,9 +65,9 @@ faster than on 1.
 
 ``--memory`` instead runs one forward (and, in a second fresh process, forward + backward) at
 B=1, H=8, N=16384, D=64 (``selattn_bench.memory_probe``: a process holding only the
-interpreter, NumPy and selattn_c) and reports the whole process's peak resident set size (interpreter and
-NumPy included) against the bytes of the tensors the call must hold: q, k, v, out for the
-forward; q, k, v, out, dout, dq, dk, dv for forward + backward. The target (issue 7, for the
+interpreter, NumPy and selattn_c) and reports the whole process's peak resident set size
+(interpreter and NumPy included) against the bytes of the tensors the call must hold: q, k, v,
+out for the forward; q, k, v, out, dout, dq, dk, dv for forward + backward. The target (issue 7, for the
 forward) is peak <= 1.3x those bytes, judged twice: for the whole process and net of the resident
 set after the imports (interpreter, NumPy, the extension); ``--memory-n`` changes N.
 
@@ -621,8 +621,8 @@ def run_thread_counts(args: argparse.Namespace, argv: Sequence[str]) -> None:
             path = os.path.join(tmp, f"threads-{t}.json")
             env = dict(os.environ, **{key: str(t) for key in _BLAS_ENV})
             print(f"==== {t} thread(s) ====", flush=True)
-            subprocess.run([sys.executable, "-m", "selattn_bench.kernels", *rest, "--threads", str(t),
-                            "--results-json", path], env=env, check=True)
+            subprocess.run([sys.executable, "-m", "selattn_bench.kernels", *rest,
+                            "--threads", str(t), "--results-json", path], env=env, check=True)
             with open(path, encoding="utf-8") as f:
                 runs.append(json.load(f))
             print(flush=True)

@@ -8,8 +8,8 @@ Run it as a script (it is not a test)::
 
 Routes, each a whole ``model.forward`` (cross-entropy + memory loss) and ``model.backward``:
 
-* ``rows`` (today's ``selattn_lm.backends.CAttention``): the kernels give each layer's kept row sums of F
-  (``selattn_c.memory_loss``), the gradient is one row of F per sequence
+* ``rows`` (today's ``selattn_lm.backends.CAttention``): the kernels give each layer's kept row
+  sums of F (``selattn_c.memory_loss``), the gradient is one row of F per sequence
   (``memory_loss_backward``), and ``selattn_c.backward(..., dF_rows=)`` carries it into the
   selector head inside its tiles. No N x N buffer anywhere.
 * ``dense F`` (the route before, kept here as ``DenseFAttention`` so it can be measured):
@@ -40,7 +40,7 @@ from selattn_reference.attention import accumulated_mask_backward
 
 from selattn_lm.backends import CAttention
 from selattn_c import backward, get_num_threads, set_num_threads
-from .memory_probe import rss_now, rss_peak
+from .memory_probe import peak_since_reset, reset_peak, rss_now, rss_peak
 
 MIB = 1 << 20
 PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
@@ -52,7 +52,8 @@ def mask_gradient(dF: np.ndarray, q_sel: np.ndarray, k_sel: np.ndarray, scale: f
 
         F[i, j] = sum_{m < i} S[m, j]    ->  dS[m, j] = sum_{i > m} dF[i, j]
         S = relu(L_sel) where allowed     ->  dS = 0 where S was constrained or L_sel <= 0
-        L_sel = scale * q_sel @ k_sel^T   ->  dq_sel = scale * dS @ k_sel, dk_sel = scale * dS^T q_sel
+        L_sel = scale * q_sel @ k_sel^T   ->  dq_sel = scale * dS @ k_sel,
+                                              dk_sel = scale * dS^T q_sel
 
     dF (B, N, N), q_sel, k_sel (B, N, D) -> dq_sel, dk_sel (B, N, D)
     """
@@ -103,30 +104,6 @@ def step(params, cfg, tokens, targets, attention):
     return losses, M.backward(cache)
 
 
-def reset_peak() -> bool:
-    """Reset the kernel's record of this process' peak resident memory (Linux: writing 5 to
-    /proc/self/clear_refs resets VmHWM), so that the next reading is the peak of what follows;
-    False where that is not possible (the peak then includes everything before)."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_now() -> int:
-    """Peak resident memory in bytes since ``reset_peak`` (VmHWM), else since the start."""
-    try:
-        with open("/proc/self/status", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return rss_peak()
-
-
 def child(args: argparse.Namespace) -> None:
     """One (route, N) in this fresh process: time ``repeats`` steps after one warm-up, report
     the peak resident memory above the level before the first step, as a JSON line."""
@@ -146,7 +123,7 @@ def child(args: argparse.Namespace) -> None:
             times.append(time.perf_counter() - t0)
         del grads
     print(json.dumps({"route": args.child, "N": N, "seconds": times, "mem": losses["mem"],
-                      "peak_above_start": peak_now() - before, "start": before,
+                      "peak_above_start": peak_since_reset() - before, "start": before,
                       "peak_reset": exact}))
 
 

@@ -22,16 +22,39 @@ import numpy as np
 import selattn_c as sc
 
 
-def rss_now() -> int:
-    """Current resident set size in bytes (the peak where /proc is missing)."""
+def _status_bytes(field: str) -> int:
+    """A "kB" field of /proc/self/status in bytes (``VmRSS``, ``VmHWM``), or the process' peak
+    where /proc is missing."""
     try:
         with open("/proc/self/status", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return rss_peak()
+
+
+def rss_now() -> int:
+    """Current resident set size in bytes (the peak where /proc is missing)."""
+    return _status_bytes("VmRSS")
+
+
+def reset_peak() -> bool:
+    """Reset the kernel's record of this process' peak resident memory (Linux: writing 5 to
+    /proc/self/clear_refs resets VmHWM), so that ``peak_since_reset`` then reads the peak of what
+    follows; False where that is not possible (the peak then includes everything before)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_since_reset() -> int:
+    """Peak resident memory in bytes since ``reset_peak`` (VmHWM), else since the start."""
+    return _status_bytes("VmHWM")
 
 
 def rss_peak() -> int:

@@ -1,9 +1,9 @@
 """The pruned KV cache of one selective-attention layer, in C: token-by-token decoding that evicts
 what selective attention masked, and a prefill that computes the same thing with the blocked kernel.
 
-The readable model of the same data structure is ``selattn_reference.KVCache`` (selattn_reference/cache.py);
-``docs/kv-cache.md`` explains the slot layout, the eviction rule, why it is safe, what it costs and
-how to pick a budget.
+The readable model of the same data structure is ``selattn_reference.KVCache``
+(selattn_reference/cache.py); ``docs/kv-cache.md`` explains the slot layout, the eviction rule,
+why it is safe, what it costs and how to pick a budget.
 """
 
 from __future__ import annotations

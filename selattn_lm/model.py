@@ -506,8 +506,8 @@ def memory_forward(Fs: Sequence[np.ndarray], tokens: np.ndarray, tau: float):
 
 def memory_forward_by_backend(attention, contexts: Sequence, tokens: np.ndarray, tau: float):
     """``memory_forward`` computed by an attention backend from each layer's context, for
-    backends that can do it without F (B, N, N) (``selattn_lm.backends.CAttention``: the loss and its
-    gradient as rows of F). The backend's ``memory_loss(ctx, tau, ignore_rows)`` returns the
+    backends that can do it without F (B, N, N) (``selattn_lm.backends.CAttention``: the loss and
+    its gradient as rows of F). The backend's ``memory_loss(ctx, tau, ignore_rows)`` returns the
     layer's mem (B,) with the rows ``ignore_rows`` (B, N) counted as fully evicted (as PAD rows
     are above) and a state for its ``memory_loss_backward(dmem (B,), state)``, whose result its
     ``backward`` takes as dF.

@@ -142,7 +142,8 @@ class ModelRunner:
         cfg = self.cfg
         slots = [cfg.context if b is None else min(b, cfg.context)
                  for b in self.check_budgets(budgets)]
-        return _check_count("batch", batch) * sum(slots) * 2 * cfg.n_heads * cfg.head_dim * BYTES_PER_VALUE
+        return (_check_count("batch", batch) * sum(slots) * 2 * cfg.n_heads * cfg.head_dim
+                * BYTES_PER_VALUE)
 
     # -- the model ------------------------------------------------------------------------------
 

@@ -30,8 +30,6 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
-
 from selattn_reference.eviction_baselines import HeavyHitters, SlidingWindow
 from .text import eval_windows, load_corpus
 
@@ -117,7 +115,8 @@ def evaluate(selective_path: Path, standard_path: Path, *, fractions=DEFAULT_FRA
 
     path = search_path(valid_score, sel_cfg.n_layers, N, log=log)
     cal_budgets, cal_valid = calibrated_on_path(path, path[0][1], tolerance)
-    calibrated = {"budgets": list(cal_budgets), "kept_fraction": sum(cal_budgets) / (len(cal_budgets) * N),
+    calibrated = {"budgets": list(cal_budgets),
+                  "kept_fraction": sum(cal_budgets) / (len(cal_budgets) * N),
                   "valid_bpb": cal_valid, "valid_bpb_full": path[0][1],
                   "test_bpb": bpb(sel_params, sel_cfg, test, c_attention, list(cal_budgets))}
     log(f"text-results: calibrated budgets {list(cal_budgets)} "

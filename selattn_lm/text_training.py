@@ -25,12 +25,12 @@ import numpy as np
 
 from . import model as lm
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .optim import AdamW, clip_grad_norm
+from .optim import AdamW
 from .text import ByteTokenizer, TextCorpus, eval_windows, load_corpus, \
     random_windows
 
-from .training import ProgressBar, learning_rate, memory_loss_weight
 from .backends import make_attention
+from .training import ProgressBar, apply_gradients, learning_rate, memory_loss_weight
 
 LN2 = math.log(2.0)
 TASK_NAME = "text"
@@ -199,11 +199,7 @@ def train_text(cfg: TextTrainConfig, *, backend: str = "auto",
         tokens, targets = random_windows(corpus.train, cfg.batch_size, cfg.context, rng)
         _, losses, cache = lm.forward(params, replace(model_cfg, eps=eps), tokens, targets,
                                       attention=attention)
-        grads = lm.backward(cache)
-        clip_grad_norm(grads, cfg.grad_clip)
-        optimizer.step(params, grads, lr=lr)
-        if not all(math.isfinite(losses[k]) for k in ("ce", "mem", "total")):
-            raise FloatingPointError(f"loss is not finite at step {step}: {losses}")
+        apply_gradients(params, cache, losses, optimizer, lr, cfg.grad_clip, step)
         train_seconds += time.perf_counter() - t0
         window.append((losses["total"], losses["ce"], losses["mem"]))
 

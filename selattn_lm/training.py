@@ -24,8 +24,11 @@ from typing import Dict, List, Optional, Sequence, TextIO, Tuple
 
 import numpy as np
 
-from . import model as lm
 from selattn_reference.attention import DEFAULT_SOFT_STRENGTH
+from selattn_reference.validation import check_budgets
+
+from . import model as lm
+from .backends import make_attention
 from .checkpoint import load_checkpoint, save_checkpoint
 from .optim import AdamW, clip_grad_norm
 from .tasks import (
@@ -37,8 +40,6 @@ from .tasks import (
     make_split,
     prompts,
 )
-from selattn_reference.validation import check_budgets
-from .backends import make_attention
 
 
 @dataclass(frozen=True)
@@ -202,6 +203,18 @@ class TrainConfig:
 # Schedules
 
 
+def apply_gradients(params, cache, losses: Dict[str, float], optimizer: AdamW, lr: float,
+                    grad_clip: float, step: int) -> None:
+    """The update of one training step, after ``model.forward``: backward, clip the gradient's
+    global norm to ``grad_clip``, one AdamW step at ``lr`` (``params`` in place); raises
+    FloatingPointError when a loss of the step is not finite (a diverged run stops there)."""
+    grads = lm.backward(cache)
+    clip_grad_norm(grads, grad_clip)
+    optimizer.step(params, grads, lr=lr)
+    if not all(math.isfinite(losses[k]) for k in ("ce", "mem", "total")):
+        raise FloatingPointError(f"loss is not finite at step {step}: {losses}")
+
+
 def learning_rate(step: int, cfg: TrainConfig) -> float:
     """Linear warmup from lr/warmup to lr over ``warmup_steps``, then cosine down to ``min_lr``
     at the last step. ``step`` counts from 0."""
@@ -344,11 +357,7 @@ def train(cfg: TrainConfig, *, backend: str = "auto", progress: Optional[Progres
                                       attention=attention,
                                       soft_budgets=cfg.soft_budgets if soft else None,
                                       soft_strength=cfg.soft_strength)
-        grads = lm.backward(cache)
-        clip_grad_norm(grads, cfg.grad_clip)
-        optimizer.step(params, grads, lr=lr)
-        if not all(math.isfinite(losses[k]) for k in ("ce", "mem", "total")):
-            raise FloatingPointError(f"loss is not finite at step {step}: {losses}")
+        apply_gradients(params, cache, losses, optimizer, lr, cfg.grad_clip, step)
         train_seconds += time.perf_counter() - t0
         window.append((losses["total"], losses["ce"], losses["mem"]))
 
