@@ -90,12 +90,11 @@ int soft_cuts(const selector *sp, size_t B, size_t budget, float *theta, int64_t
     int failed = 0;
     #pragma omp parallel num_threads(team_size(nthreads))
     {
-        float *ls = malloc(T * T * sizeof(float));       /* (T, T) selector logits */
-        float *sel = malloc(T * T * sizeof(float));      /* (T, T) S */
-        float *f = malloc(T * T * sizeof(float));        /* (T, T) F */
+        mask_scratch w;                                  /* the tiles of mask_of_tile */
+        const int tiles_ok = mask_scratch_alloc(&w);
         float *rows_f = malloc(T * N * sizeof(float));   /* (T, N) the block's rows of F */
         float *work = malloc(N * sizeof(float));         /* (N,) one row, reordered */
-        team_note_alloc(ls && sel && f && rows_f && work, &failed);
+        team_note_alloc(tiles_ok && rows_f && work, &failed);
         /* per (b, query block), biggest first; every row is written by its block's task only */
         #pragma omp for schedule(dynamic, 1)
         for (size_t task = 0; task < B * nqb; task++) {
@@ -112,13 +111,8 @@ int soft_cuts(const selector *sp, size_t B, size_t budget, float *theta, int64_t
                 cut_bi[r] = -1;
             }
             if (first_cut == rows) continue;
-            /* the block's rows of F, tile by tile: the tiles' own bits (mask_of_tile) */
-            for (size_t kb = 0; kb <= qb; kb++) {
-                const size_t j0 = kb * T, ncols = block_len(N, j0);
-                mask_of_tile(sp, b, qb, kb, ls, sel, f);
-                for (size_t r = first_cut; r < rows; r++)
-                    memcpy(rows_f + r * N + j0, f + r * T, ncols * sizeof(float));
-            }
+            /* the block's rows of F that have a cut, the tiles' own bits */
+            mask_block_rows(sp, b, qb, first_cut, &w, rows_f, N);
             for (size_t r = first_cut; r < rows; r++) {
                 const size_t n = i0 + r + 1;                               /* keys j <= i */
                 const float *row = rows_f + r * N;                          /* (n,) F[i, :] */
@@ -130,7 +124,7 @@ int soft_cuts(const selector *sp, size_t B, size_t budget, float *theta, int64_t
                 cut_bi[r] = c;
             }
         }
-        free(ls); free(sel); free(f); free(rows_f); free(work);
+        mask_scratch_free(&w); free(rows_f); free(work);
     }
     return failed ? SELATTN_ENOMEM : SELATTN_OK;
 }

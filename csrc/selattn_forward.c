@@ -149,9 +149,10 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
     const size_t nqb = num_blocks(N);
     const size_t s = selector_head;
     /* The rank penalty only where a row has a cut: F = 0 (not selective) has nothing past a
-     * cut, and with budget >= N no row has more keys than the budget. */
-    if (soft_in) soft_no_cuts(B, N, soft_in->theta, soft_in->cut);
+     * cut, and with budget >= N no row has more keys than the budget. Then theta and cut say
+     * "no cut" everywhere; otherwise soft_cuts writes every row of them. */
     const soft_penalty *soft = soft_in && selective && soft_in->budget < N ? soft_in : NULL;
+    if (soft_in && !soft) soft_no_cuts(B, N, soft_in->theta, soft_in->cut);
     /* the caller's (B, nqb, N) is a ring that never wraps: every row stays for the backward;
      * the rank penalty needs every row too (its cuts are found before the loop) */
     const size_t ring = fstart_out || soft ? nqb : fstart_ring_rows(nqb, N);

@@ -26,10 +26,8 @@ int selattn_accumulated_mask(const float *q, const float *k,
     int failed = 0;
     #pragma omp parallel num_threads(team_size(nthreads))
     {
-        float *ls = malloc(T * T * sizeof(float));
-        float *sel = malloc(T * T * sizeof(float));
-        float *ftile = malloc(T * T * sizeof(float));
-        team_note_alloc(ls && sel && ftile, &failed);
+        mask_scratch w;
+        team_note_alloc(mask_scratch_alloc(&w), &failed);
         #pragma omp for schedule(dynamic, 1)
         for (size_t task = 0; task < B * nqb; task++) {
             if (failed) continue;
@@ -37,14 +35,9 @@ int selattn_accumulated_mask(const float *q, const float *k,
             const size_t i0 = qb * T, rows = block_len(N, i0);
             for (size_t r = 0; r < rows; r++)                 /* zero above the diagonal */
                 memset(F + (b * N + i0 + r) * N, 0, N * sizeof(float));
-            for (size_t kb = 0; kb <= qb; kb++) {
-                const size_t j0 = kb * T, ncols = block_len(N, j0);
-                mask_of_tile(&sp, b, qb, kb, ls, sel, ftile);
-                for (size_t r = 0; r < rows; r++)
-                    memcpy(F + (b * N + i0 + r) * N + j0, ftile + r * T, ncols * sizeof(float));
-            }
+            mask_block_rows(&sp, b, qb, 0, &w, F + (b * N + i0) * N, N);
         }
-        free(ls); free(sel); free(ftile);
+        mask_scratch_free(&w);
     }
     free(fstart); free(kt);
     return failed ? SELATTN_ENOMEM : SELATTN_OK;

@@ -69,10 +69,8 @@ int selattn_memory_rows(const float *q, const float *k, const float *fstart_in,
     int failed = 0;
     #pragma omp parallel num_threads(team_size(nthreads))
     {
-        float *ls = malloc(T * T * sizeof(float));      /* (T, T) selector logits */
-        float *sel = malloc(T * T * sizeof(float));     /* (T, T) S */
-        float *f = malloc(T * T * sizeof(float));       /* (T, T) F */
-        team_note_alloc(ls && sel && f, &failed);
+        mask_scratch w;                                 /* (T, T) selector logits, S, F */
+        team_note_alloc(mask_scratch_alloc(&w), &failed);
         /* Pass 2: per (b, query block), biggest first; each row's sum over its key tiles in
          * order, so the row sums do not depend on the thread count */
         #pragma omp for schedule(dynamic, 1)
@@ -84,14 +82,14 @@ int selattn_memory_rows(const float *q, const float *k, const float *fstart_in,
             double acc[T] = {0};     /* double: N terms of [0, 1] without float32's drift */
             for (size_t kb = 0; kb <= qb; kb++) {
                 const size_t j0 = kb * T, ncols = block_len(N, j0);
-                mask_of_tile(&sp, b, qb, kb, ls, sel, f);
+                mask_of_tile(&sp, b, qb, kb, w.ls, w.sel, w.f);
                 for (size_t r = 0; r < rows; r++) {
                     const size_t i = i0 + r;
                     /* keys j <= i of this tile: kept = 1 - min(F, tau) / tau  (§ 8) */
                     const size_t nkeys = i < j0 ? 0 : (i - j0 + 1 < ncols ? i - j0 + 1 : ncols);
                     double row = 0.0;
                     for (size_t c = 0; c < nkeys; c++) {
-                        const float x = f[r * T + c];
+                        const float x = w.f[r * T + c];
                         row += 1.0 - (double)(x < tau ? x : tau) / (double)tau;
                     }
                     acc[r] += row;
@@ -99,7 +97,7 @@ int selattn_memory_rows(const float *q, const float *k, const float *fstart_in,
             }
             for (size_t r = 0; r < rows; r++) kept[b * N + i0 + r] = (float)acc[r];
         }
-        free(ls); free(sel); free(f);
+        mask_scratch_free(&w);
     }
     free(kt_s); free(fstart_own);
     return failed ? SELATTN_ENOMEM : SELATTN_OK;
@@ -122,10 +120,8 @@ int selattn_mask_rows(const float *q, const float *k, const float *fstart,
     int failed = 0;
     #pragma omp parallel num_threads(team_size(nthreads))
     {
-        float *ls = malloc(T * T * sizeof(float));      /* (T, T) selector logits */
-        float *sel = malloc(T * T * sizeof(float));     /* (T, T) S */
-        float *f = malloc(T * T * sizeof(float));       /* (T, T) F */
-        team_note_alloc(ls && sel && f, &failed);
+        mask_scratch w;                                 /* (T, T) selector logits, S, F */
+        team_note_alloc(mask_scratch_alloc(&w), &failed);
         /* one task per (b, requested row, key tile): it writes that tile's columns of the row */
         #pragma omp for schedule(dynamic, 1)
         for (size_t task = 0; task < B * R * nqb; task++) {
@@ -149,19 +145,19 @@ int selattn_mask_rows(const float *q, const float *k, const float *fstart,
                 for (size_t c = 0; c < ncols; c++) fstart_cols[c] = 0.0f;
                 for (size_t qb2 = kb; qb2 < qb; qb2++) {
                     float sums[T];
-                    selection_of_tile(&sp, b, qb2, kb, ls, sel);
-                    kern->column_sums(sel, block_len(N, qb2 * T), sums);
+                    selection_of_tile(&sp, b, qb2, kb, w.ls, w.sel);
+                    kern->column_sums(w.sel, block_len(N, qb2 * T), sums);
                     for (size_t c = 0; c < ncols; c++) fstart_cols[c] += sums[c];
                 }
             }
             for (size_t c = ncols; c < T; c++) fstart_cols[c] = 0.0f;
             /* the tile's F (mask_of_tile's sums), and its row r */
             const size_t i0 = qb * T;
-            selection_of_tile(&sp, b, qb, kb, ls, sel);
-            mask_tile(sel, fstart_cols, (size_t)r - i0 + 1, f);
-            memcpy(out, f + ((size_t)r - i0) * T, ncols * sizeof(float));
+            selection_of_tile(&sp, b, qb, kb, w.ls, w.sel);
+            mask_tile(w.sel, fstart_cols, (size_t)r - i0 + 1, w.f);
+            memcpy(out, w.f + ((size_t)r - i0) * T, ncols * sizeof(float));
         }
-        free(ls); free(sel); free(f);
+        mask_scratch_free(&w);
     }
     free(kt_s);
     return failed ? SELATTN_ENOMEM : SELATTN_OK;

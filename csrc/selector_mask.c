@@ -98,6 +98,31 @@ void mask_of_tile(const selector *sp, size_t b, size_t qb, size_t kb, float *ls,
     mask_tile(sel, fstart_cols, block_len(sp->N, qb * T), f);
 }
 
+int mask_scratch_alloc(mask_scratch *w)
+{
+    w->ls = malloc(T * T * sizeof(float));
+    w->sel = malloc(T * T * sizeof(float));
+    w->f = malloc(T * T * sizeof(float));
+    return w->ls && w->sel && w->f;
+}
+
+void mask_scratch_free(mask_scratch *w)
+{
+    free(w->ls); free(w->sel); free(w->f);
+}
+
+void mask_block_rows(const selector *sp, size_t b, size_t qb, size_t r0, mask_scratch *w,
+                     float *out, size_t ld)
+{
+    const size_t rows = block_len(sp->N, qb * T);
+    for (size_t kb = 0; kb <= qb; kb++) {
+        const size_t j0 = kb * T, ncols = block_len(sp->N, j0);
+        mask_of_tile(sp, b, qb, kb, w->ls, w->sel, w->f);
+        for (size_t r = r0; r < rows; r++)
+            memcpy(out + r * ld + j0, w->f + r * T, ncols * sizeof(float));
+    }
+}
+
 void mask_of_tile_t(const selector *sp, size_t b, size_t qb, size_t kb, const float *fstart_row,
                     float *ls, float *sel, float *ft, float *fstart_next)
 {

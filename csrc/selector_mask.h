@@ -89,6 +89,21 @@ void selection_of_tile(const selector *sp, size_t b, size_t qb, size_t kb, float
 void mask_of_tile(const selector *sp, size_t b, size_t qb, size_t kb, float *ls, float *sel,
                   float *f);
 
+/* One thread's tiles for mask_of_tile: the selector's logits, S and F, (T, T) floats each. */
+typedef struct {
+    float *ls, *sel, *f;
+} mask_scratch;
+
+/* Allocate them (1 when all three were, 0 otherwise; mask_scratch_free is right either way). */
+int mask_scratch_alloc(mask_scratch *w);
+void mask_scratch_free(mask_scratch *w);
+
+/* Rows r0 .. rows - 1 of query block qb's F (rows = the block's length), keys 0 .. its last
+ * row: out[r * ld + j] = F[b, qb * T + r, j], from the block's key tiles kb <= qb in order
+ * (mask_of_tile: the bits every pass sees). Columns past the diagonal tile are not written. */
+void mask_block_rows(const selector *sp, size_t b, size_t qb, size_t r0, mask_scratch *w,
+                     float *out, size_t ld);
+
 /* The forward's tile: selection_of_tile, then ft (T keys, T rows) = F of the tile key-major
  * (zero for rows past the block; mask_of_tile's sums), from fstart_row (N,), the Fstart row of
  * block qb, which the forward keeps itself. Unless fstart_next is NULL, also the next block's
