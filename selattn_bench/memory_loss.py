@@ -35,11 +35,12 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
+from selattn_c import backward, get_num_threads, set_num_threads
 from selattn_lm import model as M
+from selattn_lm.backends import CAttention
 from selattn_reference.attention import accumulated_mask_backward
 
-from selattn_lm.backends import CAttention
-from selattn_c import backward, get_num_threads, set_num_threads
+from .common import render
 from .memory_probe import peak_since_reset, reset_peak, rss_now, rss_peak
 
 MIB = 1 << 20
@@ -168,14 +169,7 @@ def render_table(results, markdown: bool) -> str:
                        else "")
             rows.append([str(N), route, f"{t[route]:.3f}", f"{min(by[route]['seconds']):.3f}",
                          f"{m[route]:.1f}", ratio_t, ratio_m])
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
-    else:
-        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-        lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
-        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    return "\n".join(lines)
+    return render(header, rows, markdown, right=[True, False, True, True, True, True, True])
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -26,10 +26,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from selattn_lm import model as M
-
-from selattn_lm.backends import CAttention, NumpyAttention
 from selattn_c import get_num_threads, set_num_threads
+from selattn_lm import model as M
+from selattn_lm.backends import CAttention, NumpyAttention
+
 from .common import blas_thread_report, load_average, render, time_ops_interleaved
 
 

@@ -14,6 +14,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from selattn_reference.validation import as_float_array, check_budget
+
 TILE = 64  # rows and columns of a tile (csrc/tile_kernels.h SELATTN_TILE)
 
 # The largest buffer any call may need, in bytes. The C code indexes with size_t and the buffers
@@ -131,7 +133,6 @@ def check_df_rows(dF_rows, dF_row_index, B: int, N: int) -> Tuple[np.ndarray, np
                          "(dF_rows) and which rows of F they are (dF_row_index)")
     if dF_rows is None:
         return None, None
-    from selattn_reference.validation import as_float_array
     rows = as_float_array(dF_rows, "dF_rows")
     index = check_row_index(dF_row_index, "dF_row_index", B, N)
     R = index.shape[1]
@@ -145,18 +146,13 @@ def check_soft_budget(soft_budget, protect_bos: bool, budget) -> Optional[int]:
     """The rank penalty's budget (pruning-aware training, docs/selective-attention.md § 10): None,
     or an int >= 2 with BOS protection (>= 1 without), as ``selattn_reference.forward`` takes
     it; not together with ``budget`` (the pruned inference forward has no backward)."""
+    soft_budget = check_budget(soft_budget, protect_bos, "soft_budget")
     if soft_budget is None:
         return None
-    if isinstance(soft_budget, bool) or not isinstance(soft_budget, (int, np.integer)):
-        raise TypeError(f"soft_budget must be an int or None, got {type(soft_budget).__name__}")
-    smallest = 2 if protect_bos else 1
-    if soft_budget < smallest:
-        raise ValueError(f"soft_budget {soft_budget} is too small: it must be >= {smallest} "
-                         f"({'with' if protect_bos else 'without'} BOS protection)")
     if budget is not None:
         raise ValueError("soft_budget (the rank penalty of training) and budget (the pruned "
                          "inference forward, which has no backward) cannot be combined")
-    return int(soft_budget)
+    return soft_budget
 
 
 def check_strength_float32(strength: float) -> float:

@@ -4,21 +4,17 @@ kernels, float32) and ``make_attention`` (the chooser behind ``--backend auto|c|
 
 Both backends have the same interface: ``forward(q, k, v, *, selective, selector_head,
 need_F, budget, soft_budget, soft_strength) -> (out, F, ctx)`` and ``backward(dout, dF,
-ctx) -> (dq, dk, dv)``; ``CAttention`` adds the memory loss without F.
+ctx) -> (dq, dk, dv)``.
 
-CAttention
-----------
-``CAttention``: the tiny LM's attention backend on the C kernels (float32).
-
-It has the interface of ``selattn_lm.backends.NumpyAttention``, plus the memory loss
-(``memory_loss``, ``memory_loss_backward``), which ``selattn_lm.model.forward`` then asks
-the backend for instead of reading F. Nothing here holds an N x N buffer in training: the
-forward and the backward run in C in O(N) memory per head, the memory loss comes from the
-kernels' row sums of F (``selattn_c.memory_loss``), and its gradient, one row of F per batch
-element, goes into the C backward (``selattn_c.backward(..., dF_rows=, dF_row_index=)``), which
-carries it through F into the selector head inside its tiles (docs/kernel-design.md). The rank
-penalty of pruning-aware training (``soft_budget``) runs in the kernels too, row by row. F itself
-is materialised only when a caller asks for it (``need_F``: plots, inspection).
+``CAttention`` adds the memory loss (``memory_loss``, ``memory_loss_backward``), which
+``selattn_lm.model.forward`` then asks the backend for instead of reading F. Nothing there holds
+an N x N buffer in training: the forward and the backward run in C in O(N) memory per head, the
+memory loss comes from the kernels' row sums of F (``selattn_c.memory_loss``), and its gradient,
+one row of F per batch element, goes into the C backward (``selattn_c.backward(...,
+dF_rows=, dF_row_index=)``), which carries it through F into the selector head inside its tiles
+(docs/kernel-design.md). The rank penalty of pruning-aware training (``soft_budget``) runs in
+the kernels too, row by row. F itself is materialised only when a caller asks for it
+(``need_F``: plots, inspection).
 """
 
 from __future__ import annotations
@@ -28,9 +24,10 @@ from typing import Optional, Tuple
 import numpy as np
 
 from selattn_reference.attention import DEFAULT_SOFT_STRENGTH
-from selattn_reference.validation import check_like
 from selattn_reference.attention import backward as attention_backward_reference
 from selattn_reference.attention import forward as attention_forward_reference
+from selattn_reference.validation import check_like
+
 from selattn_c import Context, accumulated_mask, backward, forward
 from selattn_c.memory import DFRows, memory_loss, memory_loss_backward
 
@@ -160,9 +157,9 @@ BACKENDS = ("auto", "c", "numpy")
 
 
 def make_attention(backend: str = "auto"):
-    """The attention backend: ``'c'`` (selattn_lm.backends.CAttention), ``'numpy'`` (the reference)
-    or ``'auto'`` (C when the extension is built, else NumPy: a pure-Python install still trains).
-    Returns (attention object, name)."""
+    """The attention backend: ``'c'`` (``CAttention``), ``'numpy'`` (``NumpyAttention``, the
+    reference) or ``'auto'`` (C when the extension is built, else NumPy: a pure-Python install
+    still trains). Returns (attention object, name)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend in ("auto", "c"):

@@ -9,8 +9,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import List, Optional
 
-from .text_training import TextTrainConfig, save_text_run, train_text
 from .backends import BACKENDS
+from .text_training import TextTrainConfig, save_text_run, train_text
 from .training import TrainConfig, evaluate_checkpoint, save_run, train
 
 DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}

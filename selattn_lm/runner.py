@@ -18,7 +18,12 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from selattn_c.kv_cache import KVCache
+from selattn_reference.validation import check_budgets
+
 from . import model as lm
+from .backends import CAttention
+from .calibrate import Score
 from .checkpoint import CheckpointError
 from .tasks import (
     BOS,
@@ -29,11 +34,6 @@ from .tasks import (
     make_split,
     prompts,
 )
-
-from .backends import CAttention
-from .calibrate import Score
-from selattn_c.kv_cache import KVCache
-from selattn_reference.validation import check_budgets
 from .training import load_task_model
 
 BYTES_PER_VALUE = 4    # keys and values are held in float32

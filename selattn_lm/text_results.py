@@ -31,11 +31,11 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from selattn_reference.eviction_baselines import HeavyHitters, SlidingWindow
-from .text import eval_windows, load_corpus
 
-from .calibrate import Score, greedy_calibrate
-from .text_training import bits_per_byte, load_text_model
 from .backends import CAttention
+from .calibrate import Score, greedy_calibrate
+from .text import eval_windows, load_corpus
+from .text_training import bits_per_byte, load_text_model
 
 DATA = Path(__file__).with_name("data")
 DEFAULT_SELECTIVE = DATA / "text-selective.npz"

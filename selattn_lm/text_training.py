@@ -24,12 +24,11 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from . import model as lm
+from .backends import make_attention
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .optim import AdamW
 from .text import ByteTokenizer, TextCorpus, eval_windows, load_corpus, \
     random_windows
-
-from .backends import make_attention
 from .training import ProgressBar, apply_gradients, learning_rate, memory_loss_weight
 
 LN2 = math.log(2.0)

@@ -26,6 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from selattn_c.torch import SelectiveSelfAttention, TorchKVCache, memory_loss
+from selattn_reference.validation import check_budgets
+
 from . import model as lm
 from .tasks import (
     CharTokenizer,
@@ -34,9 +37,6 @@ from .tasks import (
     make_split,
     prompts,
 )
-
-from selattn_c.torch import SelectiveSelfAttention, TorchKVCache, memory_loss
-from selattn_reference.validation import check_budgets
 
 __all__ = ["Block", "TinyLM", "answer_accuracy", "train"]
 

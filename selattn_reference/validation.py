@@ -74,17 +74,18 @@ def resolve_scale(scale: Optional[float], D: int) -> float:
     return scale
 
 
-def check_budget(budget, protect_bos: bool) -> Optional[int]:
-    """Check a KV budget: None (no pruning), or an int >= 2 with BOS protection, >= 1 without."""
+def check_budget(budget, protect_bos: bool, name: str = "budget") -> Optional[int]:
+    """Check a KV budget: None (no pruning), or an int >= 2 with BOS protection, >= 1 without.
+    ``name`` is the argument's name in the error messages."""
     if budget is None:
         return None
     if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)):
-        raise TypeError(f"budget must be an int or None, got {type(budget).__name__}")
+        raise TypeError(f"{name} must be an int or None, got {type(budget).__name__}")
     smallest = 2 if protect_bos else 1
     if budget < smallest:
         why = "BOS and the current token" if protect_bos else "the current token"
         raise ValueError(
-            f"budget {budget} is too small: it must be >= {smallest} to hold {why}"
+            f"{name} {budget} is too small: it must be >= {smallest} to hold {why}"
         )
     return int(budget)
 
