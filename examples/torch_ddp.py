@@ -41,9 +41,11 @@ import selattn_c
 from selattn_lm.torch_model import TinyLM, optimizer_for
 from selattn_lm.training import TrainConfig, learning_rate, memory_loss_weight
 from selattn_lm import model as lm
-from selattn_lm.tasks import CharTokenizer, encode_batch, generate_examples
+from selattn_lm.task_assign import AssignTask
+from selattn_lm.tasks import encode_batch, generate_examples
 
-CONFIG = dict(n_assignments=8, batch_size=16, warmup_steps=2, eval_every=1000, heldout_size=1)
+CONFIG = dict(task=AssignTask(n_assignments=8, heldout_size=1), batch_size=16, warmup_steps=2,
+              eval_every=1000)
 
 
 def free_port() -> int:
@@ -55,9 +57,9 @@ def free_port() -> int:
 
 def shares(cfg: TrainConfig, steps: int, world: int) -> List[List[Tuple[np.ndarray, ...]]]:
     """For each step, the W shares (tokens, targets, mask) of the global batch."""
-    task = cfg.task()
-    tokenizer = CharTokenizer.for_task(task)
-    context = cfg.model_config(tokenizer.vocab_size).context
+    task = cfg.task.config()
+    tokenizer = cfg.task.tokenizer
+    context = cfg.context
     rng = np.random.default_rng([cfg.seed, 1])
     out = []
     for _ in range(steps):
@@ -67,7 +69,7 @@ def shares(cfg: TrainConfig, steps: int, world: int) -> List[List[Tuple[np.ndarr
 
 
 def new_model(cfg: TrainConfig) -> TinyLM:
-    model_cfg = cfg.model_config(CharTokenizer.for_task(cfg.task()).vocab_size)
+    model_cfg = cfg.model_config()
     return TinyLM.from_reference(lm.init_params(model_cfg, seed=cfg.seed), model_cfg)
 
 

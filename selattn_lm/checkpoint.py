@@ -10,7 +10,6 @@ one floating dtype) and raises ``CheckpointError`` naming what is wrong.
 from __future__ import annotations
 
 import json
-import os
 import zipfile
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -18,6 +17,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from .model import ModelConfig, check_params, param_shapes
+from .output_files import write_files_atomically
 
 CONFIG_KEY = "config"
 EXTRA_KEY = "extra"
@@ -28,16 +28,13 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable, or does not match its config."""
 
 
-def save_checkpoint(path, params: Dict[str, np.ndarray], cfg: ModelConfig,
-                    extra: Optional[dict] = None) -> None:
-    """Write ``params``, ``cfg`` and ``extra`` to one ``.npz`` at ``path`` (exactly that name).
-
-    The file is written next to ``path`` first and renamed over it, so an interrupted save never
-    leaves a truncated checkpoint under the final name.
+def checkpoint_arrays(params: Dict[str, np.ndarray], cfg: ModelConfig,
+                      extra: Optional[dict] = None) -> Dict[str, np.ndarray]:
+    """The arrays of the .npz that ``save_checkpoint`` writes (checked): every parameter under
+    its name, the config and ``extra`` as 0-d JSON strings.
 
     Parameters
     ----------
-    path : str or Path
     params : dict name -> array, matching ``cfg`` (checked)
     cfg : ModelConfig
     extra : JSON-serialisable dict or None
@@ -52,13 +49,28 @@ def save_checkpoint(path, params: Dict[str, np.ndarray], cfg: ModelConfig,
         extra_json = json.dumps(extra, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"extra must be JSON-serialisable: {exc}") from exc
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     arrays = {name: np.ascontiguousarray(p) for name, p in params.items()}
-    with open(tmp, "wb") as f:                   # a file object: np.savez adds no ".npz"
-        np.savez(f, **arrays, **{CONFIG_KEY: np.array(json.dumps(cfg.to_dict())),
-                                 EXTRA_KEY: np.array(extra_json)})
-    os.replace(tmp, path)
+    arrays[CONFIG_KEY] = np.array(json.dumps(cfg.to_dict()))
+    arrays[EXTRA_KEY] = np.array(extra_json)
+    return arrays
+
+
+def save_checkpoint(path, params: Dict[str, np.ndarray], cfg: ModelConfig,
+                    extra: Optional[dict] = None) -> None:
+    """Write ``params``, ``cfg`` and ``extra`` to one ``.npz`` at ``path`` (exactly that name).
+
+    The file is written next to ``path`` first and renamed over it, so an interrupted or failed
+    save never leaves a truncated checkpoint under the final name, nor a temporary file.
+
+    Parameters
+    ----------
+    path : str or Path
+    params : dict name -> array, matching ``cfg`` (checked)
+    cfg : ModelConfig
+    extra : JSON-serialisable dict or None
+    """
+    arrays = checkpoint_arrays(params, cfg, extra)
+    write_files_atomically([(Path(path), lambda f: np.savez(f, **arrays))])
 
 
 def _read_all(path: Path) -> Dict[str, np.ndarray]:

@@ -58,6 +58,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return int(e.code or 0)
     try:
         return int(args.run(args))
+    except KeyboardInterrupt:        # outside a training loop (which stops cleanly by itself)
+        print(f"selattn {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (CommandError, ValueError, OSError, ExtensionNotBuilt) as e:
         # ValueError covers CheckpointError and every settings check; OSError unreadable or
         # unwritable files; ExtensionNotBuilt a command that needs the C kernels on a

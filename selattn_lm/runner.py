@@ -34,7 +34,7 @@ from .tasks import (
     make_split,
     prompts,
 )
-from .training import load_task_model
+from .task_registry import load_task_checkpoint
 
 BYTES_PER_VALUE = 4    # keys and values are held in float32
 
@@ -75,9 +75,10 @@ class ModelRunner:
         Raises ``CheckpointError`` (a ValueError) naming the file when it is missing, corrupt, or
         has no usable task settings.
         """
-        params, cfg, task, extra = load_task_model(path)
+        params, cfg, task, extra = load_task_checkpoint(path, expect="assign")
+        extra = dict(extra, heldout_size=task.heldout_size, heldout_seed=task.heldout_seed)
         try:
-            return cls(params, cfg, task, extra)
+            return cls(params, cfg, task.config(), extra)
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"{path}: {exc}") from None
 

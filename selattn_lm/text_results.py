@@ -27,6 +27,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -34,8 +35,11 @@ from selattn_reference.eviction_baselines import HeavyHitters, SlidingWindow
 
 from .backends import CAttention
 from .calibrate import Score, greedy_calibrate
-from .text import eval_windows, load_corpus
-from .text_training import bits_per_byte, load_text_model
+from .progress import progress_bar
+from .task_registry import load_task_checkpoint
+from .task_text import bits_per_byte
+from .text import eval_windows
+from .threads import set_threads
 
 DATA = Path(__file__).with_name("data")
 DEFAULT_SELECTIVE = DATA / "text-selective.npz"
@@ -83,8 +87,11 @@ def evaluate(selective_path: Path, standard_path: Path, *, fractions=DEFAULT_FRA
              log=None) -> Dict[str, object]:
     """All the numbers of the table (see the module docstring). Returns a JSON-able dict."""
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-    sel_params, sel_cfg, sel_train = load_text_model(selective_path)
-    std_params, std_cfg, std_train = load_text_model(standard_path)
+    sel_params, sel_cfg, sel_task, _ = load_task_checkpoint(selective_path, expect="text")
+    std_params, std_cfg, std_task, _ = load_task_checkpoint(standard_path, expect="text")
+    if sel_task.corpus != std_task.corpus:
+        raise ValueError(f"the models were trained on different corpora ({sel_task.corpus} and "
+                         f"{std_task.corpus})")
     if not sel_cfg.selective or std_cfg.selective:
         raise ValueError("the first checkpoint must be a selective model and the second a "
                          "standard one")
@@ -92,7 +99,8 @@ def evaluate(selective_path: Path, standard_path: Path, *, fractions=DEFAULT_FRA
         raise ValueError(f"the models have different contexts ({sel_cfg.context} and "
                          f"{std_cfg.context})")
     N = sel_cfg.context
-    text = load_corpus(corpus)
+    text = replace(sel_task, corpus_path=corpus if corpus is not None else
+                   sel_task.corpus_path).text()
     test = eval_windows(text.test, N, test_windows)
     valid = eval_windows(text.valid, N, valid_windows)
     c_attention = CAttention()
@@ -123,7 +131,7 @@ def evaluate(selective_path: Path, standard_path: Path, *, fractions=DEFAULT_FRA
         f"({calibrated['kept_fraction']:.4f} of the cache): test {calibrated['test_bpb']:.4f}")
 
     rows = []
-    for f in fractions:
+    for f in progress_bar(fractions, desc="text-results: budgets", unit="budget"):
         slots = max(2, int(round(f * N)))
         per_layer = budgets_on_path(path, N, f)
         row = {"fraction": f, "slots": slots,
@@ -254,8 +262,9 @@ def add_commands(subparsers) -> None:
                    help="validation windows of the per-layer budget search [64]")
     p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                    help="calibrated budgets: relative rise of bits per byte allowed [0.01]")
-    p.add_argument("--corpus", type=str, default=None,
-                   help="MediaWiki XML dump (default: the Wikipedia sample in gensim)")
+    p.add_argument("--corpus", type=str, default=None, metavar="PATH",
+                   help="read the models' corpus from PATH (default: its usual place; for the "
+                        "Wikipedia sample, the file in gensim)")
     p.add_argument("--json", type=Path, default=Path("text-results.json"),
                    help="where to write the numbers [text-results.json]")
     p.add_argument("--png", type=Path, default=Path("text-results.png"),
@@ -263,17 +272,16 @@ def add_commands(subparsers) -> None:
     p.add_argument("--update-doc", type=Path, default=None, metavar="MARKDOWN",
                    help="rewrite the table between the markers of this file "
                         "(docs/results-text.md)")
-    p.add_argument("--threads", type=int, default=None, help="threads of the C kernels")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads of the C kernels and of NumPy's BLAS alike (default: every "
+                        "core this process may use)")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import selattn_c
     selattn_c.require_extension("selattn text-results")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        selattn_c.set_num_threads(args.threads)
+    set_threads(args.threads, "c")
     if not (math.isfinite(args.tolerance) and args.tolerance >= 0):
         raise ValueError(f"--tolerance must be a finite number >= 0, got {args.tolerance}")
     results = evaluate(args.selective, args.standard, tolerance=args.tolerance,

@@ -30,13 +30,7 @@ from selattn_c.torch import SelectiveSelfAttention, TorchKVCache, memory_loss
 from selattn_reference.validation import check_budgets
 
 from . import model as lm
-from .tasks import (
-    CharTokenizer,
-    encode_batch,
-    generate_examples,
-    make_split,
-    prompts,
-)
+from .tasks import CharTokenizer, encode_batch
 
 __all__ = ["Block", "TinyLM", "answer_accuracy", "train"]
 
@@ -327,19 +321,23 @@ def train(cfg, *, eval_every: Optional[int] = None, heldout_size: Optional[int] 
     log : dict with "curve" (list of dicts: step, seconds, loss, ce, mem, lr, eps,
         heldout_accuracy), "train_seconds", and "steps" when ``step_losses``
     """
+    from .task_assign import AssignTask
     from .training import learning_rate, memory_loss_weight   # the schedules of the NumPy run
 
     if cfg.soft_budgets is not None or cfg.init_from is not None:
         raise ValueError("the torch port trains from init_params only, without the rank "
                          "penalty: soft_budgets and init_from must be None")
+    if not isinstance(cfg.task, AssignTask):
+        raise ValueError(f"the torch port trains the variable-assignment task, got "
+                         f"{cfg.task.describe()}")
     if eval_every is not None or heldout_size is not None:
+        task = cfg.task if heldout_size is None else replace(cfg.task, heldout_size=heldout_size)
         cfg = replace(cfg, eval_every=cfg.eval_every if eval_every is None else eval_every,
-                      heldout_size=cfg.heldout_size if heldout_size is None else heldout_size)
-    task = cfg.task()
-    tokenizer = CharTokenizer.for_task(task)
-    model_cfg = cfg.model_config(tokenizer.vocab_size)
-    heldout = make_split(task, cfg.heldout_size, cfg.heldout_seed)
-    heldout_prompts = prompts(heldout)
+                      task=task)
+    assign = cfg.task
+    tokenizer = assign.tokenizer
+    model_cfg = cfg.model_config()
+    heldout = assign.heldout
     rng = np.random.default_rng([cfg.seed, 1])        # the training stream of training.train
     model = TinyLM.from_reference(lm.init_params(model_cfg, seed=cfg.seed, dtype=np.float32),
                                   model_cfg)
@@ -350,9 +348,7 @@ def train(cfg, *, eval_every: Optional[int] = None, heldout_size: Optional[int] 
         t0 = time.perf_counter()
         lr = learning_rate(step, cfg)
         eps = memory_loss_weight(step, cfg)
-        batch = generate_examples(rng, cfg.train_task(rng), cfg.batch_size,
-                                  exclude=heldout_prompts)
-        tokens, targets, mask = encode_batch(tokenizer, batch, model_cfg.context)
+        tokens, targets, mask = assign.batch(rng, cfg.batch_size, model_cfg.context)
         _, losses = model(tokens, targets, mask, eps=eps)
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()

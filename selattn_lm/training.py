@@ -1,26 +1,31 @@
-"""Train the tiny language model (``selattn_lm.model``) on the variable-assignment task.
+"""The training loop of the tiny LM (``selattn_lm.model``), one for every task.
 
 The recipe, in one place (``TrainConfig``): AdamW, linear warmup then cosine decay of the learning
-rate, gradient-norm clipping, cross-entropy on the answer characters only (every value is random,
-so predicting anything else teaches nothing), and the memory loss weighted by ``eps``, which can be
-switched on after a warm-up (``eps_start``) and ramped in (``eps_ramp``). Every ``eval_every`` steps
-the model is scored on a held-out set with exact match: the argmax at every answer position
-(teacher-forced) must equal the answer, i.e. what greedy decoding would produce.
+rate, gradient-norm clipping, the task's loss and the memory loss weighted by ``eps``, which can be
+switched on after a warm-up (``eps_start``) and ramped in (``eps_ramp``); optionally the rank
+penalty of pruning-aware training (``soft_budgets``). The *task* (``selattn_lm.task_assign``,
+``selattn_lm.task_text``; by name in ``selattn_lm.task_registry``) supplies the batches, the
+evaluation run every ``eval_every`` steps and its metric.
+
+A run can be left alone: with ``run_path`` and ``checkpoint_every`` it writes its whole state
+(``selattn_lm.run_state``: weights, AdamW's moments, the step, the random streams, the log so far)
+atomically every ``checkpoint_every`` steps; ``resume`` continues it, bit for bit as if it had
+never stopped; with ``handle_signals`` a SIGINT or SIGTERM ends the current step, writes the state
+and raises ``TrainingStopped``.
 
 ``train(config)`` returns the parameters, the model config and a JSON-able log; ``save_run``
-writes the checkpoint (task settings in its ``extra`` so that ``evaluate_checkpoint`` and the
-inference tools can rebuild the tokenizer and the held-out set) and the log.
+writes the checkpoint (the task's settings in its ``extra``) and the log, both or neither.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, TextIO, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -29,67 +34,54 @@ from selattn_reference.validation import check_budgets
 
 from . import model as lm
 from .backends import make_attention
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_arrays
 from .optim import AdamW, clip_grad_norm
-from .tasks import (
-    CharTokenizer,
-    Example,
-    TaskConfig,
-    encode_batch,
-    generate_examples,
-    make_split,
-    prompts,
-)
+from .output_files import write_files_atomically
+from .progress import TrainingProgress
+from .run_state import load_run_state, save_run_state
+from .stop_signals import StopSignals, TrainingStopped
+from .task_assign import AssignTask
+from .task_registry import Task, load_task_checkpoint, task_from_settings
+from .threads import thread_report
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that determines a training run (with the seed, it reproduces the run).
 
-    Task: ``n_vars``, ``n_assignments``, ``max_value``, ``min_assignments``, ``fixed_width``
-    (see TaskConfig);
-    ``train_min_assignments``, if set, gives each *training batch* a uniform number of
-    assignments in ``[train_min_assignments, n_assignments]`` (one number per batch, so a batch of
-    short sequences is also cheap; short sequences show the structure sooner); the held-out set
-    always follows the task itself.
-    Model: ``n_layers``, ``n_heads``, ``d_model``, ``mlp_ratio``, ``standard`` (True: the
-    baseline with plain causal attention), ``eps`` (memory-loss weight), ``tau``, ``context``
-    (None: the task's longest input).
+    Task: ``task``, an ``AssignTask`` or a ``TextTask`` (its own settings: data, held-out set).
+    Model: ``n_layers``, ``n_heads``, ``d_model``, ``mlp_ratio``, ``context``, ``standard``
+    (True: the baseline with plain causal attention), ``eps`` (memory-loss weight), ``tau``.
+    ``n_layers``, ``d_model``, ``context``, ``steps`` and ``batch_size`` left None take the
+    task's defaults (``task.DEFAULTS``; the assign task's context is its longest input).
     Optimisation: ``steps``, ``batch_size``, ``lr`` (peak), ``min_lr`` (end of the cosine),
     ``warmup_steps``, ``weight_decay``, ``grad_clip``, ``eps_start`` (step at which the memory
     loss switches on) and ``eps_ramp`` (steps over which its weight grows linearly to ``eps``).
-    Evaluation: ``eval_every`` (steps), ``heldout_size``, ``heldout_seed``.
-    Start: ``init_from`` (a checkpoint of ``selattn train`` on the same task whose weights start
-    the run instead of a fresh initialisation; the model settings must describe it) and
-    ``insert_layer`` (with ``init_from``: first insert an identity block, a new layer whose
-    output projections are zero, at this index, so the grown model computes exactly what the
-    checkpoint did and the new layer learns from there).
+    Evaluation: every ``eval_every`` steps, by the task. ``seed``: initialisation and data.
+    Start: ``init_from`` (a checkpoint of ``selattn train`` on the same data whose weights start
+    the run; the model settings must describe it, except ``standard``: a standard model can be
+    fine-tuned into a selective one, the change being parameter-free) and ``insert_layer`` (with
+    ``init_from``: first insert an identity block, a new layer whose output projections are zero,
+    at this index, so the grown model computes exactly what the checkpoint did).
     Pruning-aware training: ``soft_budgets`` (one KV budget per layer, or None) makes a share
     ``soft_share`` of the steps (drawn at random) run with the rank penalty of those budgets
     (``selattn_reference.attention.rank_penalty``, slope ``soft_strength``): keys a pruned
     cache would rank out are masked harder, so the loss sees, softly, what eviction would do.
-    Those steps run on the chosen backend (the C kernels have the penalty too).
     """
 
-    # task
-    n_vars: int = 3
-    n_assignments: int = 20
-    max_value: int = 99
-    min_assignments: Optional[int] = None
-    fixed_width: bool = False
-    train_min_assignments: Optional[int] = None
+    task: Task = field(default_factory=AssignTask)
     # model
-    n_layers: int = 2
+    n_layers: Optional[int] = None
     n_heads: int = 4
-    d_model: int = 64
+    d_model: Optional[int] = None
     mlp_ratio: int = 4
     standard: bool = False
     eps: float = 0.1
     tau: float = 1.0
     context: Optional[int] = None
     # optimisation
-    steps: int = 3000
-    batch_size: int = 64
+    steps: Optional[int] = None
+    batch_size: Optional[int] = None
     lr: float = 2e-3
     min_lr: float = 1e-4
     warmup_steps: int = 100
@@ -99,8 +91,6 @@ class TrainConfig:
     eps_ramp: int = 0
     # evaluation
     eval_every: int = 100
-    heldout_size: int = 1000
-    heldout_seed: int = 12345
     seed: int = 0
     # start
     init_from: Optional[str] = None
@@ -111,9 +101,16 @@ class TrainConfig:
     soft_share: float = 1.0
 
     def __post_init__(self) -> None:
+        if not hasattr(self.task, "NAME") or not hasattr(self.task, "batch"):
+            raise TypeError(f"task must be a training task (AssignTask, TextTask), got "
+                            f"{type(self.task).__name__}")
+        defaults = dict(self.task.DEFAULTS, context=self.task.default_context())
+        for name, value in defaults.items():          # frozen: fill in the task's defaults
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
         positive = ("n_layers", "n_heads", "d_model", "mlp_ratio", "steps", "batch_size",
-                    "eval_every", "heldout_size")
-        non_negative = ("warmup_steps", "eps_start", "eps_ramp", "seed", "heldout_seed")
+                    "eval_every", "context")
+        non_negative = ("warmup_steps", "eps_start", "eps_ramp", "seed")
         if self.insert_layer is not None:
             non_negative += ("insert_layer",)
         for name in positive + non_negative:
@@ -152,67 +149,52 @@ class TrainConfig:
                 raise ValueError(f"insert_layer must be in [0, n_layers - 1 = "
                                  f"{self.n_layers - 1}] (n_layers counts the inserted layer), "
                                  f"got {self.insert_layer}")
-        task = self.task()   # validates the task fields
-        self.train_task()
-        if self.context is not None and self.context < task.max_tokens:
-            raise ValueError(f"context ({self.context}) is shorter than the task's longest input "
-                             f"({task.max_tokens} tokens)")
+        self.task.check_context(self.context)
 
-    def task(self) -> TaskConfig:
-        """The task these settings describe."""
-        return TaskConfig(n_vars=self.n_vars, n_assignments=self.n_assignments,
-                          max_value=self.max_value, min_assignments=self.min_assignments,
-                          fixed_width=self.fixed_width)
-
-    def train_task(self, rng: Optional[np.random.Generator] = None) -> TaskConfig:
-        """The task of one training batch: the task itself, or with ``train_min_assignments``
-        set, the task with a number of assignments drawn from ``rng`` (the largest without one)."""
-        task = self.task()
-        if self.train_min_assignments is None:
-            return task
-        if not 1 <= self.train_min_assignments <= self.n_assignments:
-            raise ValueError(f"train_min_assignments must be in [1, n_assignments="
-                             f"{self.n_assignments}], got {self.train_min_assignments}")
-        if rng is None:
-            return task
-        n = int(rng.integers(self.train_min_assignments, self.n_assignments + 1))
-        return replace(task, n_assignments=n, min_assignments=None)
-
-    def model_config(self, vocab_size: int) -> "lm.ModelConfig":
-        """The model these settings describe (context defaults to the task's longest input)."""
-        context = self.context if self.context is not None else self.task().max_tokens
-        return lm.ModelConfig(vocab_size=vocab_size, context=context, n_layers=self.n_layers,
-                              n_heads=self.n_heads, d_model=self.d_model,
-                              mlp_ratio=self.mlp_ratio, selective=not self.standard,
+    def model_config(self) -> "lm.ModelConfig":
+        """The model these settings describe."""
+        return lm.ModelConfig(vocab_size=self.task.vocab_size, context=self.context,
+                              n_layers=self.n_layers, n_heads=self.n_heads,
+                              d_model=self.d_model, mlp_ratio=self.mlp_ratio,
+                              selective=not self.standard,
                               eps=self.eps if not self.standard else 0.0, tau=self.tau)
 
+    def warnings(self) -> List[str]:
+        """What in these settings is probably not what was meant (one line each)."""
+        out = []
+        if self.steps <= self.warmup_steps:
+            out.append(f"the schedule cannot complete its warm-up: steps ({self.steps}) <= "
+                       f"warmup_steps ({self.warmup_steps}), so the learning rate never reaches "
+                       f"lr ({self.lr:g}) and the cosine decay never starts")
+        if not self.standard and self.eps_start >= self.steps and self.eps > 0:
+            out.append(f"the memory loss never switches on: eps_start ({self.eps_start}) >= "
+                       f"steps ({self.steps})")
+        return out
+
     def to_dict(self) -> Dict[str, object]:
-        """Plain dict (JSON-able)."""
-        return asdict(self)
+        """Plain dict (JSON-able); the task as its settings."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["task"] = self.task.settings()
+        if d["soft_budgets"] is not None:
+            d["soft_budgets"] = list(d["soft_budgets"])
+        return d
 
     @classmethod
     def from_dict(cls, d: Dict[str, object]) -> "TrainConfig":
         """Inverse of ``to_dict``; unknown keys are an error."""
+        if not isinstance(d, dict):
+            raise ValueError(f"training settings must be a JSON object, got {type(d).__name__}")
         unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"unknown training settings: {', '.join(unknown)}")
+        d = dict(d)
+        if "task" in d:
+            d["task"] = task_from_settings(d["task"])
         return cls(**d)
 
 
 # ----------------------------------------------------------------------------------------------
-# Schedules
-
-
-def apply_gradients(params, cache, losses: Dict[str, float], optimizer: AdamW, lr: float,
-                    grad_clip: float, step: int) -> None:
-    """The update of one training step, after ``model.forward``: backward, clip the gradient's
-    global norm to ``grad_clip``, one AdamW step at ``lr`` (``params`` in place); raises
-    FloatingPointError when a loss of the step is not finite (a diverged run stops there)."""
-    grads = lm.backward(cache)
-    clip_grad_norm(grads, grad_clip)
-    optimizer.step(params, grads, lr=lr)
-    if not all(math.isfinite(losses[k]) for k in ("ce", "mem", "total")):
-        raise FloatingPointError(f"loss is not finite at step {step}: {losses}")
+# Schedules and the update
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -236,168 +218,222 @@ def memory_loss_weight(step: int, cfg: TrainConfig) -> float:
     return cfg.eps * min(1.0, (step - cfg.eps_start + 1) / cfg.eps_ramp)
 
 
-# ----------------------------------------------------------------------------------------------
-# Backends and evaluation
-
-
-def answer_accuracy(params: Dict[str, np.ndarray], cfg: "lm.ModelConfig",
-                    tokenizer: CharTokenizer, examples: Sequence[Example], *, attention=None,
-                    batch_size: int = 256, budgets=None) -> float:
-    """Exact-match answer accuracy: the fraction of examples whose every answer character is the
-    argmax of the model at its position (teacher-forced, i.e. what greedy decoding produces).
-
-    Parameters
-    ----------
-    params, cfg : the model
-    tokenizer : CharTokenizer of the task
-    examples : sequence of (prompt, answer)
-    attention : attention backend (default NumPy)
-    batch_size : examples per forward pass
-    budgets : optional per-layer KV budgets (pruned attention)
-
-    Returns
-    -------
-    accuracy : float in [0, 1]
-    """
-    if not examples:
-        raise ValueError("examples must not be empty")
-    correct = 0
-    for i in range(0, len(examples), batch_size):
-        tokens, targets, mask = encode_batch(tokenizer, examples[i:i + batch_size], cfg.context)
-        logits, _, _ = lm.forward(params, cfg, tokens, attention=attention, budgets=budgets)
-        hit = (logits.argmax(axis=-1) == targets) | ~mask                  # (B, T)
-        correct += int(hit.all(axis=1).sum())
-    return correct / len(examples)
+def apply_gradients(params, cache, losses: Dict[str, float], optimizer: AdamW, lr: float,
+                    grad_clip: float, step: int) -> None:
+    """The update of one training step, after ``model.forward``: backward, clip the gradient's
+    global norm to ``grad_clip``, one AdamW step at ``lr`` (``params`` in place); raises
+    FloatingPointError when a loss of the step is not finite (a diverged run stops there)."""
+    grads = lm.backward(cache)
+    clip_grad_norm(grads, grad_clip)
+    optimizer.step(params, grads, lr=lr)
+    if not all(math.isfinite(losses[k]) for k in ("ce", "mem", "total")):
+        raise FloatingPointError(f"loss is not finite at step {step}: {losses}")
 
 
 # ----------------------------------------------------------------------------------------------
-# Progress bar
+# The state of a run
 
 
-class ProgressBar:
-    """One status line on a stream (stderr): redrawn in place on a terminal, otherwise printed
-    once per evaluation so that logs stay short."""
+@dataclass
+class RunProgress:
+    """What the loop carries from step to step besides weights and optimizer: the step, the
+    random streams, the losses since the last evaluation, the curve, the seconds, the sessions."""
 
-    def __init__(self, total: int, stream: Optional[TextIO] = None, width: int = 24) -> None:
-        self.total, self.width = total, width
-        self.stream = sys.stderr if stream is None else stream
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+    step: int
+    rng: np.random.Generator            # the training stream (batches)
+    soft_rng: np.random.Generator       # which steps get the rank penalty
+    window: List[List[float]]           # (total, ce, mem) of each step since the evaluation
+    curve: List[Dict[str, float]]
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    sessions: List[Dict[str, object]] = field(default_factory=list)
 
-    def update(self, step: int, seconds: float, loss: float, accuracy: Optional[float],
-               final_line: bool = False, heldout: Optional[str] = None) -> None:
-        """Show ``step`` of ``total`` with the loss and the latest held-out accuracy (or, when
-        given, the held-out score already written out, e.g. ``"2.134 bpb"``)."""
-        done = int(self.width * step / self.total)
-        bar = "=" * done + ">" * (done < self.width) + " " * (self.width - done - 1)
-        acc = "  --  " if accuracy is None else f"{100 * accuracy:5.1f}%"
-        if heldout is not None:
-            acc, accuracy = heldout, heldout     # a score to show: this line is an evaluation
-        rate = seconds / max(step, 1)
-        eta = rate * (self.total - step)
-        line = (f"step {step:>{len(str(self.total))}}/{self.total} [{bar}] loss {loss:.4f} "
-                f"heldout {acc} {rate:.3f}s/step {seconds:.0f}s eta {eta:.0f}s")
-        if self.tty:
-            self.stream.write("\r" + line + ("\n" if final_line else ""))
-        elif final_line or accuracy is not None:
-            self.stream.write(line + "\n")
-        self.stream.flush()
+    @classmethod
+    def fresh(cls, seed: int) -> "RunProgress":
+        return cls(step=0, rng=np.random.default_rng([seed, 1]),
+                   soft_rng=np.random.default_rng([seed, 2]), window=[], curve=[])
+
+    def to_state(self) -> Dict[str, object]:
+        return {"step": self.step, "rng": self.rng.bit_generator.state,
+                "soft_rng": self.soft_rng.bit_generator.state, "window": self.window,
+                "curve": self.curve, "train_seconds": self.train_seconds,
+                "eval_seconds": self.eval_seconds, "sessions": self.sessions}
+
+    @classmethod
+    def from_state(cls, state: Dict[str, object]) -> "RunProgress":
+        rng, soft_rng = np.random.default_rng(), np.random.default_rng()
+        rng.bit_generator.state = state["rng"]
+        soft_rng.bit_generator.state = state["soft_rng"]
+        return cls(step=int(state["step"]), rng=rng, soft_rng=soft_rng,
+                   window=[list(map(float, w)) for w in state["window"]],
+                   curve=list(state["curve"]), train_seconds=float(state["train_seconds"]),
+                   eval_seconds=float(state["eval_seconds"]),
+                   sessions=list(state["sessions"]))
+
+
+def _save_state(path: Path, cfg: TrainConfig, model_cfg: "lm.ModelConfig", params,
+                optimizer: AdamW, run: RunProgress, outputs: Optional[Dict[str, object]]
+                ) -> None:
+    state = dict(run.to_state(), train_config=cfg.to_dict(), model_config=model_cfg.to_dict(),
+                 adam_t=optimizer.t, outputs=outputs)
+    save_run_state(path, params, optimizer.m, optimizer.v, state)
+
+
+def load_resume(path) -> Tuple[TrainConfig, Dict[str, object]]:
+    """The settings of a saved run and its state (``train(cfg, resume=state)`` continues it).
+    Raises CheckpointError (a ValueError) naming the file."""
+    from .checkpoint import CheckpointError
+    params, m, v, state = load_run_state(path)
+    try:
+        cfg = TrainConfig.from_dict(state["train_config"])
+        RunProgress.from_state(state)                        # the streams and log are usable
+        if int(state["adam_t"]) != int(state["step"]) or not 0 < int(state["step"]):
+            raise ValueError(f"adam_t {state['adam_t']} and step {state['step']} disagree")
+        if cfg.model_config() != lm.ModelConfig.from_dict(state["model_config"]):
+            raise ValueError("the model config is not the one the settings describe")
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: bad run state: {e}") from None
+    return cfg, {"params": params, "m": m, "v": v, "state": state}
 
 
 # ----------------------------------------------------------------------------------------------
 # The training loop
 
 
-def train(cfg: TrainConfig, *, backend: str = "auto", progress: Optional[ProgressBar] = None,
-          quiet: bool = False) -> Tuple[Dict[str, np.ndarray], "lm.ModelConfig", Dict]:
-    """Train a model (from scratch, or from ``cfg.init_from``).
+def train(cfg: TrainConfig, *, backend: str = "auto", quiet: bool = False,
+          run_path: Optional[Path] = None, checkpoint_every: int = 0,
+          resume: Optional[Dict[str, object]] = None, handle_signals: bool = False,
+          command: Optional[str] = None, outputs: Optional[Dict[str, object]] = None,
+          stream=None) -> Tuple[Dict[str, np.ndarray], "lm.ModelConfig", Dict]:
+    """Train a model (from scratch, from ``cfg.init_from``, or continuing ``resume``).
 
     Parameters
     ----------
     cfg : TrainConfig
-    backend : 'auto', 'c' or 'numpy' (see ``make_attention``)
-    progress : ProgressBar or None (default: one on stderr unless ``quiet``)
-    quiet : bool, no progress output
+    backend : 'auto', 'c' or 'numpy' (``selattn_lm.backends.make_attention``)
+    quiet : no progress output
+    run_path : where the run state goes (needed for ``checkpoint_every`` and signals to save)
+    checkpoint_every : write the run state every this many steps (0: never on a schedule)
+    resume : the second value of ``load_resume`` (continue that run; ``cfg`` must be its)
+    handle_signals : SIGINT/SIGTERM end the step, write the state, raise ``TrainingStopped``
+    command : the command line, for the log
+    outputs : JSON-able, kept in the run state (the command's output paths, for ``--resume``)
+    stream : where progress goes (default stderr)
 
     Returns
     -------
     params : dict of float32 arrays, the trained weights
     model_cfg : ModelConfig (with ``eps`` the final memory-loss weight)
-    log : dict (JSON-able): config, seed, backend, the curve of (step, seconds, loss, ce, mem,
-        lr, eps, heldout accuracy) at every evaluation, final accuracy, wall and training time
+    log : dict (JSON-able): settings, seed, backend, threads, the curve of (step, seconds, loss,
+        ce, mem, lr, eps, the task's metric) at every evaluation, the final metric, the sessions
+        (command, start, steps, threads, wall seconds), times, warnings
     """
-    task = cfg.task()
-    tokenizer = CharTokenizer.for_task(task)
-    model_cfg = cfg.model_config(tokenizer.vocab_size)
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) \
+            or checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be an int >= 0, got {checkpoint_every!r}")
+    task = cfg.task
+    model_cfg = cfg.model_config()
     attention, backend_name = make_attention(backend)
-    heldout = make_split(task, cfg.heldout_size, cfg.heldout_seed)
-    heldout_prompts = prompts(heldout)
-    rng = np.random.default_rng([cfg.seed, 1])        # the training stream (never the held-out)
-    soft_rng = np.random.default_rng([cfg.seed, 2])   # which steps get the rank penalty
-    if cfg.init_from is not None:
-        params = start_from_checkpoint(cfg, model_cfg)
+    if resume is not None:
+        params = {n: np.array(a, dtype=np.float32) for n, a in resume["params"].items()}
+        optimizer = AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer.load_state_dict({"t": resume["state"]["adam_t"], "m": resume["m"],
+                                   "v": resume["v"]})
+        run = RunProgress.from_state(resume["state"])
     else:
-        params = lm.init_params(model_cfg, seed=cfg.seed, dtype=np.float32)
-    optimizer = AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if progress is None and not quiet:
-        progress = ProgressBar(cfg.steps)
+        if cfg.init_from is not None:
+            params = start_from_checkpoint(cfg, model_cfg)
+        else:
+            params = lm.init_params(model_cfg, seed=cfg.seed, dtype=np.float32)
+        optimizer = AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        run = RunProgress.fresh(cfg.seed)
+    threads = thread_report(backend_name)
+    session = {"command": command, "started": datetime.now(timezone.utc).isoformat(
+        timespec="seconds"), "start_step": run.step, "threads": threads}
+    run.sessions.append(session)
+    progress = TrainingProgress(cfg.steps, run.step, task.METRIC, task.format_metric,
+                                quiet=quiet, stream=stream)
+    for line in cfg.warnings():
+        progress.write(f"warning: {line}")
 
-    curve: List[Dict[str, float]] = []
-    train_seconds, eval_seconds = 0.0, 0.0
     wall_start = time.perf_counter()
-    window: List[Tuple[float, float, float]] = []   # (total, ce, mem) since the last evaluation
-    for step in range(cfg.steps):
-        t0 = time.perf_counter()
-        lr = learning_rate(step, cfg)
-        eps = memory_loss_weight(step, cfg)
-        step_cfg = replace(model_cfg, eps=eps)
-        batch = generate_examples(rng, cfg.train_task(rng), cfg.batch_size, exclude=heldout_prompts)
-        tokens, targets, mask = encode_batch(tokenizer, batch, model_cfg.context)
-        soft = cfg.soft_budgets is not None and soft_rng.random() < cfg.soft_share
-        _, losses, cache = lm.forward(params, step_cfg, tokens, targets, mask,
-                                      attention=attention,
-                                      soft_budgets=cfg.soft_budgets if soft else None,
-                                      soft_strength=cfg.soft_strength)
-        apply_gradients(params, cache, losses, optimizer, lr, cfg.grad_clip, step)
-        train_seconds += time.perf_counter() - t0
-        window.append((losses["total"], losses["ce"], losses["mem"]))
+    signals = StopSignals() if handle_signals else None
 
-        last = step + 1 == cfg.steps
-        if (step + 1) % cfg.eval_every == 0 or last:
-            t1 = time.perf_counter()
-            accuracy = answer_accuracy(params, model_cfg, tokenizer, heldout,
-                                       attention=attention)
-            eval_seconds += time.perf_counter() - t1
-            total, ce, mem = (float(np.mean(col)) for col in zip(*window))
-            window = []
-            curve.append({"step": step + 1, "seconds": round(train_seconds, 3),
-                          "loss": total, "ce": ce, "mem": mem, "lr": lr, "eps": eps,
-                          "heldout_accuracy": accuracy})
-            if progress is not None:
-                progress.update(step + 1, train_seconds, total, accuracy, final_line=last)
-        elif progress is not None and progress.tty:
-            progress.update(step + 1, train_seconds, losses["total"], None)
+    def checkpoint() -> None:
+        session["end_step"] = run.step
+        session["wall_seconds"] = round(time.perf_counter() - wall_start, 3)
+        _save_state(run_path, cfg, model_cfg, params, optimizer, run, outputs)
 
+    try:
+        if signals is not None:
+            signals.__enter__()
+        while run.step < cfg.steps:
+            step = run.step
+            t0 = time.perf_counter()
+            lr = learning_rate(step, cfg)
+            eps = memory_loss_weight(step, cfg)
+            tokens, targets, mask = task.batch(run.rng, cfg.batch_size, model_cfg.context)
+            soft = cfg.soft_budgets is not None and run.soft_rng.random() < cfg.soft_share
+            _, losses, cache = lm.forward(params, replace(model_cfg, eps=eps), tokens, targets,
+                                          mask, attention=attention,
+                                          soft_budgets=cfg.soft_budgets if soft else None,
+                                          soft_strength=cfg.soft_strength)
+            apply_gradients(params, cache, losses, optimizer, lr, cfg.grad_clip, step)
+            run.train_seconds += time.perf_counter() - t0
+            run.window.append([float(losses[k]) for k in ("total", "ce", "mem")])
+            run.step = step + 1
+            mean_loss = float(np.mean([w[0] for w in run.window]))
+
+            if run.step % cfg.eval_every == 0 or run.step == cfg.steps:
+                t1 = time.perf_counter()
+                value = task.evaluate(params, model_cfg, attention=attention)
+                run.eval_seconds += time.perf_counter() - t1
+                total, ce, mem = (float(np.mean(col)) for col in zip(*run.window))
+                run.window = []
+                run.curve.append({"step": run.step, "seconds": round(run.train_seconds, 3),
+                                  "loss": total, "ce": ce, "mem": mem, "lr": lr, "eps": eps,
+                                  task.METRIC: value})
+                progress.step(mean_loss)
+                progress.evaluation(run.step, total, value, run.train_seconds)
+            else:
+                progress.step(mean_loss)
+            if run_path is not None and checkpoint_every and run.step % checkpoint_every == 0:
+                checkpoint()
+            if signals is not None and signals.signum is not None and run.step < cfg.steps:
+                if run_path is not None:
+                    checkpoint()
+                raise TrainingStopped(signals.signum, run.step, run_path)
+    finally:
+        if signals is not None:
+            signals.__exit__(None, None, None)
+        progress.close()
+
+    session["end_step"] = run.step
+    session["wall_seconds"] = round(time.perf_counter() - wall_start, 3)
     final_cfg = replace(model_cfg, eps=memory_loss_weight(cfg.steps - 1, cfg))
+    final = run.curve[-1][task.METRIC]
     log = {
+        "task": task.settings(),
         "train_config": cfg.to_dict(),
-        "task": task.to_dict(),
         "model_config": final_cfg.to_dict(),
         "seed": cfg.seed,
         "backend": backend_name,
-        "threads": _threads(backend_name),
+        "threads": threads,
         "num_params": lm.num_params(params),
-        "heldout_size": cfg.heldout_size,
-        "heldout_seed": cfg.heldout_seed,
-        "final_heldout_accuracy": curve[-1]["heldout_accuracy"],
-        "train_seconds": round(train_seconds, 3),
-        "eval_seconds": round(eval_seconds, 3),
-        "wall_seconds": round(time.perf_counter() - wall_start, 3),
-        "curve": curve,
+        "metric": task.METRIC,
+        f"final_{task.METRIC}": final,
+        "train_seconds": round(run.train_seconds, 3),
+        "eval_seconds": round(run.eval_seconds, 3),
+        "wall_seconds": round(sum(s.get("wall_seconds", 0.0) for s in run.sessions), 3),
+        "sessions": run.sessions,
+        "warnings": cfg.warnings(),
+        "curve": run.curve,
     }
-    first = next((c for c in curve if c["heldout_accuracy"] >= 0.99), None)
-    log["first_99"] = None if first is None else {"step": first["step"],
-                                                  "seconds": first["seconds"]}
     return params, final_cfg, log
+
+
+# ----------------------------------------------------------------------------------------------
+# Starting from a checkpoint
 
 
 def insert_identity_block(params: Dict[str, np.ndarray], model_cfg: "lm.ModelConfig",
@@ -440,15 +476,17 @@ def start_from_checkpoint(cfg: TrainConfig, model_cfg: "lm.ModelConfig"
                           ) -> Dict[str, np.ndarray]:
     """The weights ``cfg.init_from`` holds (grown by ``cfg.insert_layer`` when set), checked
     against the run's task and model settings (``model_cfg``, from ``cfg``). Raises ValueError
-    when they do not describe the checkpoint."""
-    params, ck_cfg, ck_task, _ = load_task_model(Path(cfg.init_from))
-    if ck_task != cfg.task():
+    when they do not describe the checkpoint. Selective or standard may differ (the change is
+    parameter-free: a standard model can be fine-tuned into a selective one)."""
+    params, ck_cfg, ck_task, _ = load_task_checkpoint(Path(cfg.init_from),
+                                                       expect=cfg.task.NAME)
+    if not cfg.task.same_data(ck_task):
         raise ValueError(f"init_from {cfg.init_from}: the checkpoint was trained on "
-                         f"{ck_task}, this run's task is {cfg.task()}")
+                         f"{ck_task.describe()}, this run's task is {cfg.task.describe()}")
     if cfg.insert_layer is not None:
         params, ck_cfg = insert_identity_block(params, ck_cfg, cfg.insert_layer, seed=cfg.seed)
-    mine = replace(model_cfg, eps=0.0)
-    theirs = replace(ck_cfg, eps=0.0)
+    mine = replace(model_cfg, eps=0.0, selective=True)
+    theirs = replace(ck_cfg, eps=0.0, selective=True)
     if mine != theirs:
         diff = ", ".join(f"{f.name}: checkpoint {getattr(theirs, f.name)}, settings "
                          f"{getattr(mine, f.name)}" for f in fields(mine)
@@ -459,81 +497,54 @@ def start_from_checkpoint(cfg: TrainConfig, model_cfg: "lm.ModelConfig"
     return {name: np.asarray(value, dtype=np.float32) for name, value in params.items()}
 
 
-def _threads(backend_name: str) -> Optional[int]:
-    if backend_name != "c":
-        return None
-    import selattn_c
-    return selattn_c.get_num_threads()
-
-
 # ----------------------------------------------------------------------------------------------
 # Files
 
 
 def checkpoint_extra(log: Dict) -> Dict[str, object]:
-    """What a checkpoint must carry besides the weights: the task (tokenizer and held-out set are
-    rebuilt from it), the held-out seed and size, the training settings and the final accuracy."""
-    return {"task": log["task"], "heldout_seed": log["heldout_seed"],
-            "heldout_size": log["heldout_size"], "train_config": log["train_config"],
-            "heldout_accuracy": log["final_heldout_accuracy"]}
+    """What a checkpoint carries besides the weights: the task's settings (data, tokenizer and
+    evaluation are rebuilt from them), the training settings and the final metric."""
+    return {"task": log["task"], "train_config": log["train_config"], "metric": log["metric"],
+            log["metric"]: log[f"final_{log['metric']}"]}
 
 
 def save_run(params: Dict[str, np.ndarray], model_cfg: "lm.ModelConfig", log: Dict,
              checkpoint: Path, log_path: Optional[Path] = None) -> Path:
-    """Write the checkpoint and the JSON log (default: the checkpoint's path with ``.json``).
-    Returns the log's path."""
+    """Write the checkpoint and the JSON log (default: the checkpoint's path with ``.json``),
+    both or neither: neither file is replaced before both are written in full. Returns the log's
+    path."""
     checkpoint = Path(checkpoint)
     log_path = checkpoint.with_suffix(".json") if log_path is None else Path(log_path)
-    save_checkpoint(checkpoint, params, model_cfg, extra=checkpoint_extra(log))
-    log = dict(log, checkpoint=checkpoint.name)
-    log_path.write_text(json.dumps(log, indent=1) + "\n", encoding="utf-8")
+    arrays = checkpoint_arrays(params, model_cfg, extra=checkpoint_extra(log))
+    text = json.dumps(dict(log, checkpoint=checkpoint.name), indent=1) + "\n"
+    write_files_atomically([(checkpoint, lambda f: np.savez(f, **arrays)),
+                            (log_path, lambda f: f.write(text.encode("utf-8")))])
     return log_path
 
 
-def load_task_model(path: Path) -> Tuple[Dict[str, np.ndarray], "lm.ModelConfig", TaskConfig,
-                                         Dict[str, object]]:
-    """Load a checkpoint written by ``save_run``: (params, model config, task, extra).
-    Raises CheckpointError (a ValueError) when the file or its task settings are unusable."""
-    from .checkpoint import CheckpointError
-    params, model_cfg, extra = load_checkpoint(path)
-    if not isinstance(extra, dict) or "task" not in extra:
-        raise CheckpointError(f"{path}: the checkpoint has no task settings in its 'extra' "
-                              "(was it written by selattn train?)")
-    try:
-        task = TaskConfig.from_dict(extra["task"])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: bad task settings: {e}") from None
-    return params, model_cfg, task, extra
-
-
-def heldout_set(task: TaskConfig, extra: Dict[str, object]) -> List[Example]:
-    """The held-out set a checkpoint was evaluated on during training."""
-    return make_split(task, int(extra["heldout_size"]), int(extra["heldout_seed"]))
-
-
 def evaluate_checkpoint(path: Path, *, backend: str = "auto", n: Optional[int] = None,
-                        budgets=None) -> Dict[str, object]:
-    """Held-out exact-match accuracy of a saved model.
+                        budgets=None, expect: Optional[str] = None) -> Dict[str, object]:
+    """A saved model's score on its task's evaluation (held-out accuracy, validation bits per
+    byte).
 
     Parameters
     ----------
     path : checkpoint written by ``selattn train``
     backend : 'auto', 'c' or 'numpy'
-    n : int or None, evaluate on the first ``n`` held-out examples (default: all of them)
+    n : int or None, score only the first ``n`` held-out examples / validation windows
     budgets : optional per-layer KV budgets (pruned attention)
+    expect : a task name the checkpoint must be of, or None
 
     Returns
     -------
-    dict with ``accuracy``, ``n`` (examples scored), ``backend`` and ``selective``
+    dict with ``task``, ``metric``, the metric's value under its name, ``n`` (None: the task's
+    whole evaluation), ``backend`` and ``selective``
     """
-    params, model_cfg, task, extra = load_task_model(path)
+    params, model_cfg, task, _ = load_task_checkpoint(path, expect=expect)
     attention, backend_name = make_attention(backend)
-    examples = heldout_set(task, extra)
-    if n is not None:
-        if n < 1:
-            raise ValueError(f"n (examples to score) must be >= 1, got {n}")
-        examples = examples[:n]
-    acc = answer_accuracy(params, model_cfg, CharTokenizer.for_task(task), examples,
-                          attention=attention, budgets=budgets)
-    return {"accuracy": acc, "n": len(examples), "backend": backend_name,
+    if budgets is not None:
+        budgets = check_budgets(budgets, model_cfg.n_layers)
+    value = task.evaluate(params, model_cfg, attention=attention, budgets=budgets, n=n)
+    return {"task": task.NAME, "metric": task.METRIC, task.METRIC: value,
+            "formatted": task.format_metric(value), "n": n, "backend": backend_name,
             "selective": model_cfg.selective}

@@ -28,9 +28,9 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from selattn_lm.training import heldout_set, load_task_model
+from selattn_lm.task_registry import load_task_checkpoint
 from selattn_lm import model as lm
-from selattn_lm.tasks import CharTokenizer, Example, encode_batch
+from selattn_lm.tasks import Example, encode_batch
 
 
 def parse(prompt: str) -> Tuple[str, List[Tuple[int, str, str]]]:
@@ -61,9 +61,9 @@ def kind_of_error(prompt: str, predicted: str) -> str:
 def analyse(path: Path, n: int, out=sys.stdout) -> Dict[str, object]:
     """Run the analysis on the first ``n`` held-out examples of the checkpoint; print it to
     ``out`` and return the main counts."""
-    params, cfg, task, extra = load_task_model(path)
-    examples: Sequence[Example] = heldout_set(task, extra)[:n]
-    tokenizer = CharTokenizer.for_task(task)
+    params, cfg, assign, _ = load_task_checkpoint(path, expect="assign")
+    examples: Sequence[Example] = assign.heldout[:n]
+    tokenizer = assign.tokenizer
     tokens, targets, mask = encode_batch(tokenizer, examples, cfg.context)
     # eps > 0 makes forward keep every layer's F (it does not change the logits)
     run_cfg = replace(cfg, eps=1.0) if cfg.selective else cfg
