@@ -74,21 +74,24 @@ def split_files(files: Sequence[Tuple[str, str]], source: str = "") -> TextCorpu
     ------
     ValueError when a path appears twice, or fewer than 10 non-empty files are given.
     """
-    kept = sorted((path, text) for path, text in files if text.strip())
+    kept = sorted((path, text) for path, text in files if text and not text.isspace())
     paths = [path for path, _ in kept]
     if len(set(paths)) != len(paths):
         raise ValueError("files: a path appears more than once")
     if len(kept) < 10:
         raise ValueError(f"files: {len(kept)} non-empty files, too few for a train/valid/test "
                          "split (need >= 10)")
-    parts: Dict[str, List[str]] = {s: [] for s in SPLITS}
+    parts: Dict[str, List[bytes]] = {s: [] for s in SPLITS}
     titles: Dict[str, List[str]] = {s: [] for s in SPLITS}
     for i, (path, text) in enumerate(kept):
         split = "test" if i % 10 == 9 else "valid" if i % 10 == 8 else "train"
         body = text if text.endswith("\n") else text + "\n"
-        parts[split].append(FILE_HEADER.format(path=path) + body)
+        # Encoded file by file: one joined str holding a single non-Latin-1 character would
+        # take 4 bytes per character for the whole split.
+        parts[split].append((FILE_HEADER.format(path=path) + body).encode("utf-8"))
         titles[split].append(path)
-    return TextCorpus(**{s: FILE_SEPARATOR.join(parts[s]).encode("utf-8") for s in SPLITS},
+    sep = FILE_SEPARATOR.encode("utf-8")
+    return TextCorpus(**{s: sep.join(parts[s]) for s in SPLITS},
                       titles={s: tuple(titles[s]) for s in SPLITS}, source=source)
 
 
