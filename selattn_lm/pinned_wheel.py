@@ -17,8 +17,8 @@ and its text members are read straight from the zip, with limits. Each step a fu
                             ``require_wheel`` is ``find_wheel`` then ``verify_sha256``;
 6. ``read_text_members``    the members of a given suffix as UTF-8 text, sorted by path; a file
                             that is not a zip, a corrupt member, a path trick (absolute, ``..``,
-                            backslash), a duplicate name or a size over the limits is a
-                            ``ValueError`` naming the file and the member.
+                            backslash, control character), a duplicate name or a size over the
+                            limits is a ``ValueError`` naming the file and the member.
 """
 
 from __future__ import annotations
@@ -200,9 +200,11 @@ def require_wheel(wheel: PinnedWheel, path=None, cache=None, also: str = "") -> 
 
 def _check_member_name(source: str, name: str) -> None:
     """A member path must be relative, POSIX, without '..', '.' or empty parts (a folder's
-    trailing '/' aside) and without a drive letter."""
+    trailing '/' aside), without a drive letter and without control characters (a newline in a
+    name would break the header line a corpus writes for it)."""
     parts = name[:-1].split("/") if name.endswith("/") else name.split("/")
-    if ("\\" in name or "\x00" in name or (len(name) > 1 and name[1] == ":")
+    if ("\\" in name or any(ord(c) < 32 or c == "\x7f" for c in name)
+            or (len(name) > 1 and name[1] == ":")
             or any(part in ("", ".", "..") for part in parts)):
         raise ValueError(f"{source!r}: member {name!r} is not a plain relative path")
 

@@ -232,7 +232,7 @@ def test_corrupt_wheels_are_clear_value_errors(monkeypatch, tmp_path, case):
 
 
 @pytest.mark.parametrize("name", ["../evil.py", "/abs/evil.py", "pkg\\evil.py", "C:/evil.py",
-                                  "pkg/./evil.py", "pkg//evil.py"])
+                                  "pkg/./evil.py", "pkg//evil.py", "pkg/a\nb.py", "pkg/a\rb.py"])
 def test_path_tricks_are_refused(tmp_path, name):
     wheel = make_wheel(tmp_path / "w.whl", small_files(3) + [(name, "x = 1\n")])
     with pytest.raises(ValueError, match="not a plain relative path"):

