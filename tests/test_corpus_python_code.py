@@ -122,9 +122,11 @@ def sympy_wheel() -> Path:
         pytest.skip(f"the pinned wheel is not cached and pip cannot fetch it: {e}")
 
 
-def test_the_pinned_wheel_split(sympy_wheel):
+def test_the_pinned_wheel_split(sympy_wheel, monkeypatch):
     corpus = python_code.load(sympy_wheel)
     assert python_code.load(sympy_wheel) is corpus                 # once per process
+    monkeypatch.setenv("SELATTN_CACHE_DIR", str(sympy_wheel.parent))
+    assert python_code.load() is corpus                            # the default: the cache
     assert corpus.source == python_code.WHEEL.filename
     for split, (files, size, digest) in PINNED_SPLIT.items():
         data = corpus.split(split)
