@@ -67,7 +67,8 @@ setup(
     long_description=README.read_text(encoding="utf-8") if README.exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["selattn_reference", "selattn_c", "selattn_lm", "selattn_bench"],
+    packages=["selattn_reference", "selattn_c", "selattn_lm", "selattn_lm.corpora",
+              "selattn_bench"],
     # The trained checkpoints (and their training logs) install with the package.
     package_data={"selattn_lm": ["data/*"]},
     entry_points={"console_scripts": ["selattn = selattn_lm.cli:main"]},
