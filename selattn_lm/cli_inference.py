@@ -22,6 +22,7 @@ from .calibrate import (
     greedy_calibrate,
     write_budgets,
 )
+from .threads import set_threads
 from .mask_plot import DEFAULT_VMAX, ascii_heatmap, have_matplotlib, save_png
 from .runner import ModelRunner
 
@@ -60,15 +61,15 @@ def _non_negative_float(text: str) -> float:
 
 def _add_threads(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=_positive_int, default=None,
-                        help="threads of the C kernels (default: the OpenMP default)")
+                        help="threads of the C kernels and of NumPy's BLAS alike (default: every "
+                             "core this process may use)")
 
 
 def _use_kernels(args: argparse.Namespace) -> None:
     """Every command here runs the C kernels: on a pure-Python install say so at once (one line,
     exit 2, through the CLI's error handling) rather than after loading; then apply --threads."""
     selattn_c.require_extension(f"selattn {args.command}")
-    if args.threads is not None:
-        selattn_c.set_num_threads(args.threads)
+    set_threads(args.threads, "c")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -155,6 +155,10 @@ class AssignTask:
         return answer_accuracy(params, cfg, self.tokenizer, examples, attention=attention,
                                budgets=budgets)
 
+    def evaluation_size(self, context: int, n: Optional[int] = None) -> int:
+        """How many examples ``evaluate`` scores (``n`` or the whole held-out set)."""
+        return self.heldout_size if n is None else min(int(n), self.heldout_size)
+
     @staticmethod
     def format_metric(value: float) -> str:
         return f"{100 * value:.1f}%"

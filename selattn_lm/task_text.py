@@ -179,6 +179,10 @@ class TextTask:
                                        self.eval_windows if n is None else n)
         return bits_per_byte(params, cfg, tokens, targets, attention=attention, budgets=budgets)
 
+    def evaluation_size(self, context: int, n: Optional[int] = None) -> int:
+        """How many validation windows ``evaluate`` scores."""
+        return len(self.windows("valid", context, self.eval_windows if n is None else n)[0])
+
     @staticmethod
     def format_metric(value: float) -> str:
         return f"{value:.4f} bpb"

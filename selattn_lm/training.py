@@ -312,7 +312,8 @@ def train(cfg: TrainConfig, *, backend: str = "auto", quiet: bool = False,
     cfg : TrainConfig
     backend : 'auto', 'c' or 'numpy' (``selattn_lm.backends.make_attention``)
     quiet : no progress output
-    run_path : where the run state goes (needed for ``checkpoint_every`` and signals to save)
+    run_path : where the run state goes (every ``checkpoint_every`` steps, on a signal, and at
+        the end, so that a failed write of the outputs loses nothing)
     checkpoint_every : write the run state every this many steps (0: never on a schedule)
     resume : the second value of ``load_resume`` (continue that run; ``cfg`` must be its)
     handle_signals : SIGINT/SIGTERM end the step, write the state, raise ``TrainingStopped``
@@ -408,6 +409,8 @@ def train(cfg: TrainConfig, *, backend: str = "auto", quiet: bool = False,
             signals.__exit__(None, None, None)
         progress.close()
 
+    if run_path is not None:             # the finished state: outputs can be written again
+        checkpoint()
     session["end_step"] = run.step
     session["wall_seconds"] = round(time.perf_counter() - wall_start, 3)
     final_cfg = replace(model_cfg, eps=memory_loss_weight(cfg.steps - 1, cfg))
@@ -537,8 +540,8 @@ def evaluate_checkpoint(path: Path, *, backend: str = "auto", n: Optional[int] =
 
     Returns
     -------
-    dict with ``task``, ``metric``, the metric's value under its name, ``n`` (None: the task's
-    whole evaluation), ``backend`` and ``selective``
+    dict with ``task``, ``metric``, the metric's value under its name, ``formatted`` (its
+    text), ``n`` (examples or windows scored), ``backend`` and ``selective``
     """
     params, model_cfg, task, _ = load_task_checkpoint(path, expect=expect)
     attention, backend_name = make_attention(backend)
@@ -546,5 +549,6 @@ def evaluate_checkpoint(path: Path, *, backend: str = "auto", n: Optional[int] =
         budgets = check_budgets(budgets, model_cfg.n_layers)
     value = task.evaluate(params, model_cfg, attention=attention, budgets=budgets, n=n)
     return {"task": task.NAME, "metric": task.METRIC, task.METRIC: value,
-            "formatted": task.format_metric(value), "n": n, "backend": backend_name,
+            "formatted": task.format_metric(value),
+            "n": task.evaluation_size(model_cfg.context, n), "backend": backend_name,
             "selective": model_cfg.selective}

@@ -43,23 +43,26 @@ def test_train_then_eval_end_to_end(tmp_path):
     # the progress bar, on stderr: one line per evaluation when stderr is not a terminal
     bar = [line for line in result.stderr.splitlines() if line.startswith("step ")]
     assert len(bar) == 2 and "step 12/12" in bar[-1] and "loss " in bar[-1]
-    assert "heldout " in bar[-1]
+    assert "heldout_accuracy " in bar[-1]
 
     log = json.loads((tmp_path / "m.json").read_text())
     assert log["seed"] == 5 and log["train_config"]["steps"] == 12
-    assert log["task"] == {"n_vars": 2, "n_assignments": 3, "max_value": 9,
-                           "min_assignments": None, "fixed_width": False}
+    assert log["task"] == {"name": "assign", "n_vars": 2, "n_assignments": 3, "max_value": 9,
+                           "min_assignments": None, "fixed_width": False,
+                           "train_min_assignments": None, "heldout_size": 30,
+                           "heldout_seed": 12345}
     assert [c["step"] for c in log["curve"]] == [6, 12]
     assert log["model_config"]["selective"] is True
 
     result = run(tmp_path, "eval", "m.npz", "--json", "--backend", log["backend"])
     assert result.returncode == 0, result.stderr
     scored = json.loads(result.stdout)
-    assert scored["n"] == 30 and scored["accuracy"] == log["final_heldout_accuracy"]
+    assert scored["n"] == 30 and scored["heldout_accuracy"] == log["final_heldout_accuracy"]
 
     result = run(tmp_path, "eval", "m.npz", "--budgets", "4,6", "--n", "10")
     assert result.returncode == 0, result.stderr
-    assert "held-out exact-match accuracy" in result.stdout and "[4, 6]" in result.stdout
+    assert "assign task, heldout_accuracy" in result.stdout and "[4, 6]" in result.stdout
+    assert "first 10" in result.stdout
 
 
 def test_standard_flag_trains_the_baseline(tmp_path, capsys):
@@ -120,7 +123,7 @@ def one_line_error(capsys, argv) -> str:
     (["train", "--eps", "nan"], "eps must be a finite number"),
     (["train", "--d-model", "30"], "multiple of n_heads"),
     (["train", "--n-vars", "27"], "n_vars must be in [1, 26]"),
-    (["train", "--threads", "0", "--steps", "1"], "--threads must be >= 1"),
+    (["train", "--threads", "0", "--steps", "1"], "--threads must be an int >= 1"),
     (["train", "--backend", "gpu"], "invalid choice: 'gpu'"),
     (["train", "--insert-layer", "1"], "insert_layer needs init_from"),
     (["train", "--soft-budgets", "3,x"], "--soft-budgets must be integers"),
@@ -156,7 +159,7 @@ def test_missing_and_corrupt_checkpoints(tmp_path, capsys):
                                                       "--budgets", "4,4,4"])
     assert "budget" in one_line_error(capsys, ["eval", str(tmp_path / "ok.npz"),
                                                "--budgets", "1"])
-    assert "n (examples to score) must be >= 1" in one_line_error(capsys, ["eval", str(tmp_path / "ok.npz"),
+    assert "n (examples to score) must be an int >= 1" in one_line_error(capsys, ["eval", str(tmp_path / "ok.npz"),
                                                          "--n", "0"])
 
 

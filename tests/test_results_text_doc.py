@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from selattn_lm import text_results
-from selattn_lm.text_training import bits_per_byte, load_text_model
+from selattn_lm.task_registry import load_task_checkpoint
+from selattn_lm.task_text import bits_per_byte
 from selattn_lm.backends import CAttention
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,8 +33,9 @@ def test_the_bundled_checkpoints_are_the_ones_scored():
     assert RESULTS["checkpoints"] == {"selective": "text-selective.npz",
                                       "standard": "text-standard.npz"}
     for name, selective in (("selective", True), ("standard", False)):
-        _, cfg, train = load_text_model(text_results.DATA / f"text-{name}.npz")
-        assert cfg.selective is selective and train.standard is not selective
+        _, cfg, _, extra = load_task_checkpoint(text_results.DATA / f"text-{name}.npz",
+                                                expect="text")
+        assert cfg.selective is selective and extra["train_config"]["standard"] is not selective
         assert cfg.context == RESULTS["context"] and cfg.n_layers == RESULTS["n_layers"]
         sidecar = json.loads((text_results.DATA / f"text-{name}.json").read_text("utf-8"))
         assert sidecar["corpus"] == RESULTS["corpus"]
@@ -49,7 +51,8 @@ def test_the_bundled_models_score_as_the_json_says_on_the_first_windows():
     test = eval_windows(load_corpus().test, RESULTS["context"], 16)
     bpb = {}
     for name in ("selective", "standard"):
-        params, cfg, _ = load_text_model(text_results.DATA / f"text-{name}.npz")
+        params, cfg, _, _ = load_task_checkpoint(text_results.DATA / f"text-{name}.npz",
+                                                 expect="text")
         bpb[name] = bits_per_byte(params, cfg, *test, attention=CAttention())
         # measured: 2.193 and 2.368 on these windows against 2.241 and 2.349 on all 903
         assert np.isfinite(bpb[name]) and abs(bpb[name] - RESULTS["full"][name]) < 0.15, bpb

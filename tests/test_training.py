@@ -1,11 +1,13 @@
-"""Tests of the training loop (selattn_lm.training): schedules, settings, exact-match scoring,
-reproducibility, the log and the checkpoint's task settings."""
+"""Tests of the training loop (selattn_lm.training) on the variable-assignment task: schedules,
+settings, exact-match scoring, reproducibility, the log and the checkpoint's task settings.
+(Resume, signals and output paths: tests/test_training_resume.py; text: test_text_training.py.)"""
 
 from __future__ import annotations
 
 import io
 import json
 import math
+from dataclasses import fields
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,11 +15,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from selattn_lm import training
+from selattn_lm import task_assign, training
+from selattn_lm.progress import TrainingProgress
+from selattn_lm.task_assign import AssignTask, answer_accuracy
 from selattn_lm.training import (
-    ProgressBar,
     TrainConfig,
-    answer_accuracy,
     evaluate_checkpoint,
     learning_rate,
     memory_loss_weight,
@@ -28,6 +30,15 @@ from selattn_lm.checkpoint import load_checkpoint
 from selattn_lm.tasks import CharTokenizer, TaskConfig, encode_batch, make_split
 import selattn_lm
 
+TASK_FIELDS = {f.name for f in fields(AssignTask)}
+
+
+def make(**kwargs) -> TrainConfig:
+    """TrainConfig from flat settings: the task's fields go to its AssignTask."""
+    task = AssignTask(**{k: kwargs.pop(k) for k in list(kwargs) if k in TASK_FIELDS})
+    return TrainConfig(task=task, **kwargs)
+
+
 # A model and task small enough that a run of a few dozen steps takes a second or two.
 TINY = dict(n_vars=2, n_assignments=3, max_value=9, n_layers=2, n_heads=2, d_model=16,
             batch_size=16, heldout_size=40, eval_every=10, steps=20, warmup_steps=5)
@@ -37,7 +48,7 @@ TINY = dict(n_vars=2, n_assignments=3, max_value=9, n_layers=2, n_heads=2, d_mod
 def schedules(draw) -> TrainConfig:
     steps = draw(st.integers(1, 500))
     lr = draw(st.floats(1e-5, 1e-1))
-    return TrainConfig(steps=steps, lr=lr, min_lr=draw(st.floats(0, 1)) * lr,
+    return make(steps=steps, lr=lr, min_lr=draw(st.floats(0, 1)) * lr,
                        warmup_steps=draw(st.integers(0, steps)),
                        eps=draw(st.floats(0, 1)), eps_start=draw(st.integers(0, steps)),
                        eps_ramp=draw(st.integers(0, steps)), standard=draw(st.booleans()))
@@ -84,13 +95,13 @@ def test_memory_loss_weight_is_off_then_ramps_to_eps(cfg):
 ])
 def test_bad_settings_name_the_setting(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
-        TrainConfig(**kwargs)
+        make(**kwargs)
 
 
 def test_settings_round_trip():
-    cfg = TrainConfig(steps=7, eps=0.3, standard=True, train_min_assignments=2)
+    cfg = make(steps=7, eps=0.3, standard=True, train_min_assignments=2)
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-    soft = TrainConfig(soft_budgets=(5, 7), soft_strength=3.0, soft_share=0.5)
+    soft = make(soft_budgets=(5, 7), soft_strength=3.0, soft_share=0.5)
     assert soft.soft_budgets == [5, 7]
     assert TrainConfig.from_dict(json.loads(json.dumps(soft.to_dict()))) == soft
     with pytest.raises(ValueError, match="unknown"):
@@ -99,11 +110,11 @@ def test_settings_round_trip():
 
 @given(st.integers(1, 20), st.integers(0, 2**32 - 1))
 def test_training_batches_vary_in_length_within_bounds(lo, seed):
-    cfg = TrainConfig(n_assignments=20, train_min_assignments=lo)
+    cfg = make(n_assignments=20, train_min_assignments=lo)
     rng = np.random.default_rng(seed)
-    sizes = {cfg.train_task(rng).n_assignments for _ in range(50)}
+    sizes = {cfg.task.train_task(rng).n_assignments for _ in range(50)}
     assert min(sizes) >= lo and max(sizes) <= 20
-    assert cfg.train_task() == cfg.task()       # without a generator: the task itself
+    assert cfg.task.train_task() == cfg.task.config()     # without a generator: the task
 
 
 @given(st.lists(st.integers(0, 2), min_size=1, max_size=12), st.integers(0, 2**32 - 1))
@@ -129,28 +140,39 @@ def test_exact_match_needs_every_answer_character(kinds, seed):
         return logits[:len(batch_tokens), :batch_tokens.shape[1]], None, None
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(training.lm, "forward", fake_forward)
+        mp.setattr(task_assign.lm, "forward", fake_forward)
         acc = answer_accuracy({}, SimpleNamespace(context=task.max_tokens), tok, examples,
                               batch_size=len(examples))
     expected = sum(kind != 2 for kind in kinds) / len(kinds)
     assert acc == expected
 
 
-def test_progress_bar_shows_step_loss_and_accuracy():
+def test_progress_off_a_terminal_prints_one_line_per_evaluation():
+    """Off a terminal the bar is off and each evaluation is one line with the step, the mean
+    loss since the last evaluation and the metric; warnings go through it too."""
     stream = io.StringIO()
-    bar = ProgressBar(200, stream=stream)
-    bar.update(50, 5.0, 1.2345, None)          # not a terminal: only evaluations are printed
-    bar.update(100, 10.0, 0.5, 0.875)
-    bar.update(200, 20.0, 0.25, 0.99, final_line=True)
+    bar = TrainingProgress(200, 0, "heldout_accuracy", AssignTask.format_metric, stream=stream)
+    for _ in range(100):
+        bar.step(0.5)
+    bar.evaluation(100, 0.5, 0.875, 10.0)
+    bar.write("warning: something")
+    bar.evaluation(200, 0.25, 0.99, 20.0)
+    bar.close()
     lines = stream.getvalue().splitlines()
-    assert len(lines) == 2
+    assert len(lines) == 3, lines
     assert "step 100/200" in lines[0] and "loss 0.5000" in lines[0] and "87.5%" in lines[0]
-    assert "step 200/200" in lines[1] and "99.0%" in lines[1]
+    assert lines[1] == "warning: something"
+    assert "step 200/200" in lines[2] and "99.0%" in lines[2]
+    quiet = io.StringIO()
+    bar = TrainingProgress(10, 0, "m", str, quiet=True, stream=quiet)
+    bar.evaluation(10, 1.0, 1.0, 1.0)
+    bar.write("nothing")
+    assert quiet.getvalue() == ""
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    cfg = TrainConfig(**TINY, eps=0.05, seed=3)
+    cfg = make(**TINY, eps=0.05, seed=3)
     params, model_cfg, log = train(cfg, backend="auto", quiet=True)
     path = tmp_path_factory.mktemp("run") / "tiny.npz"
     log_path = save_run(params, model_cfg, log, path)
@@ -176,11 +198,15 @@ def test_checkpoint_carries_the_task_and_reproduces_the_accuracy(tiny_run):
     cfg, params, model_cfg, log, path, _ = tiny_run
     loaded, loaded_cfg, extra = load_checkpoint(path)
     assert loaded_cfg == model_cfg and loaded_cfg.selective and loaded_cfg.eps == 0.05
-    assert TaskConfig.from_dict(extra["task"]) == cfg.task()
+    assert extra["task"] == dict(cfg.task.settings(), name="assign")
+    assert AssignTask.from_settings(extra["task"]) == cfg.task
     assert all(np.array_equal(loaded[k], params[k]) for k in params)
     result = evaluate_checkpoint(path, backend=log["backend"])
-    assert result["n"] == cfg.heldout_size
-    assert result["accuracy"] == log["final_heldout_accuracy"]
+    assert result["n"] == cfg.task.heldout_size and result["task"] == "assign"
+    assert result["heldout_accuracy"] == log["final_heldout_accuracy"]
+    with pytest.raises(ValueError, match="is a model of the 'assign' task; this needs a model "
+                                         "of the 'text' task"):
+        evaluate_checkpoint(path, expect="text")
 
 
 def test_same_seed_same_run_different_seed_different_run(tiny_run):
@@ -188,15 +214,15 @@ def test_same_seed_same_run_different_seed_different_run(tiny_run):
     again, _, log_again = train(cfg, backend=log["backend"], quiet=True)
     assert all(np.array_equal(again[k], params[k]) for k in params)
     assert [c["loss"] for c in log_again["curve"]] == [c["loss"] for c in log["curve"]]
-    other, _, _ = train(TrainConfig(**dict(TINY, steps=2, eval_every=2, seed=4)),
+    other, _, _ = train(make(**dict(TINY, steps=2, eval_every=2, seed=4)),
                         backend=log["backend"], quiet=True)
-    first, _, _ = train(TrainConfig(**dict(TINY, steps=2, eval_every=2, seed=3)),
+    first, _, _ = train(make(**dict(TINY, steps=2, eval_every=2, seed=3)),
                         backend=log["backend"], quiet=True)
     assert not np.array_equal(other["wte"], first["wte"])
 
 
 def test_standard_baseline_has_no_memory_loss():
-    cfg = TrainConfig(**dict(TINY, steps=3, eval_every=3), standard=True, eps=0.5)
+    cfg = make(**dict(TINY, steps=3, eval_every=3), standard=True, eps=0.5)
     _, model_cfg, log = train(cfg, quiet=True)
     assert not model_cfg.selective and model_cfg.eps == 0.0
     assert all(c["mem"] == 0.0 and c["eps"] == 0.0 for c in log["curve"])
@@ -205,7 +231,7 @@ def test_standard_baseline_has_no_memory_loss():
 def test_training_learns_the_single_assignment_task():
     """One variable, one assignment: the answer is a copy of the value. A tiny model must learn
     that, on values it never saw (a broken gradient, schedule or target mask leaves it near 0)."""
-    cfg = TrainConfig(n_vars=1, n_assignments=1, max_value=99, n_layers=2, n_heads=2,
+    cfg = make(n_vars=1, n_assignments=1, max_value=99, n_layers=2, n_heads=2,
                       d_model=32, batch_size=32, steps=120, lr=1e-2, warmup_steps=10,
                       heldout_size=20, eval_every=120, eps=0.0)
     _, _, log = train(cfg, quiet=True)
@@ -224,7 +250,7 @@ def test_shipped_checkpoints_score_what_their_logs_say(name, selective):
     result = evaluate_checkpoint(data / f"{name}.npz", backend=log["backend"])
     assert result["selective"] is selective
     assert result["n"] == log["heldout_size"]
-    assert result["accuracy"] == log["final_heldout_accuracy"]
+    assert result["heldout_accuracy"] == log["final_heldout_accuracy"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,13 +279,13 @@ def test_training_from_a_checkpoint_with_an_inserted_layer(tiny_run):
     """--init-from with --insert-layer starts from the checkpoint's accuracy (the new layer is
     an identity), trains the 3-layer model and records where it started."""
     cfg, _, _, log, path, _ = tiny_run
-    grown = TrainConfig(**dict(TINY, n_layers=3, steps=10, eval_every=10, seed=5),
+    grown = make(**dict(TINY, n_layers=3, steps=10, eval_every=10, seed=5),
                         init_from=str(path), insert_layer=1)
     params, model_cfg, grown_log = train(grown, quiet=True)
     assert model_cfg.n_layers == 3 and "h2.mlp.w2" in params
     assert grown_log["train_config"]["init_from"] == str(path)
     assert grown_log["train_config"]["insert_layer"] == 1
-    unchanged = TrainConfig(**dict(TINY, steps=1, eval_every=1, lr=1e-12, min_lr=0.0,
+    unchanged = make(**dict(TINY, steps=1, eval_every=1, lr=1e-12, min_lr=0.0,
                                    warmup_steps=0, weight_decay=0.0), init_from=str(path))
     _, _, same_log = train(unchanged, quiet=True)        # a step too small to move anything
     assert same_log["final_heldout_accuracy"] == log["final_heldout_accuracy"]
@@ -273,7 +299,7 @@ def test_training_from_a_checkpoint_with_an_inserted_layer(tiny_run):
 ])
 def test_a_checkpoint_that_does_not_match_the_settings_is_refused(tiny_run, kwargs, match):
     path = tiny_run[4]
-    cfg = TrainConfig(**dict(TINY, steps=1, **{k: v for k, v in kwargs.items()
+    cfg = make(**dict(TINY, steps=1, **{k: v for k, v in kwargs.items()
                                                if k != "insert_layer"}),
                       init_from=str(path), insert_layer=kwargs.get("insert_layer"))
     with pytest.raises(ValueError, match=match):
@@ -282,9 +308,9 @@ def test_a_checkpoint_that_does_not_match_the_settings_is_refused(tiny_run, kwar
 
 def test_insert_layer_needs_init_from_and_a_layer_index_in_range():
     with pytest.raises(ValueError, match="insert_layer needs init_from"):
-        TrainConfig(insert_layer=0)
+        make(insert_layer=0)
     with pytest.raises(ValueError, match="insert_layer must be in"):
-        TrainConfig(init_from="m.npz", insert_layer=2, n_layers=2)
+        make(init_from="m.npz", insert_layer=2, n_layers=2)
 
 
 def test_pruning_aware_training_changes_the_run_only_on_its_steps():
@@ -292,10 +318,10 @@ def test_pruning_aware_training_changes_the_run_only_on_its_steps():
     penalty on every step the same batches give other weights than a slope of 0 on the same
     (NumPy) attention; the log records the settings."""
     base = dict(TINY, steps=6, eval_every=6, seed=4)
-    plain, _, _ = train(TrainConfig(**base), quiet=True)
-    none, _, _ = train(TrainConfig(**base, soft_budgets=[3, 3], soft_share=0.0), quiet=True)
-    flat, _, _ = train(TrainConfig(**base, soft_budgets=[3, 3], soft_strength=0.0), quiet=True)
-    soft, _, log = train(TrainConfig(**base, soft_budgets=[3, 3], soft_strength=5.0), quiet=True)
+    plain, _, _ = train(make(**base), quiet=True)
+    none, _, _ = train(make(**base, soft_budgets=[3, 3], soft_share=0.0), quiet=True)
+    flat, _, _ = train(make(**base, soft_budgets=[3, 3], soft_strength=0.0), quiet=True)
+    soft, _, log = train(make(**base, soft_budgets=[3, 3], soft_strength=5.0), quiet=True)
     assert all(np.array_equal(none[k], plain[k]) for k in plain)
     assert any(np.abs(soft[k] - flat[k]).max() > 1e-4 for k in plain)
     assert log["train_config"]["soft_budgets"] == [3, 3]
