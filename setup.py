@@ -74,7 +74,8 @@ setup(
     entry_points={"console_scripts": ["selattn = selattn_lm.cli:main"]},
     setup_requires=["cffi>=1.15"],
     **EXTENSION,
-    install_requires=["numpy>=1.22", "cffi>=1.15"],
+    # tqdm: progress bars of the long commands; threadpoolctl: --threads bounds NumPy's BLAS.
+    install_requires=["numpy>=1.22", "cffi>=1.15", "tqdm>=4.60", "threadpoolctl>=3.1"],
     extras_require={
         # gensim carries the Wikipedia sample of the text task (selattn_lm.text) in its
         # wheel; the tests check the split of that very file, so the test extra brings it too.

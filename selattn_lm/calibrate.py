@@ -22,6 +22,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from selattn_reference.validation import check_budget, check_budgets
 
+from .progress import progress_bar
+
 # candidate budgets: these fractions of a layer's current budget. 0.9 lets the search end close
 # to a layer's real need (with 0.5 and 0.75 alone, a layer at 43 can only try 32 or 21)
 DEFAULT_FRACTIONS = (0.5, 0.75, 0.9)
@@ -150,7 +152,8 @@ def greedy_calibrate(score: Callable[[Tuple[int, ...]], Score], n_layers: int, c
     criterion : "accuracy" (tie-break by loss) or "loss" (tie-break by accuracy)
     fractions : fractions in (0, 1) of the current budget to try
     minimum : int, the smallest budget a layer may get (2: BOS and the current token)
-    log : callable taking one line of progress, or None (stderr)
+    log : callable taking one line of progress, or None (stderr, below a progress bar of the
+        evaluations on a terminal)
 
     Returns
     -------
@@ -171,7 +174,8 @@ def greedy_calibrate(score: Callable[[Tuple[int, ...]], Score], n_layers: int, c
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     fractions = _check_fractions(fractions)
-    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    bar = progress_bar(desc="calibrate", unit="evaluation", quiet=log is not None)
+    log = log or (lambda line: bar.write(line, file=sys.stderr))
 
     memo: Dict[Tuple[int, ...], Score] = {}
 
@@ -181,6 +185,7 @@ def greedy_calibrate(score: Callable[[Tuple[int, ...]], Score], n_layers: int, c
             if not isinstance(s, Score):
                 raise TypeError(f"score must return a Score, got {type(s).__name__}")
             memo[budgets] = s
+            bar.update(1)
         return memo[budgets]
 
     budgets = (context,) * n_layers
@@ -212,6 +217,7 @@ def greedy_calibrate(score: Callable[[Tuple[int, ...]], Score], n_layers: int, c
             f"{len(memo)} evaluations)")
     log(f"calibrate: done: budgets {list(budgets)}, accuracy {current.accuracy:.4f} "
         f"(unpruned {unpruned.accuracy:.4f}), {len(memo)} evaluations")
+    bar.close()
     return Calibration(budgets=list(budgets), context=context, unpruned=unpruned, final=current,
                        steps=steps, evaluations=len(memo), tolerance=float(tolerance),
                        criterion=criterion, fractions=fractions)

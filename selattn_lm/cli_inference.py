@@ -22,9 +22,9 @@ from .calibrate import (
     greedy_calibrate,
     write_budgets,
 )
-from .threads import set_threads
 from .mask_plot import DEFAULT_VMAX, ascii_heatmap, have_matplotlib, save_png
 from .runner import ModelRunner
+from .threads import set_threads
 
 CALIBRATION_SEED = 2024     # the calibration split's seed (disjoint from the held-out set)
 

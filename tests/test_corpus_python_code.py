@@ -186,7 +186,7 @@ def test_missing_wheel_says_how_to_fetch_it(monkeypatch, tmp_path):
         python_code.load()
     msg = str(e.value)
     assert "pip download --no-deps --only-binary=:all: sympy==1.14.0 -d" in msg
-    assert str(tmp_path / "cache") in msg and "python_code.fetch()" in msg
+    assert str(tmp_path / "cache") in msg and "selattn corpus fetch python-code" in msg
     with pytest.raises(CorpusNotFound, match="does not exist"):
         python_code.load(tmp_path / "nowhere.whl")
     with pytest.raises(CorpusNotFound, match="does not exist"):

@@ -235,3 +235,11 @@ def test_text_results_refuses_swapped_models(dump, tiny_models, tmp_path):
     sel, std = tiny_models
     with pytest.raises(ValueError, match="must be a selective model"):
         text_results.evaluate(std, sel, corpus=str(dump), test_windows=2, valid_windows=2)
+
+
+def test_corpus_command_lists_the_corpora(capsys):
+    assert main(["corpus", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "python-code (" in out and "wiki (" in out and "licence: BSD-3-Clause" in out
+    assert main(["corpus", "fetch", "nonesuch"]) == 2
+    assert "invalid choice: 'nonesuch'" in capsys.readouterr().err

@@ -14,8 +14,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -58,7 +58,7 @@ LIMITS = ReadLimits(max_wheel_bytes=32 << 20, max_members=10_000, max_member_byt
                     max_total_bytes=64 << 20)
 FILE_HEADER = "# file: {path}\n"
 FILE_SEPARATOR = "\n"                  # after a file's final newline: one blank line between files
-FETCH_HINT = "call selattn_lm.corpora.python_code.fetch()"
+FETCH_HINT = "run: selattn corpus fetch python-code"
 
 
 def split_files(files: Sequence[Tuple[str, str]], source: str = "") -> TextCorpus:
