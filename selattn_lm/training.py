@@ -350,7 +350,8 @@ def train(cfg: TrainConfig, *, backend: str = "auto", quiet: bool = False,
         run = RunProgress.fresh(cfg.seed)
     threads = thread_report(backend_name)
     session = {"command": command, "started": datetime.now(timezone.utc).isoformat(
-        timespec="seconds"), "start_step": run.step, "threads": threads}
+        timespec="seconds"), "start_step": run.step, "backend": backend_name,
+        "threads": threads}
     run.sessions.append(session)
     progress = TrainingProgress(cfg.steps, run.step, task.METRIC, task.format_metric,
                                 quiet=quiet, stream=stream)
