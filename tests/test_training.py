@@ -326,3 +326,18 @@ def test_pruning_aware_training_changes_the_run_only_on_its_steps():
     assert any(np.abs(soft[k] - flat[k]).max() > 1e-4 for k in plain)
     assert log["train_config"]["soft_budgets"] == [3, 3]
     assert log["train_config"]["soft_strength"] == 5.0
+
+
+def test_a_standard_checkpoint_can_be_fine_tuned_into_a_selective_model(tiny_run, tmp_path):
+    """Selective attention adds no parameter: --init-from a standard model with the selective
+    settings starts from its weights (its held-out score at step 0 is the standard model's
+    under selection, not a fresh model's) and trains on with the memory loss."""
+    std = make(**dict(TINY, steps=4, eval_every=4), standard=True)
+    params, model_cfg, log = train(std, quiet=True)
+    path = tmp_path / "std.npz"
+    save_run(params, model_cfg, log, path)
+    tuned_cfg = make(**dict(TINY, steps=1, eval_every=1, lr=1e-12, min_lr=0.0, warmup_steps=0,
+                            weight_decay=0.0), init_from=str(path), eps=0.1)
+    tuned, tuned_model_cfg, tuned_log = train(tuned_cfg, quiet=True)
+    assert tuned_model_cfg.selective and tuned_log["curve"][0]["eps"] == 0.1
+    assert all(np.abs(tuned[k] - params[k]).max() < 1e-6 for k in params)
