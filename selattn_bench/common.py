@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
+from selattn_lm.progress import progress_bar
+
 MAX_RUNS_FACTOR = 20          # at most repeats * this many timed runs for fast operations
 
 
@@ -115,6 +117,7 @@ def time_ops_interleaved(ops: Sequence[Tuple[Callable[[Any], Any], Optional[Call
     times: List[List[float]] = [[] for _ in ops]
     gc_was_enabled = gc.isenabled()
     gc.disable()
+    bar = progress_bar(total=repeats, desc="timing", unit="round")   # between runs, never timed
     try:
         while True:
             rounds = len(times[0])
@@ -127,7 +130,9 @@ def time_ops_interleaved(ops: Sequence[Tuple[Callable[[Any], Any], Optional[Call
                 run(arg)
                 op_times.append(time.perf_counter() - t0)
                 del arg
+            bar.update(1)
     finally:
+        bar.close()
         if gc_was_enabled:
             gc.enable()
     return times
