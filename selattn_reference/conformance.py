@@ -34,6 +34,17 @@ DEFAULT_TIMEOUT = 10.0   # seconds one call of the candidate may take
 
 def _run(run, checks, diagnose, target: str, kind: str) -> Report:
     report = Report(target, kind)
+    try:
+        _run_checks(run, checks, report)
+    finally:
+        run.caller.close()
+    numeric = [c for c in report.checks[1:] if c.status == FAIL]
+    if numeric and run.caller.timed_out is None:
+        report.diagnosis = diagnose(run)
+    return report
+
+
+def _run_checks(run, checks, report: Report) -> None:
     for check in checks:
         if report.checks and report.checks[0].status == FAIL:
             skipped = CheckResult(check.__name__[len("check_"):].replace("_", "-"), "not run")
@@ -46,10 +57,6 @@ def _run(run, checks, diagnose, target: str, kind: str) -> Report:
             report.checks.append(skipped)
             continue
         report.checks.append(check(run))
-    numeric = [c for c in report.checks[1:] if c.status == FAIL]
-    if numeric and run.caller.timed_out is None:
-        report.diagnosis = diagnose(run)
-    return report
 
 
 def _name(obj) -> str:
