@@ -55,7 +55,7 @@ def check_call(run: CacheRun) -> CheckResult:
     small = Case("first-call", *(x[:1, :2, :5] for x in (case.q, case.k, case.v)))
     try:
         run.decode(small, 3)
-        check.found = "each step returned a finite float array of shape (1, 2, 4)"
+        check.found = "each step a finite float array of shape (1, 2, 4)"
     except CandidateError as exc:
         check.fail(str(exc))
     return check
@@ -76,10 +76,9 @@ def check_decode(run: CacheRun) -> CheckResult:
     cases = decode_cases()
     N = cases[0].shape[2]
     budgets = decode_budgets(N)
-    check = CheckResult("decode", f"{len(cases)} sequences of N = {N} tokens (random at input "
-                        "scales 0.5, 1, 3; ties: zero selector, integers), one fresh cache per "
-                        "budget " + ", ".join(map(str, budgets)) + ", each step against the "
-                        "reference's pruned forward")
+    check = CheckResult("decode", f"{len(cases)} sequences of {N} tokens (random, ties) x "
+                        "budgets " + ", ".join(map(str, budgets)) + ", a fresh cache each: every "
+                        "step against the reference's pruned forward")
     worst, ran, unclear = Worst(), 0, 0
     for case in cases:
         for budget in budgets:
@@ -106,9 +105,8 @@ def check_bos_budget(run: CacheRun) -> CheckResult:
     shows which tokens the cache holds."""
     case = Case("held-probe", *(x for x in _probe_arrays()))
     budgets = (2, 4)
-    check = CheckResult("bos-budget", "one-hot values show which tokens each step attends to; "
-                        "budgets " + ", ".join(map(str, budgets)) + ": at most budget tokens, "
-                        "always BOS and the current token")
+    check = CheckResult("bos-budget", "one-hot values show what each step attends to, budgets "
+                        + ", ".join(map(str, budgets)) + ": BOS, itself, at most budget tokens")
     e = case_atol(case, case.reference()[1].F)
     for budget in budgets:
         try:
@@ -142,11 +140,11 @@ def _probe_arrays(N: int = 10) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def check_options(run: CacheRun) -> CheckResult:
     cases = option_cases()
-    check = CheckResult("options", f"{len(cases)} decodes passing the options to make() by name "
-                        "(" + run.convention.describe() + "), budgets 3 and N")
+    check = CheckResult("options", f"{len(cases)} sequences, budgets 3 and N, the options "
+                        "passed to make() by name: " + run.convention.describe())
     if not run.convention.takes_options:
-        check.skip("the factory takes no options; other heads and scales were still checked by "
-                   "permuting heads and rescaling q")
+        check.skip("other heads and scales were still run, by permuting heads and "
+                   "rescaling q")
         return check
     worst, ran = Worst(), 0
     for case in cases:

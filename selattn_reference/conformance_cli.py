@@ -54,7 +54,7 @@ def add_check_parser(commands) -> None:
     p.add_argument("--torch", action="store_true",
                    help="TARGET takes and returns torch tensors (a function, or an nn.Module "
                         "object: FILE.py:attention where attention = MyAttention())")
-    p.add_argument("--dtype", choices=("float64", "float32", "float16", "bfloat16"),
+    p.add_argument("--dtype", choices=("float64", "float32"),
                    help="with --torch: the tensors' dtype (default: a module's parameters', "
                         "else float64)")
     p.add_argument("--timeout", type=_positive, default=10.0, metavar="SECONDS",
@@ -177,6 +177,10 @@ def run_in_child(argv: List[str], args: argparse.Namespace) -> int:
 
 def main_check(argv: List[str], args: argparse.Namespace) -> int:
     """The ``check`` command: argv is the command line after ``python -m selattn_reference``."""
+    if args.dtype is not None and not args.torch:
+        print("error: --dtype applies to --torch only (a NumPy function gets float64 arrays)",
+              file=sys.stderr)
+        return EXIT_BAD_ARGUMENT
     if getattr(args, CHILD_FLAG.lstrip("-").replace("-", "_")):
         return run_here(args)
     return run_in_child(argv, args)

@@ -44,7 +44,7 @@ class Convention:
         parts = [f"{option} as {name}=" for option, name in (
             ("selector head", self.selector_head), ("BOS protection", self.protect_bos),
             ("scale", self.scale)) if name is not None]
-        return ", ".join(parts) if parts else "no options (head 0, BOS protected, 1/sqrt(D))"
+        return ", ".join(parts) if parts else "none taken (head 0, BOS protected, 1/sqrt(D))"
 
     def kwargs(self, selector_head: int, protect_bos: bool, scale: float) -> Dict[str, object]:
         """The keyword arguments that pass these option values."""

@@ -107,7 +107,7 @@ def check_call(run: ForwardRun) -> CheckResult:
                  case.v[:1, :2, :6, :4])
     try:
         run.output(small)
-        check.found = "returned a finite float array of shape (1, 2, 6, 4)"
+        check.found = "a finite float array of shape (1, 2, 6, 4)"
     except CandidateError as exc:
         check.fail(str(exc))
     return check
@@ -115,8 +115,8 @@ def check_call(run: ForwardRun) -> CheckResult:
 
 def check_shapes(run: ForwardRun) -> CheckResult:
     shapes = ((1, 1, 1, 1), (1, 1, 9, 3), (3, 2, 1, 4), (2, 2, 6, 1), (2, 5, 7, 3), (1, 2, 64, 8))
-    check = CheckResult("shapes", "output shape and finiteness for (B, H, N, D) in "
-                        + ", ".join(str(s) for s in shapes))
+    check = CheckResult("shapes", f"{len(shapes)} shapes (B, H, N, D) from (1, 1, 1, 1) to "
+                        "(1, 2, 64, 8): shape and finiteness of out")
     rng = np.random.default_rng(5)
     for shape in shapes:
         case = Case("shape", *(rng.standard_normal(shape) for _ in range(3)))
@@ -125,7 +125,7 @@ def check_shapes(run: ForwardRun) -> CheckResult:
         except CandidateError as exc:
             note(check, str(exc))
     if check.status != "FAIL":
-        check.found = f"{len(shapes)} shapes, each returned as (B, H, N, D)"
+        check.found = "each returned as (B, H, N, D), finite"
     return check
 
 
@@ -141,8 +141,8 @@ def compare(check: CheckResult, worst: Worst, case: Case, out: np.ndarray,
 
 def check_golden(run: ForwardRun) -> CheckResult:
     golden = load_golden()
-    check = CheckResult("golden", f"{len(golden)} golden vectors of an independent "
-                        "implementation of the listing (float64), out compared")
+    check = CheckResult("golden", f"{len(golden)} golden vectors (an independent float64 "
+                        "implementation of the listing): out")
     worst, ran, skipped = Worst(), 0, []
     for case in golden:
         if not run.convention.can_run(case):
@@ -167,10 +167,9 @@ def check_golden(run: ForwardRun) -> CheckResult:
 
 def check_random(run: ForwardRun) -> CheckResult:
     cases = random_cases()
-    check = CheckResult("random", f"{len(cases)} random cases against the reference: input "
-                        "scales 0.1 to 10 (logits up to ~100, hard masks), N = 1 to 40, D = 1 to "
-                        "16, H = 1, ties (zero selector, repeated keys, integers), selector head "
-                        "2, scale 0.7")
+    check = CheckResult("random", f"{len(cases)} random cases against the reference: inputs "
+                        "x0.1 to x10 (logits to ~100), N 1-40, D 1-16, H 1-4, ties, selector "
+                        "head 2, scale 0.7")
     worst = Worst()
     for case in cases:
         try:
@@ -188,11 +187,11 @@ def check_random(run: ForwardRun) -> CheckResult:
 
 def check_options(run: ForwardRun) -> CheckResult:
     cases = option_cases()
-    check = CheckResult("options", f"{len(cases)} cases passing the options by name ("
-                        + run.convention.describe() + ")")
+    check = CheckResult("options", f"{len(cases)} cases passing the options by name: "
+                        + run.convention.describe())
     if not run.convention.takes_options:
-        check.skip("the candidate takes no options; other heads and scales were still checked "
-                   "by permuting heads and rescaling q")
+        check.skip("other heads and scales were still run, by permuting heads and "
+                   "rescaling q")
         return check
     worst, ran = Worst(), 0
     for case in cases:
@@ -215,8 +214,8 @@ def check_options(run: ForwardRun) -> CheckResult:
 def check_causality(run: ForwardRun) -> CheckResult:
     case = causality_case()
     cuts = (0, 5, 11)
-    check = CheckResult("causality", "changes q, k, v after position t (t = "
-                        + ", ".join(map(str, cuts)) + "); outputs up to t must not move")
+    check = CheckResult("causality", "q, k, v changed after position t = "
+                        + ", ".join(map(str, cuts)) + ": out up to t must not move")
     try:
         base = run.output(case)
     except CandidateError as exc:
@@ -250,10 +249,8 @@ def check_bos_self(run: ForwardRun) -> CheckResult:
     never decreases down a column. Read off the attention weights (one-hot values), with no
     reference: ``P[i, j] / P[i, i] = exp(L[i, j] - L[i, i] - F[i, j] + F[i, i])``."""
     case = probe_case()
-    check = CheckResult("bos-self", "one-hot values make out the attention weights P; checks "
-                        "F[i, 0] = F[i, i] = F[i, i-1] = 0 (BOS, self and the previous token "
-                        "unmasked), F >= 0, the same F for every head, F non-decreasing down "
-                        "columns, no weight on the future")
+    check = CheckResult("bos-self", "attention weights read off one-hot values: BOS, self "
+                        "and previous token unmasked; F >= 0, shared, non-decreasing")
     try:
         P = run.output(case)[0]                                     # (H, N, N)
     except CandidateError as exc:
@@ -276,10 +273,9 @@ def check_bos_self(run: ForwardRun) -> CheckResult:
             for r in np.flatnonzero(bad)[:2]:
                 with np.errstate(divide="ignore"):
                     implied = float(np.log(expected[r] / max(P[h, i[r], j[r]], 1e-300)))
-                note(check, f"query {i[r]} of head {h}: the weights of {name} (key {j[r]}) and "
-                            f"of the query itself are not in the ratio of their logits "
-                            f"(F[{i[r]}, {j[r]}] - F[{i[r]}, {i[r]}] = {implied:.3g}; both "
-                            "must be 0)")
+                note(check, f"query {i[r]}, head {h}: {name} (key {j[r]}) is masked relative "
+                            f"to the query itself: F[{i[r]}, {j[r]}] - F[{i[r]}, {i[r]}] = "
+                            f"{implied:.3g}, must be 0")
     # F recovered from the usable weights: (L[i, j] - L[i, i]) - log(P[i, j] / P[i, i])
     usable = (P >= INVARIANT_MIN_WEIGHT) & (diag_P >= INVARIANT_MIN_WEIGHT) & np.tri(N, dtype=bool)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -309,11 +305,10 @@ def check_gradients(run: ForwardRun) -> CheckResult:
     golden = [c for c in load_golden() if run.convention.can_run(c)]
     randoms = [c for c in random_cases(seed=7) if not c.near_relu_kink()
                and c.q.shape[2] > 1][:8]
-    check = CheckResult("gradients", f"dq, dk, dv of sum(out * dout) on {len(golden)} golden "
-                        f"and {len(randoms)} random cases (inputs near relu's kink left out)")
+    check = CheckResult("gradients", f"dq, dk, dv of sum(out * dout): {len(golden)} golden, "
+                        f"{len(randoms)} random cases")
     if not hasattr(run.fn, "gradients"):
-        check.skip("not differentiable here (a NumPy function; the torch adapter checks "
-                   "gradients)")
+        check.skip("a NumPy function (the torch adapter checks gradients)")
         return check
     rng = np.random.default_rng(8)
     worst, ran = Worst(), 0

@@ -8,6 +8,7 @@ from typing import List, Tuple
 from .conformance_mistakes import MISTAKES
 
 PASS, FAIL, SKIP = "pass", "FAIL", "skip"
+SHOWN = 4   # findings printed per check (``Report.failures`` has them all)
 
 
 @dataclass
@@ -72,10 +73,10 @@ class Report:
             lines.append(f"  {c.status:4}  {c.name:{width}}  {c.did}")
             if c.status == PASS and c.found:
                 lines.append(f"        {'':{width}}  -> {c.found}")
-            for finding in c.findings[:8]:
+            for finding in c.findings[:SHOWN]:
                 lines.append(f"        {'':{width}}  -> {finding}")
-            if len(c.findings) > 8:
-                lines.append(f"        {'':{width}}  -> ... and {len(c.findings) - 8} more")
+            if len(c.findings) > SHOWN:
+                lines.append(f"        {'':{width}}  -> ... and {len(c.findings) - SHOWN} more")
         if self.diagnosis:
             lines.append("diagnosis: the outputs match the reference with "
                          + " and ".join(self.diagnosis) + ":")

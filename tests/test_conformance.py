@@ -8,6 +8,7 @@ The candidates live in tests/conformance_candidates.py, written independently of
 from __future__ import annotations
 
 import filecmp
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -249,3 +250,22 @@ def test_cli_survives_crashes_exits_and_hangs(tmp_path, name, message):
     assert result.returncode == 1, result.stdout + result.stderr
     assert message in result.stdout
     assert "NOT CONFORMANT" in result.stdout.splitlines()[-1]
+
+
+def test_the_docs_show_the_real_report(tmp_path):
+    """docs/conformance.md prints the report of examples/conformance_mine.py; it must be what the
+    command prints (run from the repository's root, as the page says)."""
+    root = Path(__file__).resolve().parents[1]
+    doc = root / "docs" / "conformance.md"
+    if not doc.exists():
+        pytest.skip("docs/ is not next to the tests")
+    text = doc.read_text(encoding="utf-8")
+    shown = re.search(r"<!-- conformance-output -->\s*```text\n(.*?)\n```", text, re.S).group(1)
+    result = subprocess.run([sys.executable, "-m", "selattn_reference", "check",
+                             "examples/conformance_mine.py:attention"], cwd=root,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stdout.strip() == shown.strip()
+    timeout = check_forward(C.hangs, timeout=0.5).render()
+    for line in re.search(r"```text\n(  FAIL  call.*?)\n```", text, re.S).group(1).splitlines():
+        assert line in timeout
