@@ -1,6 +1,6 @@
 """An implementation of selective attention with a mistake that public implementations make,
-for docs/conformance.md: ``python -m selattn_reference check examples/conformance_mine.py:attention``
-finds it and names it."""
+for docs/conformance.md: ``python -m selattn_reference check
+examples/conformance_mine.py:attention`` finds it and names it."""
 
 import numpy as np
 

@@ -1,15 +1,16 @@
 """Calling a candidate implementation without letting it crash the kit.
 
 Every call of the candidate goes through ``Caller.call``: it runs on a worker thread (a daemon
-thread) that the kit waits for at most ``timeout`` seconds. An exception (any ``BaseException``, including
-``SystemExit``) becomes a ``CandidateError`` with one line saying what happened; so does a result
-of the wrong type or shape, or one with NaN or infinity.
+thread) that the kit waits for at most ``timeout`` seconds. An exception (any ``BaseException``,
+``SystemExit`` included) becomes a ``CandidateError`` with one line saying what happened; so does
+a result of the wrong type or shape, or one with NaN or infinity.
 
 A call that does not return in time cannot be stopped: Python has no way to kill a thread. The
 thread is left running in the background (a daemon thread, so it never keeps the process alive
 at exit; it keeps using a core until the call returns, if it ever does) and the ``Caller``
-refuses every later call, so at most one runaway thread exists per check. ``python -m selattn_reference check`` goes further and runs the whole check in a child
-process, which it kills when the check overruns (``conformance_cli``).
+refuses every later call, so at most one runaway thread exists per check. ``python -m
+selattn_reference check`` goes further and runs the whole check in a child process, which it
+kills when the check overruns (``conformance_cli``).
 """
 
 from __future__ import annotations

@@ -151,7 +151,7 @@ def run_in_child(argv: List[str], args: argparse.Namespace) -> int:
         return EXIT_BAD_ARGUMENT
     command = [sys.executable, "-m", "selattn_reference", *argv, CHILD_FLAG]
     try:
-        child = subprocess.run(command, capture_output=True, text=True,
+        child = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL,
                                timeout=args.total_timeout)
     except subprocess.TimeoutExpired as exc:
         partial = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")

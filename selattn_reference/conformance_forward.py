@@ -161,7 +161,8 @@ def check_golden(run: ForwardRun) -> CheckResult:
         else:
             check.found = worst.summary(ran, "cases")
             if skipped:
-                check.found += f"; not run (BOS unprotected, no option for it): {', '.join(skipped)}"
+                check.found += ("; not run (BOS unprotected, no option for it): "
+                                + ", ".join(skipped))
     return check
 
 

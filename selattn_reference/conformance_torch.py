@@ -47,7 +47,10 @@ def _to_array(value: Any) -> Any:
     """A returned tensor as a NumPy array; anything else is handed back for the kit to refuse."""
     torch = _torch()
     if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", torch.float64).numpy()
+        value = value.detach().cpu()
+        # floating tensors as float64 (NumPy has no bfloat16); others keep their dtype, which
+        # the kit then refuses
+        return value.double().numpy() if value.is_floating_point() else value.numpy()
     return value
 
 

@@ -194,6 +194,16 @@ def test_bad_arguments_of_the_api_raise():
         check_forward(reference, scale="not a name")
 
 
+def test_the_kit_does_not_import_torch(tmp_path):
+    """Without torch the kit works: nothing imports it until a torch adapter is made."""
+    code = ("import sys, selattn_reference.conformance as c, numpy as np; "
+            "r = c.check_forward(lambda q, k, v: v); "
+            "assert not r.passed and 'torch' not in sys.modules, sorted(sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
 def test_the_packaged_golden_vectors_are_the_tests_own():
     tests_golden = Path(__file__).parent / "data" / "golden"
     names = sorted(p.name for p in tests_golden.glob("*.npz"))

@@ -104,6 +104,8 @@ def test_a_wrong_backward_fails_the_gradient_check_only():
 def test_a_function_that_returns_no_tensor_or_no_graph_is_reported():
     report = check_forward(lambda q, k, v: None, torch=True)
     assert "returned None" in report.failures[0]
+    report = check_forward(lambda q, k, v: (q > 0).long(), torch=True)
+    assert "returned dtype int64" in report.failures[0]
     report = check_forward(lambda q, k, v: listing(q, k, v).detach(), torch=True)
     assert any("does not require grad" in f for f in report.failures)
 
