@@ -228,8 +228,6 @@ def test_cli_exit_status_conformant_not_conformant_bad_argument(tmp_path):
     bad = run_check(tmp_path, f"{CANDIDATES}:self_masked")
     assert bad.returncode == 1
     assert "diagnosis: the outputs match the reference with self-masked" in bad.stdout
-    module = run_check(tmp_path, "selattn_reference:KVCache", "--cache")
-    assert module.returncode == 0, module.stdout + module.stderr
     for args, message in (((f"{CANDIDATES}:NOT_CALLABLE",), "not a callable"),
                           (("no/such/file.py:fn",), "no such file"),
                           (("no_such_module:fn",), "No module named 'no_such_module'"),
@@ -240,9 +238,9 @@ def test_cli_exit_status_conformant_not_conformant_bad_argument(tmp_path):
         assert message in result.stderr
 
 
-def test_cli_cache_mistake_and_options(tmp_path):
-    result = run_check(tmp_path, f"{CANDIDATES}:bos_evicted", "--cache")
-    assert result.returncode == 1
+def test_cli_cache_mistake_module_form_and_options(tmp_path):
+    result = run_check(CANDIDATES.parent, "conformance_candidates:bos_evicted", "--cache")
+    assert result.returncode == 1, result.stdout + result.stderr
     assert "bos-evicted: the eviction rule may evict BOS" in result.stdout
     result = run_check(tmp_path, f"{CANDIDATES}:with_options", "--selector-head-arg", "sel",
                        "--protect-bos-arg", "keep_bos", "--scale-arg", "softmax_scale")
