@@ -7,7 +7,7 @@ mistakes on the outputs the random check collected.
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Tuple
 
 import numpy as np
 
