@@ -117,8 +117,10 @@ class TorchCacheFactory:
         self.device = torch.device(device)
 
     def __call__(self, batch: int, heads: int, head_dim: int, budget: Optional[int],
-                 **options) -> "TorchCache":
-        return TorchCache(self.make(batch, heads, head_dim, budget, **options), self)
+                 **options) -> Any:
+        """The made cache, wrapped; as it is when it has no ``step`` (for the kit to refuse)."""
+        cache = self.make(batch, heads, head_dim, budget, **options)
+        return TorchCache(cache, self) if callable(getattr(cache, "step", None)) else cache
 
 
 class TorchCache:
@@ -127,9 +129,9 @@ class TorchCache:
     def __init__(self, cache: Any, factory: TorchCacheFactory):
         self.cache = cache
         self.factory = factory
-        self.step = None if not callable(getattr(cache, "step", None)) else self._step
 
-    def _step(self, q, k, v) -> Any:
+    def step(self, q, k, v) -> Any:
+        """q, k, v : (B, H, D) arrays -> out (B, H, D) float64 array (or what step returned)."""
         torch = _torch()
         f = self.factory
         args = (torch.tensor(np.asarray(x), dtype=f.dtype, device=f.device) for x in (q, k, v))

@@ -108,6 +108,8 @@ def test_a_function_that_returns_no_tensor_or_no_graph_is_reported():
     assert "returned dtype int64" in report.failures[0]
     report = check_forward(lambda q, k, v: listing(q, k, v).detach(), torch=True)
     assert any("does not require grad" in f for f in report.failures)
+    report = check_cache(lambda B, H, D, K: object(), torch=True)
+    assert "returned object, which has no step(q, k, v) method" in report.failures[0]
 
 
 def test_cli_checks_a_module_object(tmp_path):
