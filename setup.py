@@ -69,8 +69,9 @@ setup(
     python_requires=">=3.9",
     packages=["selattn_reference", "selattn_c", "selattn_lm", "selattn_lm.corpora",
               "selattn_bench"],
-    # The trained checkpoints (and their training logs) install with the package.
-    package_data={"selattn_lm": ["data/*"]},
+    # The trained checkpoints (and their training logs) install with the package, and so do the
+    # golden vectors the conformance kit checks against (a copy of tests/data/golden).
+    package_data={"selattn_lm": ["data/*"], "selattn_reference": ["data/golden/*"]},
     entry_points={"console_scripts": ["selattn = selattn_lm.cli:main"]},
     setup_requires=["cffi>=1.15"],
     **EXTENSION,

@@ -4,7 +4,9 @@ See ``selattn_reference.attention`` for the layer and ``docs/selective-attention
 line-by-line explanation; ``cache`` is the pruned KV cache as a readable data structure,
 ``validation`` the input checks every implementation shares, ``explain`` the worked example
 (``python -m selattn_reference explain``) and ``eviction_baselines`` the H2O and sliding-window
-baselines. The tiny language model built on it is ``selattn_lm``.
+baselines. ``conformance`` is the conformance kit: it checks anyone's implementation against this
+one and names known mistakes (``python -m selattn_reference check``, docs/conformance.md). The
+tiny language model built on it is ``selattn_lm``.
 """
 
 from .cache import KVCache
