@@ -41,8 +41,8 @@ def task_of_extra(extra: Dict[str, object]) -> Task:
     if isinstance(task, dict) and "name" in task:
         return task_from_settings(task)
     if isinstance(task, dict):                                   # the assign task, unnamed
-        return AssignTask(**task, heldout_size=int(extra["heldout_size"]),
-                          heldout_seed=int(extra["heldout_seed"]))
+        return AssignTask.from_settings(dict(task, heldout_size=int(extra["heldout_size"]),
+                                             heldout_seed=int(extra["heldout_seed"])))
     if task == TextTask.NAME:                                    # the text task, unnamed
         train = extra.get("train_config") or {}
         return TextTask(corpus_path=train.get("corpus"),

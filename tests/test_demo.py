@@ -195,10 +195,11 @@ def test_runner_load_errors(tmp_path):
     path = tiny_checkpoint(tmp_path / "m.npz")
     cfg_vocab = ModelRunner.load(path).cfg.vocab_size
     tiny_checkpoint(tmp_path / "bad.npz", extra={"task": other.to_dict()})
-    with pytest.raises(CheckpointError, match=f"the model's vocab_size is {cfg_vocab}"):
+    with pytest.raises(CheckpointError, match=fr"the model's vocabulary \({cfg_vocab}\) is not "
+                                              "its task's"):
         ModelRunner.load(tmp_path / "bad.npz")
     tiny_checkpoint(tmp_path / "bad2.npz", extra={"task": {"n_vars": 2, "colour": 1}})
-    with pytest.raises(CheckpointError, match="unknown task settings"):
+    with pytest.raises(CheckpointError, match="unknown settings of task 'assign': colour"):
         ModelRunner.load(tmp_path / "bad2.npz")
 
 
