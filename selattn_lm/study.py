@@ -297,9 +297,12 @@ def evaluate_context(models: Sequence[Model], context: int, *, test_windows: Opt
         uniform = equal_quality_point(uniform_candidates(context, n_layers),
                                       lambda b: test(m, "cache", b), target)
         valid_full = valid(m, "cache")
-        path = search_path(lambda b: valid(m, "cache", b), n_layers, context,
-                           log=lambda line: None, tolerance=max(
-                               0.0, valid_target * (1 + SEARCH_SLACK) - valid_full))
+        if uniform.index is None:             # the full cache is above the target already
+            path = [((context,) * n_layers, valid_full)]
+        else:
+            path = search_path(lambda b: valid(m, "cache", b), n_layers, context,
+                               log=lambda line: None, tolerance=max(
+                                   0.0, valid_target * (1 + SEARCH_SLACK) - valid_full))
         per_layer = equal_quality_point([b for b, _ in path], lambda b: test(m, "cache", b),
                                         target)
         row = {"checkpoint": m.name, "role": m.entry.role, "seed": m.seed,

@@ -29,6 +29,15 @@ CONTEXT = 16
 SMALL = dict(test_windows=6, valid_windows=3, fractions=(1 / 2, 1 / 4))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny forward passes: OpenMP's start-up on a busy machine would dominate."""
+    before = selattn_c.get_num_threads()
+    selattn_c.set_num_threads(1)
+    yield
+    selattn_c.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     dump = write_dump(tmp_path_factory.mktemp("corpus") / "dump.xml")
