@@ -71,7 +71,8 @@ def heavy_hitter_attention(q, k, v, budget: int, scale: float, recent: Optional[
     recent = budget // 2 if recent is None else recent
     held = np.zeros((B, N), dtype=bool)                                    # (B, N)
     score = np.zeros((B, N), dtype=np.float64)                             # (B, N)
-    out = np.empty_like(q)                                                 # (B, H, N, D)
+    L = scale * (q @ k.swapaxes(-1, -2))                                   # (B, H, N, N)
+    P = np.zeros_like(L)                                                   # (B, H, N, N)
     rows = np.arange(B)
     for i in range(N):
         held[:, i] = True
@@ -80,14 +81,13 @@ def heavy_hitter_attention(q, k, v, budget: int, scale: float, recent: Optional[
             old[:, max(0, i - recent + 1):] = False    # the recent window is never evicted
             victim = np.argmin(np.where(old, score, np.inf), axis=1)       # (B,) oldest on ties
             held[rows, victim] = False
-        logit = scale * np.einsum("bhd,bhnd->bhn", q[:, :, i], k)          # (B, H, N)
-        logit = np.where(held[:, None], logit, -np.inf)
+        logit = np.where(held[:, None], L[:, :, i], -np.inf)               # (B, H, N)
         logit -= logit.max(axis=-1, keepdims=True)
         p = np.exp(logit)
         p /= p.sum(axis=-1, keepdims=True)                                 # (B, H, N)
-        out[:, :, i] = np.einsum("bhn,bhnd->bhd", p, v)
+        P[:, :, i] = p
         score += p.sum(axis=1)
-    return out
+    return P @ v                                                           # (B, H, N, D)
 
 
 def tova_attention(q, k, v, budget: int, scale: float) -> np.ndarray:
@@ -100,21 +100,21 @@ def tova_attention(q, k, v, budget: int, scale: float) -> np.ndarray:
     """
     B, H, N, D = q.shape
     held = np.zeros((B, N), dtype=bool)                                    # (B, N)
-    out = np.empty_like(q)                                                 # (B, H, N, D)
+    L = scale * (q @ k.swapaxes(-1, -2))                                   # (B, H, N, N)
+    P = np.zeros_like(L)                                                   # (B, H, N, N)
     rows = np.arange(B)
     for i in range(N):
         held[:, i] = True
-        logit = scale * np.einsum("bhd,bhnd->bhn", q[:, :, i], k)          # (B, H, N)
-        logit = np.where(held[:, None], logit, -np.inf)
+        logit = np.where(held[:, None], L[:, :, i], -np.inf)               # (B, H, N)
         logit -= logit.max(axis=-1, keepdims=True)
         p = np.exp(logit)
         p /= p.sum(axis=-1, keepdims=True)                                 # (B, H, N)
-        out[:, :, i] = np.einsum("bhn,bhnd->bhd", p, v)
+        P[:, :, i] = p
         if i + 1 >= budget:                  # every sequence holds min(i + 1, budget) keys
             weight = np.where(held, p.mean(axis=1), np.inf)                # (B, N)
             victim = np.argmin(weight, axis=1)                             # (B,) oldest on ties
             held[rows, victim] = False
-    return out
+    return P @ v                                                           # (B, H, N, D)
 
 
 def selective_window_attention(q, k, v, budget: int, scale: float, selector_head: int
