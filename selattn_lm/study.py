@@ -175,13 +175,16 @@ class Model:
         return "selective" if self.cfg.selective else "standard"
 
 
-def load_models(entries: Sequence[Entry]) -> List[Model]:
+def load_models(entries: Sequence[Entry], corpus_path: Optional[str] = None) -> List[Model]:
     """Load every checkpoint and check the set: text models of one corpus; each role's kind
     (selective or standard) as its checkpoint says; no two models of one role, context and seed
-    among the main ones (``selective``, ``standard``)."""
+    among the main ones (``selective``, ``standard``). ``corpus_path``: read the corpus from
+    there instead of where the checkpoints say (None: as they say)."""
     models = []
     for e in entries:
         params, cfg, task, extra = load_task_checkpoint(e.path, expect="text")
+        if corpus_path is not None:
+            task = replace(task, corpus_path=str(corpus_path))
         models.append(Model(e, params, cfg, task, dict(extra.get("train_config") or {})))
     corpora = {m.task.corpus for m in models}
     if len(corpora) != 1:
@@ -354,8 +357,19 @@ def _fmt_factor(f: Optional[float]) -> str:
 
 def evaluate(entries: Sequence[Entry], *, test_windows: Optional[int] = None,
              valid_windows: int = 64, fractions: Sequence[float] = DEFAULT_FRACTIONS,
+             corpus_path: Optional[str] = None,
              log: Optional[Callable[[str], None]] = None) -> Dict[str, object]:
-    """The whole study (every context of the manifest). Returns a JSON-able dict."""
+    """The whole study (every context of the manifest). Returns a JSON-able dict.
+
+    Parameters
+    ----------
+    entries : the checkpoints (``read_manifest``)
+    test_windows : score the first N non-overlapping test windows of each context (None: all)
+    valid_windows : validation windows of the per-layer search
+    fractions : kept fractions of the context for the curve
+    corpus_path : where to read the corpus (None: where the checkpoints say)
+    log : callable taking one line of progress (default: stderr)
+    """
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     for name, n in (("test_windows", test_windows), ("valid_windows", valid_windows)):
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
@@ -364,7 +378,7 @@ def evaluate(entries: Sequence[Entry], *, test_windows: Optional[int] = None,
     if not all(0 < f < 1 for f in fractions):
         raise ValueError(f"fractions must be in (0, 1), got {fractions}")
     t0 = time.perf_counter()
-    models = load_models(entries)
+    models = load_models(entries, corpus_path)
     contexts = sorted({m.cfg.context for m in models})
     results = [evaluate_context(models, N, test_windows=test_windows,
                                 valid_windows=valid_windows, fractions=fractions, log=log)
@@ -397,6 +411,9 @@ def add_commands(subparsers) -> None:
                    help="validation windows of the per-layer budget search [64]")
     p.add_argument("--fractions", type=float, nargs="*", default=list(DEFAULT_FRACTIONS),
                    help="kept fractions of the context for the curve [1/2 1/4 1/8 1/16 1/32]")
+    p.add_argument("--corpus-path", type=str, default=None, metavar="PATH",
+                   help="read the models' corpus from PATH (default: where the checkpoints say; "
+                        "for python-code, the pinned wheel in the cache folder)")
     p.add_argument("--json", type=Path, default=Path("study.json"),
                    help="where to write the numbers [study.json]")
     p.add_argument("--png", type=Path, default=Path("study.png"),
@@ -416,7 +433,8 @@ def run(args: argparse.Namespace) -> int:
     selattn_c.require_extension("selattn study")
     set_threads(args.threads, "c")
     results = evaluate(read_manifest(args.manifest), test_windows=args.test_windows,
-                       valid_windows=args.valid_windows, fractions=args.fractions)
+                       valid_windows=args.valid_windows, fractions=args.fractions,
+                       corpus_path=args.corpus_path)
     table = study_report.markdown_tables(results)
     print(table)
     args.json.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")

@@ -279,3 +279,16 @@ def test_study_command_errors(study_files, tmp_path, capsys):
     doc.write_text("no markers\n", encoding="utf-8")
     with pytest.raises(ValueError, match="no table markers"):
         study_report.tables_in_doc(doc)
+
+
+def test_corpus_path_overrides_the_checkpoints(task, tmp_path):
+    moved = TextTask(corpus="wiki", corpus_path=str(tmp_path / "gone.xml"), eval_windows=3)
+    blind = attention_blind(random_params(5))
+    save(tmp_path / "sel.npz", moved, blind, True)
+    save(tmp_path / "std.npz", moved, blind, False)
+    entries = study.read_manifest(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        study.evaluate(entries, log=lambda line: None, **SMALL)
+    results = study.evaluate(entries, corpus_path=task.corpus_path, log=lambda line: None,
+                             **SMALL)
+    assert results["contexts"][0]["models"][0]["uniform"]["factor"] == CONTEXT / 2
