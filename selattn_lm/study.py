@@ -266,7 +266,8 @@ def _controls(test: Scorer, model: Model, standard: Optional[Model],
 
 def evaluate_context(models: Sequence[Model], context: int, *, test_windows: Optional[int],
                      valid_windows: int, fractions: Sequence[float],
-                     log: Callable[[str], None]) -> Dict[str, object]:
+                     log: Callable[[str], None], search_slack: float = SEARCH_SLACK
+                     ) -> Dict[str, object]:
     """Every measurement of one context (see the module docstring). Returns a JSON-able dict."""
     at = [m for m in models if m.cfg.context == context]
     standards = sorted((m for m in at if m.entry.role == "standard"), key=lambda m: m.seed)
@@ -304,8 +305,8 @@ def evaluate_context(models: Sequence[Model], context: int, *, test_windows: Opt
             path = [((context,) * n_layers, valid_full)]
         else:
             path = search_path(lambda b: valid(m, "cache", b), n_layers, context,
-                               log=lambda line: None, tolerance=max(
-                                   0.0, valid_target * (1 + SEARCH_SLACK) - valid_full))
+                               log=lambda line: log(f"study: {m.name}: {line}"), tolerance=max(
+                                   0.0, valid_target * (1 + search_slack) - valid_full))
         per_layer = equal_quality_point([b for b, _ in path], lambda b: test(m, "cache", b),
                                         target)
         row = {"checkpoint": m.name, "role": m.entry.role, "seed": m.seed,
@@ -357,7 +358,7 @@ def _fmt_factor(f: Optional[float]) -> str:
 
 def evaluate(entries: Sequence[Entry], *, test_windows: Optional[int] = None,
              valid_windows: int = 64, fractions: Sequence[float] = DEFAULT_FRACTIONS,
-             corpus_path: Optional[str] = None,
+             corpus_path: Optional[str] = None, search_slack: float = SEARCH_SLACK,
              log: Optional[Callable[[str], None]] = None) -> Dict[str, object]:
     """The whole study (every context of the manifest). Returns a JSON-able dict.
 
@@ -368,12 +369,17 @@ def evaluate(entries: Sequence[Entry], *, test_windows: Optional[int] = None,
     valid_windows : validation windows of the per-layer search
     fractions : kept fractions of the context for the curve
     corpus_path : where to read the corpus (None: where the checkpoints say)
+    search_slack : the per-layer search stops once no cut keeps the validation bits per byte
+        within this relative margin above the standard models' (0.05: 5 %)
     log : callable taking one line of progress (default: stderr)
     """
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     for name, n in (("test_windows", test_windows), ("valid_windows", valid_windows)):
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise ValueError(f"{name} must be an int >= 1, got {n!r}")
+    if isinstance(search_slack, bool) or not isinstance(search_slack, (int, float)) \
+            or not 0 <= search_slack < float("inf"):
+        raise ValueError(f"search_slack must be a finite number >= 0, got {search_slack!r}")
     fractions = [float(f) for f in fractions]
     if not all(0 < f < 1 for f in fractions):
         raise ValueError(f"fractions must be in (0, 1), got {fractions}")
@@ -381,10 +387,11 @@ def evaluate(entries: Sequence[Entry], *, test_windows: Optional[int] = None,
     models = load_models(entries, corpus_path)
     contexts = sorted({m.cfg.context for m in models})
     results = [evaluate_context(models, N, test_windows=test_windows,
-                                valid_windows=valid_windows, fractions=fractions, log=log)
+                                valid_windows=valid_windows, fractions=fractions, log=log,
+                                search_slack=search_slack)
                for N in contexts]
     return {"corpus": models[0].task.text().summary(), "corpus_name": models[0].task.corpus,
-            "search_slack": SEARCH_SLACK, "contexts": results,
+            "search_slack": search_slack, "contexts": results,
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -411,6 +418,9 @@ def add_commands(subparsers) -> None:
                    help="validation windows of the per-layer budget search [64]")
     p.add_argument("--fractions", type=float, nargs="*", default=list(DEFAULT_FRACTIONS),
                    help="kept fractions of the context for the curve [1/2 1/4 1/8 1/16 1/32]")
+    p.add_argument("--search-slack", type=float, default=SEARCH_SLACK,
+                   help="stop the per-layer search once its validation bits per byte exceed the "
+                        "standard models' by this relative margin [0.05]")
     p.add_argument("--corpus-path", type=str, default=None, metavar="PATH",
                    help="read the models' corpus from PATH (default: where the checkpoints say; "
                         "for python-code, the pinned wheel in the cache folder)")
@@ -434,7 +444,7 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args.threads, "c")
     results = evaluate(read_manifest(args.manifest), test_windows=args.test_windows,
                        valid_windows=args.valid_windows, fractions=args.fractions,
-                       corpus_path=args.corpus_path)
+                       corpus_path=args.corpus_path, search_slack=args.search_slack)
     table = study_report.markdown_tables(results)
     print(table)
     args.json.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")

@@ -150,6 +150,7 @@ def save_figure(results: Dict[str, object], path: Path) -> None:
               ("standard_h2o", "standard, H2O", "standard", "v--"),
               ("standard_tova", "standard, TOVA", "standard", "d--"))
     for ax, c in zip(axes[0], contexts):
+        ax.set_xscale("log", base=2)         # before the ticks: setting the scale resets them
         cv = c["curve"]
         if cv is not None:
             for key, label, model, style in series:
@@ -165,7 +166,6 @@ def save_figure(results: Dict[str, object], path: Path) -> None:
                  for r in c["models"] if r["role"] == "selective" and r["uniform"]["factor"]]
         if stars:
             ax.plot(*zip(*stars), "k*", markersize=11, label="equal-perplexity points")
-        ax.set_xscale("log", base=2)
         ax.invert_xaxis()
         ax.set_xlabel("KV cache kept (fraction of the context, every layer)")
         ax.set_ylabel("test bits per byte (lower is better)")

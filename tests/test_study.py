@@ -275,6 +275,8 @@ def test_study_command_errors(study_files, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["study", str(study_files), "--test-windows", "0"]) == 2
     assert "test_windows" in capsys.readouterr().err
+    assert main(["study", str(study_files), "--search-slack", "nan"]) == 2
+    assert "search_slack" in capsys.readouterr().err
     doc = tmp_path / "plain.md"
     doc.write_text("no markers\n", encoding="utf-8")
     with pytest.raises(ValueError, match="no table markers"):
