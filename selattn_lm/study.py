@@ -58,7 +58,7 @@ ROLES = ("selective", "standard", "finetuned", "soft-budgets")
 SELECTIVE_ROLES = ("selective", "finetuned", "soft-budgets")
 DEFAULT_FRACTIONS = (1 / 2, 1 / 4, 1 / 8, 1 / 16, 1 / 32)
 SEARCH_SLACK = 0.05            # the per-layer search stops 5 % above the standard's valid bpb
-NUMPY_BATCH = 4                # windows per forward pass of the NumPy backends (N x N arrays)
+NUMPY_ELEMENTS = 1 << 20       # NumPy backends: windows per pass x N x N at most (4 at 512)
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_ENTRIES = 1000
 
@@ -234,12 +234,13 @@ class Scorer:
             method, budgets = "cache", None
         key = (str(model.entry.path), method, budgets)
         if key not in self.memo:
+            numpy_batch = max(1, NUMPY_ELEMENTS // model.cfg.context ** 2)    # (B, H, N, N)
             attention, batch = {
                 "cache": (self.c, 32),
-                "selective_window": (SelectiveSlidingWindow(), NUMPY_BATCH),
-                "window": (SlidingWindow(), NUMPY_BATCH),
-                "h2o": (HeavyHitters(), NUMPY_BATCH),
-                "tova": (TOVA(), NUMPY_BATCH),
+                "selective_window": (SelectiveSlidingWindow(), numpy_batch),
+                "window": (SlidingWindow(), numpy_batch),
+                "h2o": (HeavyHitters(), numpy_batch),
+                "tova": (TOVA(), numpy_batch),
             }[method]
             self.memo[key] = bits_per_byte(model.params, model.cfg, *self.windows,
                                            attention=attention,
@@ -326,6 +327,13 @@ def evaluate_context(models: Sequence[Model], context: int, *, test_windows: Opt
             f"{_fmt_factor(uniform.factor)} (uniform {uniform.budgets and uniform.budgets[0]}), "
             f"{_fmt_factor(per_layer.factor)} (per layer {per_layer.budgets})")
 
+    factors = {}
+    for kind in ("uniform", "per_layer"):
+        found = [r[kind]["factor"] for r in rows if r["role"] == "selective"]
+        reached = [f for f in found if f is not None]
+        factors[kind] = dict(spread(reached) if reached else {"n": 0},
+                             never=len(found) - len(reached))
+
     curve = None
     main = [m for m in selectives if m.entry.role == "selective"]
     if main and fractions:
@@ -346,7 +354,7 @@ def evaluate_context(models: Sequence[Model], context: int, *, test_windows: Opt
                  "points": points}
     return {"context": context, "n_layers": n_layers, "test_windows": len(test.windows[0]),
             "valid_windows": len(valid.windows[0]), "target": target,
-            "valid_target": valid_target, "full": by_kind,
+            "valid_target": valid_target, "full": by_kind, "factors": factors,
             "standard_models": [{"checkpoint": s.name, "seed": s.seed, "full_bpb": full[s.name]}
                                 for s in standards],
             "models": rows, "curve": curve}

@@ -77,6 +77,22 @@ def markdown_tables(results: Dict[str, object]) -> str:
                        f"| {_num(u['test_bpb'])} | {_budgets(p['budgets'])} | "
                        f"{_factor(p['factor'])} | {_num(p['test_bpb'])} |")
 
+    for c in contexts:
+        parts = []
+        for kind, name in (("uniform", "uniform"), ("per_layer", "per-layer")):
+            f = c["factors"][kind]
+            if f["n"] == 0:
+                text = "no seed reaches the target"
+            elif f["n"] == 1:
+                text = f"{f['mean']:.1f}x (1 seed)"
+            else:
+                text = f"{f['mean']:.1f}x mean over {f['n']} seeds ({f['min']:.1f}x to " \
+                       f"{f['max']:.1f}x)"
+            if f["never"] and f["n"]:
+                text += f", {f['never']} never"
+            parts.append(f"{name} {text}")
+        out += ["", f"Context {c['context']}, selective seeds: " + "; ".join(parts) + "."]
+
     out += ["", "**Controls at the equal-perplexity budgets** (test bits per byte; selective "
             "sliding window: change against the same model's F eviction; standard columns: "
             "change against the standard model's full cache)", "",

@@ -215,15 +215,16 @@ def test_the_factor_on_a_real_model_is_a_crossing(task, tmp_path):
 @pytest.fixture(scope="module")
 def study_files(task, tmp_path_factory):
     """Two seeds of each kind at context 16, one pair at 24, a fine-tuned and a soft-budget
-    model; the attention-blind seed 0 pair gives a known factor."""
+    model. At context 16 both standard models are the attention-blind seed 0 model, and so is
+    the selective seed 0: its bits per byte are the target at every budget, so its factor is
+    known (context / 2)."""
     d = tmp_path_factory.mktemp("study")
     entries = []
+    blind = attention_blind(random_params(0))
     for seed in (0, 1):
-        p = random_params(seed)
-        sel = attention_blind(p) if seed == 0 else p
-        save(d / f"sel{seed}.npz", task, sel, True, seed=seed)
-        save(d / f"std{seed}.npz", task, attention_blind(p) if seed == 0 else
-             random_params(seed + 10, False), False, seed=seed)
+        save(d / f"sel{seed}.npz", task, blind if seed == 0 else random_params(seed), True,
+             seed=seed)
+        save(d / f"std{seed}.npz", task, blind, False, seed=seed)
         entries += [{"path": f"sel{seed}.npz", "role": "selective"},
                     {"path": f"std{seed}.npz", "role": "standard"}]
     save(d / "sel24.npz", task, random_params(3, context=24), True, context=24)
@@ -251,8 +252,12 @@ def test_study_command_end_to_end(study_files, tmp_path, capsys):
     c16 = results["contexts"][0]
     assert c16["full"]["selective"]["n"] == 2 and c16["full"]["standard"]["n"] == 2
     assert c16["target"] == pytest.approx(c16["full"]["standard"]["mean"])
-    assert c16["full"]["standard"]["std"] is not None
+    assert c16["full"]["standard"]["std"] == 0.0 and c16["full"]["selective"]["std"] > 0
+    factors = c16["factors"]["uniform"]
+    assert factors["n"] + factors["never"] == 2 and factors["max"] == CONTEXT / 2
     rows = {r["checkpoint"]: r for r in c16["models"]}
+    for kind in ("uniform", "per_layer"):
+        assert rows["sel0.npz"][kind]["factor"] == CONTEXT / 2
     assert set(rows) == {"sel0.npz", "sel1.npz", "ft.npz", "soft.npz"}
     assert rows["ft.npz"]["role"] == "finetuned" and rows["ft.npz"]["steps"] == 30
     assert rows["soft.npz"]["soft_budgets"]["budgets"] == [6, 5]
