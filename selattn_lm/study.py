@@ -46,6 +46,7 @@ from selattn_reference.eviction_baselines import (
     SlidingWindow,
 )
 
+from . import model as lm
 from .backends import CAttention
 from .memory_factor import Budgets, equal_quality_point, uniform_candidates
 from .progress import progress_bar
@@ -111,7 +112,9 @@ def read_manifest(path) -> List[Entry]:
         files = sorted(path.glob("*.npz"))
         if not files:
             raise ValueError(f"{path} holds no checkpoints (*.npz)")
-        return [Entry(path=f, role=role_of(f)) for f in files[:MAX_ENTRIES]]
+        if len(files) > MAX_ENTRIES:
+            raise ValueError(f"{path} holds {len(files)} checkpoints, more than {MAX_ENTRIES}")
+        return [Entry(path=f, role=role_of(f)) for f in files]
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -156,7 +159,7 @@ class Model:
 
     entry: Entry
     params: Dict[str, np.ndarray]
-    cfg: object
+    cfg: "lm.ModelConfig"
     task: TextTask
     train: Dict[str, object]
 
