@@ -70,12 +70,14 @@ MAX_ENTRIES = 1000
 
 @dataclass(frozen=True)
 class Entry:
-    """One checkpoint of the study: its path, role (``ROLES``), seed and a label for tables."""
+    """One checkpoint of the study: its path, role (``ROLES``), seed, a label for tables and
+    its name in the results (the path as the manifest gives it; default the file name)."""
 
     path: Path
     role: str
     seed: Optional[int] = None
     label: Optional[str] = None
+    name: Optional[str] = None
 
 
 def _entry(d: object, base: Path, where: str) -> Entry:
@@ -94,7 +96,7 @@ def _entry(d: object, base: Path, where: str) -> Entry:
         raise ValueError(f"{where}: 'seed' must be an int >= 0, got {seed!r}")
     if label is not None and not isinstance(label, str):
         raise ValueError(f"{where}: 'label' must be a string")
-    return Entry(path=base / path, role=role, seed=seed, label=label)
+    return Entry(path=base / path, role=role, seed=seed, label=label, name=path)
 
 
 def read_manifest(path) -> List[Entry]:
@@ -165,7 +167,7 @@ class Model:
 
     @property
     def name(self) -> str:
-        return self.entry.path.name
+        return self.entry.name or self.entry.path.name
 
     @property
     def seed(self) -> int:
@@ -235,7 +237,7 @@ class Scorer:
         in every layer evict nothing: every method is then the full cache (on the C kernels)."""
         if budgets is None or all(b >= model.cfg.context for b in budgets):
             method, budgets = "cache", None
-        key = (str(model.entry.path), method, budgets)
+        key = (str(model.entry.path.resolve()), method, budgets)
         if key not in self.memo:
             numpy_batch = max(1, NUMPY_ELEMENTS // model.cfg.context ** 2)    # (B, H, N, N)
             attention, batch = {

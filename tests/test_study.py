@@ -288,6 +288,27 @@ def test_study_command_errors(study_files, tmp_path, capsys):
         study_report.tables_in_doc(doc)
 
 
+def test_checkpoints_of_one_file_name_in_two_folders(task, tmp_path):
+    """Seeds in folders of their own: the results name each model by its path in the
+    manifest, so the two ``sel.npz`` stay apart."""
+    blind = attention_blind(random_params(5))
+    for seed in (0, 1):
+        (tmp_path / f"s{seed}").mkdir()
+        save(tmp_path / f"s{seed}" / "sel.npz", task,
+             blind if seed == 0 else random_params(9), True, seed=seed)
+        save(tmp_path / f"s{seed}" / "std.npz", task, blind, False, seed=seed)
+    m = manifest(tmp_path / "m.json", [{"path": f"s{s}/{k}.npz", "role": r}
+                                       for s in (0, 1) for k, r in (("sel", "selective"),
+                                                                    ("std", "standard"))])
+    results = study.evaluate(study.read_manifest(m), log=lambda line: None, **SMALL)
+    rows = {r["checkpoint"]: r for r in results["contexts"][0]["models"]}
+    assert set(rows) == {"s0/sel.npz", "s1/sel.npz"}
+    assert rows["s0/sel.npz"]["full_bpb"] != rows["s1/sel.npz"]["full_bpb"]
+    assert rows["s0/sel.npz"]["uniform"]["factor"] == CONTEXT / 2
+    assert rows["s1/sel.npz"]["controls"]["uniform"] is None or \
+        rows["s1/sel.npz"]["controls"]["uniform"]["standard"] == "s1/std.npz"
+
+
 def test_corpus_path_overrides_the_checkpoints(task, tmp_path):
     moved = TextTask(corpus="wiki", corpus_path=str(tmp_path / "gone.xml"), eval_windows=3)
     blind = attention_blind(random_params(5))
