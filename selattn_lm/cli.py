@@ -18,7 +18,7 @@ from selattn_c._extension import ExtensionNotBuilt
 # Modules that contribute subcommands. A module that is not installed is skipped, so a command
 # module can be added (or left out of a build) without touching this file's logic.
 COMMAND_MODULES = ("selattn_lm.cli_training", "selattn_lm.cli_inference", "selattn_lm.text_results",
-                   "selattn_lm.cli_corpus")
+                   "selattn_lm.cli_corpus", "selattn_lm.study")
 
 USAGE_ERROR = 2
 

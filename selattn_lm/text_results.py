@@ -70,12 +70,14 @@ def calibrated_on_path(path: Sequence[Tuple[Tuple[int, ...], float]], full: floa
 
 
 def search_path(score: Callable[[Tuple[int, ...]], float], n_layers: int, context: int,
-                minimum: int = 2, log=None) -> List[Tuple[Tuple[int, ...], float]]:
-    """The greedy per-layer search (``greedy_calibrate``, criterion loss) without a tolerance:
-    from the full cache down to ``minimum`` slots per layer. Returns [(budgets, score), ...]
-    from the full cache on."""
+                minimum: int = 2, log=None, tolerance: float = 1e30
+                ) -> List[Tuple[Tuple[int, ...], float]]:
+    """The greedy per-layer search (``greedy_calibrate``, criterion loss): from the full cache
+    down to ``minimum`` slots per layer, or until no reduction keeps the score within
+    ``tolerance`` (absolute) of the full cache's (default: no limit). Returns [(budgets,
+    score), ...] from the full cache on."""
     cal = greedy_calibrate(lambda b: Score(accuracy=0.0, loss=score(b)), n_layers, context,
-                           tolerance=1e30, criterion="loss", fractions=SEARCH_FRACTIONS,
+                           tolerance=tolerance, criterion="loss", fractions=SEARCH_FRACTIONS,
                            minimum=minimum, log=log or (lambda line: None))
     return [((context,) * n_layers, cal.unpruned.loss)] + \
         [(tuple(s.budgets), s.score.loss) for s in cal.steps]

@@ -1,10 +1,12 @@
-"""KV-cache eviction rules to compare selective attention's pruning with: a sliding window and
-H2O (heavy hitters by accumulated attention).
+"""KV-cache eviction rules to compare selective attention's pruning with: a sliding window, H2O
+(heavy hitters by accumulated attention) and TOVA (the current query's attention), all on
+standard models; and the selective model under a sliding window, the control that tells
+selective attention's choice of what to evict from its mere use of F.
 
-Both are attention backends with the interface of ``selattn_lm.backends.NumpyAttention``
+They are attention backends with the interface of ``selattn_lm.backends.NumpyAttention``
 (inference only: ``backward`` refuses), so ``model.forward(..., attention=SlidingWindow(),
-budgets=[...])`` scores a model, usually a standard one, under a ``budget``-slot cache per layer.
-A budget counts every key a query can see, itself included, as in ``eviction_mask``:
+budgets=[...])`` scores a model under a ``budget``-slot cache per layer. A budget counts every
+key a query can see, itself included, as in ``eviction_mask``:
 
 - ``SlidingWindow``: BOS and the ``budget - 1`` most recent tokens (the current one included).
   Keeping BOS (an attention sink) makes it the StreamingLLM rule, a stronger baseline than the
@@ -15,6 +17,16 @@ A budget counts every key a query can see, itself included, as in ``eviction_mas
   outside the ``recent`` most recent tokens (the H2O paper splits the budget evenly between
   heavy hitters and recent tokens: ``recent = budget // 2``). Nothing is protected: BOS stays
   because it collects much attention, not by rule.
+- ``TOVA``: Token Omission Via Attention (Oren et al., 2024, arXiv 2401.06104). The current
+  query attends over the held keys and itself; then, when the cache is full, the key with the
+  smallest weight *of this query*, averaged over the heads, is dropped (the new token itself
+  may be). The paper's cache of ``c`` states is attended with the new token as ``c + 1`` keys;
+  here ``c = budget - 1``, so a query sees at most ``budget`` keys like under the other rules.
+  Nothing is protected, as in the paper.
+- ``SelectiveSlidingWindow``: a selective model's attention, F subtracted as usual, restricted
+  to ``SlidingWindow``'s keys: recency eviction instead of the largest-F eviction of its KV
+  cache (``selattn_reference.attention.eviction_mask``). The gap between the two at one budget
+  is what selective attention's pruning adds over keeping the most recent tokens.
 
 Shapes as in ``attention.py``: q, k, v (B, H, N, D); visibility masks (B, N, N) with queries on
 axis -2.
@@ -26,7 +38,8 @@ from typing import Optional
 
 import numpy as np
 
-from .validation import check_budget, check_qkv, resolve_scale
+from .attention import accumulated_mask_from_logits
+from .validation import check_budget, check_qkv, check_selector_head, resolve_scale
 
 
 def attend(q, k, v, visible, scale: float) -> np.ndarray:
@@ -58,7 +71,8 @@ def heavy_hitter_attention(q, k, v, budget: int, scale: float, recent: Optional[
     recent = budget // 2 if recent is None else recent
     held = np.zeros((B, N), dtype=bool)                                    # (B, N)
     score = np.zeros((B, N), dtype=np.float64)                             # (B, N)
-    out = np.empty_like(q)                                                 # (B, H, N, D)
+    L = scale * (q @ k.swapaxes(-1, -2))                                   # (B, H, N, N)
+    P = np.zeros_like(L)                                                   # (B, H, N, N)
     rows = np.arange(B)
     for i in range(N):
         held[:, i] = True
@@ -67,18 +81,60 @@ def heavy_hitter_attention(q, k, v, budget: int, scale: float, recent: Optional[
             old[:, max(0, i - recent + 1):] = False    # the recent window is never evicted
             victim = np.argmin(np.where(old, score, np.inf), axis=1)       # (B,) oldest on ties
             held[rows, victim] = False
-        logit = scale * np.einsum("bhd,bhnd->bhn", q[:, :, i], k)          # (B, H, N)
-        logit = np.where(held[:, None], logit, -np.inf)
+        logit = np.where(held[:, None], L[:, :, i], -np.inf)               # (B, H, N)
         logit -= logit.max(axis=-1, keepdims=True)
         p = np.exp(logit)
         p /= p.sum(axis=-1, keepdims=True)                                 # (B, H, N)
-        out[:, :, i] = np.einsum("bhn,bhnd->bhd", p, v)
+        P[:, :, i] = p
         score += p.sum(axis=1)
-    return out
+    return P @ v                                                           # (B, H, N, D)
+
+
+def tova_attention(q, k, v, budget: int, scale: float) -> np.ndarray:
+    """Token-by-token attention with a TOVA cache of ``budget`` slots -> out (B, H, N, D).
+
+    At query i: insert token i (the cache then holds at most ``budget`` keys); attend over the
+    held keys; if ``budget`` keys are held, evict the one with the smallest weight of this query
+    averaged over the heads (token i included; the oldest on ties), so that at most
+    ``budget - 1`` keys wait for the next token.
+    """
+    B, H, N, D = q.shape
+    held = np.zeros((B, N), dtype=bool)                                    # (B, N)
+    L = scale * (q @ k.swapaxes(-1, -2))                                   # (B, H, N, N)
+    P = np.zeros_like(L)                                                   # (B, H, N, N)
+    rows = np.arange(B)
+    for i in range(N):
+        held[:, i] = True
+        logit = np.where(held[:, None], L[:, :, i], -np.inf)               # (B, H, N)
+        logit -= logit.max(axis=-1, keepdims=True)
+        p = np.exp(logit)
+        p /= p.sum(axis=-1, keepdims=True)                                 # (B, H, N)
+        P[:, :, i] = p
+        if i + 1 >= budget:                  # every sequence holds min(i + 1, budget) keys
+            weight = np.where(held, p.mean(axis=1), np.inf)                # (B, N)
+            victim = np.argmin(weight, axis=1)                             # (B,) oldest on ties
+            held[rows, victim] = False
+    return P @ v                                                           # (B, H, N, D)
+
+
+def selective_window_attention(q, k, v, budget: int, scale: float, selector_head: int
+                               ) -> np.ndarray:
+    """Selective attention (F subtracted, BOS protected) restricted to ``sliding_window_mask``
+    -> out (B, H, N, D). F is the full-context accumulated mask of ``attention.forward``: the
+    window only decides which keys are held, not how strongly they are masked."""
+    B, H, N, D = q.shape
+    causal = np.tri(N, dtype=bool)                                         # (N, N)
+    L = np.where(causal, scale * (q @ k.swapaxes(-1, -2)), -np.inf)        # (B, H, N, N)
+    F = accumulated_mask_from_logits(L[:, selector_head], protect_bos=True)  # (B, N, N)
+    logits = np.where(sliding_window_mask(N, budget), L - F[:, None], -np.inf)  # (B, H, N, N)
+    logits -= logits.max(axis=-1, keepdims=True)
+    p = np.exp(logits)
+    p /= p.sum(axis=-1, keepdims=True)                                     # (B, H, N, N)
+    return p @ v                                                           # (B, H, N, D)
 
 
 class _EvictionBaseline:
-    """Shared checks of the two baselines; subclasses implement ``_attend``."""
+    """Shared checks of the baselines of standard models; subclasses implement ``_attend``."""
 
     name = ""
 
@@ -127,3 +183,51 @@ class HeavyHitters(_EvictionBaseline):
             return attend(q, k, v, np.broadcast_to(np.tri(N, dtype=bool), (q.shape[0], N, N)),
                           scale)
         return heavy_hitter_attention(q, k, v, budget, scale)
+
+
+class TOVA(_EvictionBaseline):
+    """TOVA: evict the key the current query attends to least (mean over heads)."""
+
+    name = "TOVA"
+
+    def _attend(self, q, k, v, budget, scale):
+        N = q.shape[2]
+        if budget >= N:                      # nothing is ever evicted: plain causal attention
+            return attend(q, k, v, np.broadcast_to(np.tri(N, dtype=bool), (q.shape[0], N, N)),
+                          scale)
+        return tova_attention(q, k, v, budget, scale)
+
+
+class SelectiveSlidingWindow:
+    """A selective model's attention (F applied) with recency eviction: BOS and the most recent
+    ``budget - 1`` tokens, instead of its KV cache's largest-F eviction."""
+
+    name = "selective sliding-window"
+
+    def forward(self, q, k, v, *, selective: bool, selector_head: int, need_F: bool,
+                budget: Optional[int] = None, **unused):
+        """Selective attention of q, k, v (B, H, N, hd) over a ``budget``-key sliding window
+        (None: every causal key, which is ``attention.forward``). Only for selective models.
+
+        Returns out (B, H, N, hd), F (B, N, N) when ``need_F`` else None, None (no backward
+        context).
+        """
+        if not selective:
+            raise ValueError(f"the {self.name} control is for selective models; a standard "
+                             "model's sliding window is SlidingWindow")
+        q, k, v, (B, H, N, D) = check_qkv(q, k, v)
+        s = check_selector_head(selector_head, H)
+        budget = check_budget(budget, protect_bos=True)
+        scale = resolve_scale(None, D)
+        if budget is None or budget >= N:
+            budget = N
+        out = selective_window_attention(q, k, v, budget, scale, s)
+        F = None
+        if need_F:
+            L_sel = np.where(np.tri(N, dtype=bool), scale * (q[:, s] @ k[:, s].swapaxes(-1, -2)),
+                             -np.inf)
+            F = accumulated_mask_from_logits(L_sel, protect_bos=True)
+        return out, F, None
+
+    def backward(self, dout, dF, ctx):
+        raise ValueError(f"the {self.name} control is for inference: it has no backward")
