@@ -7,6 +7,8 @@ Skipped without torch or transformers (``pip install '.[hf]'``)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -236,3 +238,15 @@ def test_masks_other_than_causal_are_refused():
     with pytest.raises(ValueError, match="padding"):
         selective_mask(2, 5, 5, mask_function=causal_mask_function,
                        attention_mask=torch.tensor([[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]]).bool())
+
+
+def test_the_example_runs():
+    root = Path(__file__).resolve().parent.parent
+    script = root / "examples" / "hf_generate.py"
+    if not script.exists():
+        pytest.skip("examples/ is not next to the tests")
+    proc = subprocess.run([sys.executable, str(script), "--n", "4"], capture_output=True,
+                          text=True, timeout=600, cwd=root / "examples")
+    assert proc.returncode == 0, proc.stderr
+    assert "held per layer [6, 4]" in proc.stdout
+    assert proc.stdout.count("answers equal to the project's runner's: 4/4") == 2
