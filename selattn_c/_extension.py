@@ -58,7 +58,8 @@ def require_extension(what: str) -> None:
             "first on sys.path for `python -m ...` and `python -c ...`, so run those from another "
             "directory (or run `pytest` rather than `python -m pytest`). Developer set-up: `pip "
             "install -e '.[test]'` in the checkout builds the extension in place (after changing "
-            "C code: `pip install -e . --no-deps`).")
+            "C code: `pip install -e . --no-deps`). The NumPy reference, selattn_reference, "
+            "needs no compiler.")
     raise ExtensionNotBuilt(
         f"{what} needs selattn_c's compiled C extension, which is not installed ({REASON}). "
         "Reinstall with a working C compiler (pip install --force-reinstall .), "
