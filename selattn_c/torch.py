@@ -1,6 +1,7 @@
 """selattn_c.torch: selective attention for PyTorch, on the C kernels (CPU).
 
-Optional: ``pip install '.[torch]'``. Nothing else in selattn_c imports this module.
+Optional: ``pip install '.[torch]'``. Nothing else in selattn_c imports this module but
+``selattn_c.hf`` (Hugging Face transformers, itself optional).
 
 - ``selective_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=True,
   scale=None, enable_gqa=False, *, selector_head=0, ...)``: a drop-in for
