@@ -86,7 +86,11 @@ setup(
         # Only for `python -m selattn_bench.kernels` (PyTorch baselines).
         "bench": ["torch>=2.1"],
         # The PyTorch bridge (selattn_c.torch, selattn_lm.torch_model; docs/torch.md).
-        "torch": ["torch>=2.1"],
+        # torch.library.custom_op (register_fake, register_autograd) needs torch 2.4.
+        "torch": ["torch>=2.4"],
+        # Hugging Face transformers (selattn_c.hf, selattn_lm.hf_gpt2; docs/torch.md): pinned to
+        # the version the tests ran on (its attention, mask and cache interfaces change often).
+        "hf": ["torch>=2.6", "transformers==5.25.0"],
         # Only for the PNG mask pictures of `selattn demo` / `selattn plot` (ASCII without it).
         "plot": ["matplotlib>=3.6"],
     },

@@ -11,6 +11,9 @@ how to fix it, instead of the whole package failing to import.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 
 class ExtensionNotBuilt(ImportError):
     """The C extension of selattn_c is not installed; the message says why and what to do."""
@@ -35,10 +38,29 @@ def extension_reason() -> str:
     return REASON
 
 
+def _source_checkout() -> Optional[Path]:
+    """The checkout this selattn_c was imported from (its setup.py and csrc/ beside it), or None
+    for an installed copy."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "setup.py").is_file() and (root / "csrc").is_dir() else None
+
+
 def require_extension(what: str) -> None:
     """Raise ``ExtensionNotBuilt`` naming ``what`` needed the kernels, unless they are built."""
-    if lib is None:
+    if lib is not None:
+        return
+    checkout = _source_checkout()
+    if checkout is not None:
         raise ExtensionNotBuilt(
-            f"{what} needs selattn_c's compiled C extension, which is not installed ({REASON}). "
-            "Reinstall with a working C compiler (pip install --force-reinstall .), or use the "
-            "NumPy reference, selattn_reference, which needs no compiler.")
+            f"{what} needs selattn_c's compiled C extension, but this selattn_c is the source "
+            f"checkout in {checkout}, which has none ({REASON}). Either the checkout was never "
+            "built in place, or it shadows an installed copy: Python puts the current directory "
+            "first on sys.path for `python -m ...` and `python -c ...`, so run those from another "
+            "directory (or run `pytest` rather than `python -m pytest`). Developer set-up: `pip "
+            "install -e '.[test]'` in the checkout builds the extension in place (after changing "
+            "C code: `pip install -e . --no-deps`). The NumPy reference, selattn_reference, "
+            "needs no compiler.")
+    raise ExtensionNotBuilt(
+        f"{what} needs selattn_c's compiled C extension, which is not installed ({REASON}). "
+        "Reinstall with a working C compiler (pip install --force-reinstall .), "
+        "or use the NumPy reference, selattn_reference, which needs no compiler.")

@@ -1,39 +1,50 @@
-"""selattn_c.torch: selective attention for PyTorch, on the C kernels (CPU, float32).
+"""selattn_c.torch: selective attention for PyTorch, on the C kernels (CPU).
 
-Optional: ``pip install '.[torch]'``. Nothing else in selattn_c imports this module.
+Optional: ``pip install '.[torch]'``. Nothing else in selattn_c imports this module but
+``selattn_c.hf`` (Hugging Face transformers, itself optional).
 
-- ``selective_attention(q, k, v, ...)``: a function beside
-  ``torch.nn.functional.scaled_dot_product_attention`` (always causal), differentiable through
-  ``SelectiveAttentionFunction`` (a ``torch.autograd.Function`` over ``selattn_c.forward`` and
-  ``selattn_c.backward``); with ``selective=False`` it computes what
+- ``selective_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=True,
+  scale=None, enable_gqa=False, *, selector_head=0, ...)``: a drop-in for
+  ``torch.nn.functional.scaled_dot_product_attention`` (SDPA's names and order), differentiable,
+  on the custom operator ``torch.ops.selattn.attention`` (``torch_ops``), so that
+  ``torch.compile(fullgraph=True)`` traces it; with ``selective=False`` it computes what
   ``scaled_dot_product_attention(q, k, v, is_causal=True)`` computes.
 - ``SelectiveAttention``: that function as an ``nn.Module`` (no parameters).
 - ``SelectiveSelfAttention``: causal multi-head self-attention with qkv and output projections,
   x (B, N, d) -> (B, N, d), to put into a GPT block.
 - ``TorchKVCache``: ``selattn_c.KVCache`` (the pruned KV cache) for torch tensors: ``prefill`` and
   ``step`` for token-by-token generation.
-- ``accumulated_mask`` and ``memory_loss``: the mask F and the paper's memory loss in plain torch
-  operations, differentiable by autograd (O(B N^2) memory: for the memory loss of small models).
+- ``accumulated_mask`` and ``memory_loss`` (``torch_math``): the mask F and the paper's memory
+  loss in plain torch operations, differentiable by autograd (O(B N^2) memory: for the memory
+  loss of small models).
 
-What the kernels take, and what happens to other input (docs/torch.md):
+What ``selective_attention`` takes, and what happens to other input (docs/torch.md):
 
+- Shapes as SDPA's: query (*batch, H, N, D), key (*batch, H_kv, N, D), value (*batch, H_kv, N,
+  Dv), any number (>= 1) of leading batch dimensions. H_kv < H (grouped-query attention) needs
+  ``enable_gqa=True``, as in SDPA: query head h reads key/value head ``h // (H / H_kv)``, so the
+  selector is query head ``selector_head`` with key head ``selector_head // (H / H_kv)``.
+  Dv != D is computed by zero-padding the narrower of (q, k) and v to the wider width (exact).
+  Self-attention only: key and value must have query's N (decode with ``TorchKVCache``).
+- Refused, with a ``ValueError`` saying why: ``is_causal=False`` (selective attention is
+  causal), an ``attn_mask`` (only None: the causal mask is implied), ``dropout_p > 0``.
 - CPU tensors only: a CUDA (or any other device) tensor is a ``ValueError`` that names the
   argument and says to pass ``x.cpu()``.
-- float32 only: float64, float16 and bfloat16 are refused with a ``TypeError`` saying to convert
-  with ``x.float()``. They are not cast silently, because the kernels compute in float32: a
-  float64 caller (a gradient check, say) would otherwise get float32 accuracy without noticing.
+- float32 runs the C kernels. float64 runs the paper's listing in torch float64 operations
+  (``torch_math.listing_attention``; with a budget, ``selattn_reference.forward``), so that
+  ``torch.autograd.gradcheck`` and ``gradgradcheck`` work. float16 and bfloat16 are refused with
+  a ``TypeError`` saying to convert with ``x.float()``: not cast silently, because the result
+  would be float32 accuracy in a float16 tensor.
 - Any strides: a non-contiguous tensor is copied to a contiguous one first (one copy of that
-  input); a contiguous float32 CPU tensor is handed to C without a copy (``tensor.numpy()``
-  shares its memory), and the results are tensors over the kernels' output arrays (no copy).
+  input); a contiguous float32 CPU tensor is handed to C without a copy.
 - ``budget`` (pruned attention) is inference only: with a budget, an input that requires grad
   while grad mode is on is a ``ValueError`` (run under ``torch.no_grad()`` or detach).
-- Shapes: q, k, v must be (B, H, N, D) of one shape (``ValueError`` naming the argument).
-- NaN or infinity in an input raise ``ValueError`` unless ``check_finite=False``.
+- NaN or infinity in an input raise ``ValueError`` unless ``check_finite=False`` (float64
+  inputs: checked in eager mode only; a compiled graph does not read its inputs' values).
 
-Saved tensors: the forward saves q, k, v, the output and its row statistics for the backward
-with ``save_for_backward``, so modifying q, k, v or the output in place before ``backward`` is the
-usual autograd error, not a wrong gradient. A second derivative (``create_graph=True``) is
-refused (``once_differentiable``).
+Saved tensors: the operator's autograd saves q, k, v, the output and its row statistics for the
+backward, so modifying them in place before ``backward`` is the usual autograd error, not a
+wrong gradient. A second derivative of the float32 path is refused (``RuntimeError``).
 """
 
 from __future__ import annotations
@@ -42,21 +53,17 @@ from typing import Optional, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as TF
 from torch import nn
-from torch.autograd.function import once_differentiable
 
-import selattn_c
-from . import Context, KVCache
-from selattn_reference.validation import (
-    check_budget,
-    check_selector_head,
-    check_tau,
-    resolve_scale,
-)
+from . import KVCache
+from . import torch_ops
+from .torch_math import accumulated_mask, listing_attention, memory_loss
+from selattn_reference import attention as _reference
+from selattn_reference.validation import check_budget, check_selector_head, resolve_scale
 
 __all__ = [
     "SelectiveAttention",
-    "SelectiveAttentionFunction",
     "SelectiveSelfAttention",
     "TorchKVCache",
     "accumulated_mask",
@@ -69,9 +76,8 @@ __all__ = [
 # Tensors in, arrays for the kernels
 
 
-def _kernel_tensor(x, name: str, ndim: int) -> torch.Tensor:
-    """``x`` checked (a dense CPU float32 tensor of ``ndim`` dimensions) and made contiguous:
-    ``x`` itself (detached) when it already is, else a contiguous copy."""
+def _check_tensor(x, name: str) -> None:
+    """``x`` is a dense CPU tensor of a dtype the bridge computes in (float32, float64)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__} (for NumPy "
                         "arrays call selattn_c.forward)")
@@ -82,6 +88,16 @@ def _kernel_tensor(x, name: str, ndim: int) -> torch.Tensor:
     if x.layout != torch.strided:
         raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}: pass "
                         f"{name}.to_dense()")
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{name} must be float32 (the C kernels) or float64 (the listing in "
+                        f"torch operations, for gradient checks), got {x.dtype}: pass "
+                        f"{name}.float(); lower precisions are not cast silently")
+
+
+def _kernel_tensor(x, name: str, ndim: int) -> torch.Tensor:
+    """``x`` checked (a dense CPU float32 tensor of ``ndim`` dimensions) and made contiguous:
+    ``x`` itself (detached) when it already is, else a contiguous copy."""
+    _check_tensor(x, name)
     if x.dtype != torch.float32:
         raise TypeError(f"{name} must be float32, got {x.dtype}: the kernels compute in float32 "
                         f"and do not cast silently; pass {name}.float()")
@@ -98,20 +114,9 @@ def _array(x: torch.Tensor, name: str) -> np.ndarray:
     try:
         return x.numpy()
     except (RuntimeError, TypeError) as exc:     # e.g. a fake tensor while torch.compile traces
-        raise TypeError(f"{name}: cannot read the tensor's data as an array ({exc}); the bridge "
-                        "needs a real CPU tensor (it is not traceable by torch.compile, vmap or "
-                        "functorch transforms)") from None
-
-
-def _qkv_tensors(q, k, v) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v as contiguous CPU float32 (B, H, N, D) tensors of one shape."""
-    tensors = [_kernel_tensor(x, name, 4) for x, name in ((q, "q"), (k, "k"), (v, "v"))]
-    shape = tensors[0].shape
-    for name, x in zip("kv", tensors[1:]):
-        if x.shape != shape:
-            raise ValueError(f"shape mismatch: q is {tuple(shape)} but {name} is "
-                             f"{tuple(x.shape)}; q, k and v must all be (B, H, N, D)")
-    return tensors[0], tensors[1], tensors[2]
+        raise TypeError(f"{name}: cannot read the tensor's data as an array ({exc}); "
+                        "TorchKVCache decodes real CPU tensors only (it is not traceable by "
+                        "torch.compile); selective_attention is") from None
 
 
 def _wants_grad(*tensors) -> bool:
@@ -119,81 +124,91 @@ def _wants_grad(*tensors) -> bool:
                                            for t in tensors)
 
 
-def _kernel_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, selector_head: int,
-                    protect_bos: bool, selective: bool, scale: Optional[float],
-                    budget: Optional[int], check_finite: bool
-                    ) -> Tuple[torch.Tensor, Context]:
-    """``selattn_c.forward`` on contiguous float32 tensors: (out tensor, the kernels' Context)."""
-    out, ctx = selattn_c.forward(_array(q, "q"), _array(k, "k"), _array(v, "v"),
-                                 selector_head=selector_head, protect_bos=protect_bos,
-                                 selective=selective, scale=scale, budget=budget,
-                                 check_finite=check_finite)
-    return torch.from_numpy(out), ctx                                      # (B, H, N, D)
-
-
 # ----------------------------------------------------------------------------------------------
-# The autograd Function and the functional form
+# The functional form
 
 
-class SelectiveAttentionFunction(torch.autograd.Function):
-    """Selective attention with autograd: the C forward and backward (``selattn_c``).
-
-    ``apply(q, k, v, selector_head, protect_bos, selective, scale, check_finite)`` with q, k, v
-    (B, H, N, D) float32 CPU tensors; returns out (B, H, N, D) float32. Use
-    ``selective_attention`` instead of calling this directly: it checks the arguments and skips
-    the graph when nothing needs a gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, selector_head: int, protect_bos: bool, selective: bool,
-                scale: Optional[float], check_finite: bool):
-        qc, kc, vc = _qkv_tensors(q, k, v)
-        out, sctx = _kernel_forward(qc, kc, vc, selector_head=selector_head,
-                                    protect_bos=protect_bos, selective=selective, scale=scale,
-                                    budget=None, check_finite=check_finite)
-        # The Context's arrays are views of qc, kc, vc (no copy for contiguous inputs): saving
-        # the tensors lets autograd catch an in-place change before backward, and frees them
-        # after it. lse and fstart are saved as tensors for the same reason (freed with the graph).
-        lse = torch.from_numpy(sctx.lse)                                   # (B, H, N)
-        fstart = None if sctx.fstart is None else torch.from_numpy(sctx.fstart)
-        ctx.save_for_backward(qc, kc, vc, out, lse, fstart)
-        ctx.options = (sctx.scale, sctx.selector_head, sctx.protect_bos, sctx.selective)
-        ctx.check_finite = check_finite
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout):
-        q, k, v, out, lse, fstart = ctx.saved_tensors
-        scale, selector_head, protect_bos, selective = ctx.options
-        sctx = Context(q=q.numpy(), k=k.numpy(), v=v.numpy(), out=out.numpy(), lse=lse.numpy(),
-                       scale=scale, selector_head=selector_head, protect_bos=protect_bos,
-                       selective=selective, budget=None,
-                       fstart=None if fstart is None else fstart.numpy())
-        # dout may be expanded (stride 0, e.g. from out.sum()) or of another layout: C order
-        d = dout.detach().to(torch.float32).contiguous()                   # (B, H, N, D)
-        dq, dk, dv = selattn_c.backward(_array(d, "dout"), sctx, check_finite=ctx.check_finite)
-        return (torch.from_numpy(dq), torch.from_numpy(dk), torch.from_numpy(dv),
-                None, None, None, None, None)
+def _refuse_sdpa_options(attn_mask, dropout_p, is_causal) -> None:
+    """SDPA's arguments that selective attention cannot honour: a clear ValueError each."""
+    if attn_mask is not None:
+        raise ValueError("attn_mask must be None: selective attention is causal attention with "
+                         "the accumulated mask F subtracted, and takes no other mask (no padding "
+                         "or custom masks; batch sequences of equal length)")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
+    if dropout_p != 0.0:
+        raise ValueError(f"dropout_p={dropout_p!r}: attention dropout is not implemented by the "
+                         "kernels; pass dropout_p=0.0 (and regularise elsewhere)")
+    if is_causal is not True:
+        raise ValueError(f"is_causal={is_causal!r}: selective attention is causal by definition "
+                         "(F is built from earlier queries); pass is_causal=True")
 
 
-def selective_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-                        selector_head: int = 0, protect_bos: bool = True,
-                        selective: bool = True, scale: Optional[float] = None,
+def _check_shapes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  enable_gqa: bool) -> Tuple[int, int]:
+    """Check SDPA-style shapes; return (H, H_kv)."""
+    if query.dim() < 4:
+        raise ValueError(f"query must be (*batch, H, N, D) with at least one batch dimension, "
+                         f"got shape {tuple(query.shape)}: the selector is a head, so the head "
+                         "axis is needed (query.unsqueeze(0) for one sequence, "
+                         ".unsqueeze(-3) for one head)")
+    for name, x in (("key", key), ("value", value)):
+        if x.dim() != query.dim():
+            raise ValueError(f"{name} must have query's {query.dim()} dimensions, got shape "
+                             f"{tuple(x.shape)}")
+        if x.shape[:-3] != query.shape[:-3]:
+            raise ValueError(f"{name}'s batch dimensions {tuple(x.shape[:-3])} differ from "
+                             f"query's {tuple(query.shape[:-3])}")
+        if x.shape[-2] != query.shape[-2]:
+            raise ValueError(f"{name} has {x.shape[-2]} tokens but query has "
+                             f"{query.shape[-2]}: selective attention is self-attention over "
+                             "one sequence (decode with TorchKVCache)")
+    if key.shape[-3] != value.shape[-3]:
+        raise ValueError(f"key has {key.shape[-3]} heads but value has {value.shape[-3]}")
+    if key.shape[-1] != query.shape[-1]:
+        raise ValueError(f"key's last dimension ({key.shape[-1]}) must equal query's "
+                         f"({query.shape[-1]})")
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if min(x.shape) < 1:
+            raise ValueError(f"every dimension of {name} must be >= 1, got {tuple(x.shape)}")
+    H, H_kv = query.shape[-3], key.shape[-3]
+    if H != H_kv:
+        if not enable_gqa:
+            raise ValueError(f"query has {H} heads but key and value have {H_kv}: pass "
+                             "enable_gqa=True for grouped-query attention (as in SDPA)")
+        if H % H_kv:
+            raise ValueError(f"grouped-query attention needs key/value heads ({H_kv}) dividing "
+                             f"query heads ({H})")
+    return H, H_kv
+
+
+def selective_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                        is_causal: bool = True, scale: Optional[float] = None,
+                        enable_gqa: bool = False, *, selector_head: int = 0,
+                        protect_bos: bool = True, selective: bool = True,
                         budget: Optional[int] = None, check_finite: bool = True) -> torch.Tensor:
-    """Causal selective attention (Leviathan et al. 2024) of CPU float32 tensors, on the C kernels.
+    """Causal selective attention (Leviathan et al. 2024) of CPU tensors, with SDPA's signature.
 
-    Used like ``torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)``
-    (which is what ``selective=False`` computes), with autograd.
+    Used like ``torch.nn.functional.scaled_dot_product_attention(query, key, value,
+    is_causal=True)`` (which is what ``selective=False`` computes), with autograd, and traceable
+    by ``torch.compile(fullgraph=True)`` (the kernels are the custom operator
+    ``torch.ops.selattn.attention``).
 
     Parameters
     ----------
-    q, k, v : (B, H, N, D) float32 CPU tensors of one shape, any strides (non-contiguous ones are
-        copied; contiguous ones are read in place)
-    selector_head : int, the head whose logits build the accumulated mask F (default 0)
+    query : (*batch, H, N, D) float32 or float64 CPU tensor, any strides
+    key : (*batch, H_kv, N, D), H_kv dividing H (H_kv < H needs ``enable_gqa``)
+    value : (*batch, H_kv, N, Dv); Dv may differ from D (computed by zero padding, exact)
+    attn_mask : None only (ValueError otherwise: the causal mask is implied)
+    dropout_p : 0.0 only (ValueError otherwise: not implemented)
+    is_causal : True only (ValueError otherwise: selective attention is causal)
+    scale : float or None, logit scale (default ``1/sqrt(D)``)
+    enable_gqa : bool, allow H_kv < H: query head h reads key/value head ``h // (H / H_kv)``
+    selector_head : int in [0, H), the query head whose logits (with key head
+        ``selector_head // (H / H_kv)``) build the accumulated mask F (default 0)
     protect_bos : bool, never mask position 0
     selective : bool, False gives standard causal attention
-    scale : float or None, logit scale (default ``1/sqrt(D)``)
     budget : int or None, pruned attention: each query sees only what a ``budget``-slot KV cache
         still holds. Inference only: refused (ValueError) when an input requires grad in grad mode
     check_finite : bool, ValueError on NaN or infinity in an input (and in the gradient of the
@@ -201,95 +216,54 @@ def selective_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
 
     Returns
     -------
-    out : (B, H, N, D) float32 CPU tensor, differentiable with respect to q, k, v when they
-        require grad (no budget)
+    out : (*batch, H, N, Dv) tensor of query's dtype, differentiable with respect to query, key,
+        value (no budget). float32 runs the C kernels; float64 the listing in torch operations
+        (differentiable twice: for ``gradcheck`` / ``gradgradcheck``)
     """
-    if budget is not None:
-        if _wants_grad(q, k, v):
-            raise ValueError(f"budget={budget!r}: pruned attention has no backward (an inference "
-                             "feature); run it under torch.no_grad() or pass detached tensors, "
-                             "and train with budget=None")
-        qc, kc, vc = _qkv_tensors(q, k, v)
-        return _kernel_forward(qc, kc, vc, selector_head=selector_head, protect_bos=protect_bos,
-                               selective=selective, scale=scale, budget=budget,
-                               check_finite=check_finite)[0]
-    if not _wants_grad(q, k, v):     # no graph: nothing is saved for a backward
-        qc, kc, vc = _qkv_tensors(q, k, v)
-        return _kernel_forward(qc, kc, vc, selector_head=selector_head, protect_bos=protect_bos,
-                               selective=selective, scale=scale, budget=None,
-                               check_finite=check_finite)[0]
-    return SelectiveAttentionFunction.apply(q, k, v, selector_head, protect_bos, selective, scale,
-                                            check_finite)
-
-
-# ----------------------------------------------------------------------------------------------
-# The accumulated mask and the memory loss in torch (autograd)
-
-
-def accumulated_mask(q: torch.Tensor, k: torch.Tensor, *, selector_head: int = 0,
-                     protect_bos: bool = True, scale: Optional[float] = None) -> torch.Tensor:
-    """The accumulated mask ``F[b, i, j] = sum_{m < i} relu(L_sel[b, m, j])`` (over the allowed
-    entries: j < m, and j > 0 with BOS protected) in plain torch operations, so autograd
-    differentiates a loss on F into the selector head's q and k. Any float dtype and device.
-
-    It materialises (B, N, N): meant for the memory loss of small models, where the kernels
-    (which never hold F) cannot hand F's gradient back. ``selattn_c.accumulated_mask`` computes
-    the same values without autograd.
-
-    Parameters
-    ----------
-    q, k : (B, H, N, D) tensors
-    selector_head, protect_bos, scale : as in ``selective_attention``
-
-    Returns
-    -------
-    F : (B, N, N) tensor of q's dtype
-    """
-    for name, x in (("q", q), ("k", k)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
-            raise TypeError(f"{name} must be a floating (B, H, N, D) torch.Tensor")
-    if q.shape != k.shape:
-        raise ValueError(f"shape mismatch: q is {tuple(q.shape)} but k is {tuple(k.shape)}")
-    B, H, N, D = q.shape
+    _refuse_sdpa_options(attn_mask, dropout_p, is_causal)
+    for x, name in ((query, "query"), (key, "key"), (value, "value")):
+        _check_tensor(x, name)
+    if not (query.dtype == key.dtype == value.dtype):
+        raise TypeError(f"query, key and value must have one dtype, got {query.dtype}, "
+                        f"{key.dtype}, {value.dtype}")
+    _check_options(selector_head, protect_bos, selective, scale, budget)
+    H, H_kv = _check_shapes(query, key, value, bool(enable_gqa))
     s = check_selector_head(selector_head, H)
+    D, Dv = query.shape[-1], value.shape[-1]
     scale = resolve_scale(scale, D)
-    L_sel = scale * (q[:, s] @ k[:, s].transpose(-1, -2))                  # (B, N, N)
-    allowed = torch.ones(N, N, dtype=torch.bool, device=q.device).tril(-1)  # (N, N) j < m
-    if protect_bos:
-        allowed[:, 0] = False                                              # BOS never masked
-    S = torch.where(allowed, torch.relu(L_sel), torch.zeros((), dtype=q.dtype, device=q.device))
-    # F[:, i] = sum_{m < i} S[:, m]: the cumulative sum over queries, shifted one query down
-    zero_row = S.new_zeros(B, 1, N)                                        # (B, 1, N)
-    return torch.cat([zero_row, torch.cumsum(S, dim=1)[:, :-1]], dim=1)    # (B, N, N)
-
-
-def memory_loss(F: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
-    """The paper's memory loss of one layer, per batch element, as
-    ``selattn_reference.memory_loss``: ``max_i sum_{j <= i} (1 - min(F[i, j], tau) / tau)``.
-
-    The gradient flows into the row attaining the max (the first, on ties) and only where
-    ``F < tau``, as the reference's ``memory_loss_backward``.
-
-    Parameters
-    ----------
-    F : (B, N, N) tensor, the accumulated mask
-    tau : float > 0
-
-    Returns
-    -------
-    mem : (B,) tensor
-    """
-    if not isinstance(F, torch.Tensor) or F.dim() != 3 or F.shape[1] != F.shape[2]:
-        raise ValueError("F must be a (B, N, N) torch.Tensor")
-    tau = check_tau(tau)
-    N = F.shape[-1]
-    causal = torch.ones(N, N, dtype=torch.bool, device=F.device).tril()    # (N, N) j <= i
-    # where(F < tau, F, tau) rather than clamp: at F == tau exactly the reference's gradient is 0
-    kept = torch.where(causal, 1.0 - torch.where(F < tau, F, F.new_tensor(tau)) / tau,
-                       F.new_zeros(()))                                    # (B, N, N)
-    rows = kept.sum(dim=-1)                                                # (B, N)
-    first_max = rows.argmax(dim=-1, keepdim=True)                          # (B, 1) first on ties
-    return rows.gather(-1, first_max)[:, 0]                                # (B,)
+    if budget is not None and _wants_grad(query, key, value):
+        raise ValueError(f"budget={budget!r}: pruned attention has no backward (an inference "
+                         "feature); run it under torch.no_grad() or pass detached tensors, "
+                         "and train with budget=None")
+    batch, N = query.shape[:-3], query.shape[-2]
+    q = query.reshape(-1, H, N, D)                                         # (B, H, N, D)
+    k = key.reshape(-1, H_kv, N, D)                                        # (B, H_kv, N, D)
+    v = value.reshape(-1, H_kv, N, Dv)                                     # (B, H_kv, N, Dv)
+    if H_kv != H:       # SDPA's grouped-query layout: query head h reads kv head h // group
+        k = k.repeat_interleave(H // H_kv, dim=1)                          # (B, H, N, D)
+        v = v.repeat_interleave(H // H_kv, dim=1)                          # (B, H, N, Dv)
+    width = max(D, Dv)  # zero columns change neither q . k nor P v beyond the padded columns
+    if D < width:
+        q, k = TF.pad(q, (0, width - D)), TF.pad(k, (0, width - D))        # (B, H, N, width)
+    if Dv < width:
+        v = TF.pad(v, (0, width - Dv))                                     # (B, H, N, width)
+    options = dict(selector_head=s, protect_bos=bool(protect_bos), selective=bool(selective))
+    if query.dtype == torch.float64:
+        if check_finite and not torch.compiler.is_compiling():    # (C checks float32 itself)
+            for x, name in ((query, "query"), (key, "key"), (value, "value")):
+                if not bool(torch.isfinite(x).all()):
+                    raise ValueError(f"{name} contains NaN or infinity")
+        if budget is None:
+            out = listing_attention(q, k, v, scale=scale, **options)
+        else:
+            out = torch.from_numpy(_reference.forward(
+                q.detach().numpy(), k.detach().numpy(), v.detach().numpy(), scale=scale,
+                budget=budget, **options)[0])
+    else:
+        out = torch_ops.attention(q.contiguous(), k.contiguous(), v.contiguous(),
+                                  options["selector_head"], options["protect_bos"],
+                                  options["selective"], scale, budget, bool(check_finite))[0]
+    return out[..., :Dv].reshape(*batch, H, N, Dv)                         # (*batch, H, N, Dv)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,8 +284,8 @@ def _check_options(selector_head, protect_bos, selective, scale, budget) -> None
 
 
 class SelectiveAttention(nn.Module):
-    """``selective_attention`` as a module (no parameters): forward(q, k, v) -> out, all
-    (B, H, N, D) float32 CPU tensors.
+    """``selective_attention`` as a module (no parameters): forward(query, key, value) -> out,
+    shapes and SDPA arguments as ``selective_attention``'s.
 
     Parameters
     ----------
@@ -328,12 +302,15 @@ class SelectiveAttention(nn.Module):
             bool(protect_bos), bool(selective)
         self.scale, self.budget, self.check_finite = scale, budget, bool(check_finite)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q, k, v (B, H, N, D) -> out (B, H, N, D)."""
-        return selective_attention(q, k, v, selector_head=self.selector_head,
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                is_causal: bool = True, enable_gqa: bool = False) -> torch.Tensor:
+        """query (*batch, H, N, D), key (*batch, H_kv, N, D), value (*batch, H_kv, N, Dv) ->
+        out (*batch, H, N, Dv); the SDPA arguments as ``selective_attention``'s."""
+        return selective_attention(query, key, value, attn_mask, dropout_p, is_causal,
+                                   self.scale, enable_gqa, selector_head=self.selector_head,
                                    protect_bos=self.protect_bos, selective=self.selective,
-                                   scale=self.scale, budget=self.budget,
-                                   check_finite=self.check_finite)
+                                   budget=self.budget, check_finite=self.check_finite)
 
     def extra_repr(self) -> str:
         return (f"selector_head={self.selector_head}, protect_bos={self.protect_bos}, "

@@ -115,3 +115,19 @@ def test_setup_installs_without_the_extension_when_the_compiler_fails(tmp_path):
     env["SELATTN_REQUIRE_EXTENSION"] = "1"
     proc = subprocess.run(cmd, cwd=src, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
+
+
+def test_the_message_tells_a_source_checkout_from_an_installed_copy(monkeypatch):
+    """A checkout without a built extension (never built, or shadowing an installed copy under
+    `python -m ...` from the checkout) is told about `pip install -e`; an installed copy about
+    reinstalling with a compiler."""
+    from selattn_c import _extension
+    monkeypatch.setattr(_extension, "lib", None)
+    monkeypatch.setattr(_extension, "REASON", "ModuleNotFoundError: no _selattn_cffi")
+    monkeypatch.setattr(_extension, "_source_checkout", lambda: Path("checkout"))
+    with pytest.raises(_extension.ExtensionNotBuilt,
+                       match=r"source checkout.*python -m pytest.*pip install -e '\.\[test\]'"):
+        _extension.require_extension("selattn_c.forward")
+    monkeypatch.setattr(_extension, "_source_checkout", lambda: None)
+    with pytest.raises(_extension.ExtensionNotBuilt, match=r"not installed.*--force-reinstall"):
+        _extension.require_extension("selattn_c.forward")

@@ -42,3 +42,28 @@ def test_ci_runs_the_readme_test_command_exactly():
         pytest.skip(".ci/run is not next to the tests")
     ci_lines = CI.read_text(encoding="utf-8").splitlines()
     assert readme_commands()[1] in ci_lines
+
+
+def test_the_using_it_snippets_run_as_written():
+    """The Python blocks of the README's "Using it" section, run in order in one namespace, as
+    a reader would paste them (every name they use is defined in them)."""
+    import selattn_c
+    if not README.exists():
+        pytest.skip("README.md is not next to the tests (installed elsewhere)")
+    if not selattn_c.extension_built():
+        pytest.skip("the snippets call the C kernels, which are not built")
+    text = README.read_text(encoding="utf-8")
+    start = text.index("## Using it")
+    end = text.index("\n## ", start + 1)
+    blocks = re.findall(r"```python\n(.*?)\n```", text[start:end], flags=re.S)
+    assert len(blocks) == 2
+    namespace = {}
+    before = selattn_c.get_num_threads()
+    selattn_c.set_num_threads(1)
+    try:
+        for i, block in enumerate(blocks):
+            exec(compile(block, f"README.md, Using it, block {i + 1}", "exec"), namespace)
+    finally:
+        selattn_c.set_num_threads(before)
+    assert namespace["out_t"].shape == (1, 8, 64)
+    assert int(namespace["cache"].size.max()) <= 256
