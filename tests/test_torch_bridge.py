@@ -19,7 +19,8 @@ torch = pytest.importorskip("torch")
 
 import selattn_c  # noqa: E402
 import selattn_c.torch as sat  # noqa: E402
-from selattn_lm import training  # noqa: E402
+from selattn_lm import training
+from selattn_lm.task_assign import AssignTask  # noqa: E402
 from selattn_bench.kernels import torch_selective_attention  # noqa: E402
 from selattn_lm.runner import ModelRunner  # noqa: E402
 from selattn_lm.torch_model import TinyLM  # noqa: E402
@@ -360,8 +361,8 @@ def test_torch_port_step0_loss_and_gradients_match_the_numpy_model(selective):
 
 
 def test_torch_training_run_follows_the_numpy_run():
-    cfg = training.TrainConfig(n_assignments=6, batch_size=16, steps=12, eval_every=4,
-                               heldout_size=40, warmup_steps=3)
+    cfg = training.TrainConfig(task=AssignTask(n_assignments=6, heldout_size=40), batch_size=16,
+                               steps=12, eval_every=4, warmup_steps=3)
     _, _, log = training.train(cfg, backend="c", quiet=True)
     _, tlog = torch_train(cfg)
     assert log["curve"][-1]["loss"] < log["curve"][0]["loss"] - 0.05
