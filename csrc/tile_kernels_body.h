@@ -68,8 +68,9 @@ static inline __attribute__((always_inline)) vi K(lanes)(void)
  * `rows` columns are used: the products with a transposed tile (the forward's P v on a
  * key-major P, dv += P^T dout, dk += G^T q), without transposing.
  * Register block: R rows x nb vectors of d (acc_block); the blocks are ROW_BLOCK x COL_VECS, then
- * ROW_BLOCK x 1 on the rest of D, then one row at a time, then scalar tails of D. Every element
- * is c = alpha * acc, then c += p * y for j = 0, 1, ... in order, whatever block it falls in.
+ * ROW_BLOCK x 2 (when COL_VECS > 2) and ROW_BLOCK x 1 on the rest of D, then one row at a time,
+ * then scalar tails of D. Every element is c = alpha * acc, then c += p * y for j = 0, 1, ... in
+ * order, whatever block it falls in.
  * `p_at(i, j)` is the coefficient of y row j in acc row i. */
 #define P_AT(i, j) (p_transposed ? p[(j) * SELATTN_TILE + (i)] : p[(i) * SELATTN_TILE + (j)])
 
@@ -104,6 +105,11 @@ static inline __attribute__((always_inline)) void K(acc_rows)(
     size_t d0 = 0;
     for (; d0 + COL_VECS * VW <= D; d0 += COL_VECS * VW)
         K(acc_block)(p, p_transposed, i, R, y, ncols, D, d0, COL_VECS, alpha, acc);
+#if COL_VECS > 2
+    /* AVX-512, D = 32 (or the 32 after 64s): 2 vectors a row, 8 accumulators, not 4 */
+    for (; d0 + 2 * VW <= D; d0 += 2 * VW)
+        K(acc_block)(p, p_transposed, i, R, y, ncols, D, d0, 2, alpha, acc);
+#endif
     for (; d0 + VW <= D; d0 += VW)
         K(acc_block)(p, p_transposed, i, R, y, ncols, D, d0, 1, alpha, acc);
     for (int r = 0; r < R; r++) {                                  /* scalar tail of D */

@@ -15,7 +15,10 @@ What one run prints
 -------------------
 Header: versions, CPU model, thread counts of every library in the process (the C kernels,
 OpenBLAS under NumPy, PyTorch) and NumPy's float32 matrix-multiply rate ("sgemm GFLOP/s"),
-measured here, as the machine's practical limit.
+measured here, as the machine's practical limit: in a fresh process with OpenBLAS's own choice of
+kernel (``OPENBLAS_CORETYPE`` and ``OPENBLAS_L2_SIZE`` removed from that process' environment
+only; ``selattn_bench.sgemm_reference``), on the benchmark's BLAS thread count; the header names
+the BLAS kernel it ran (threadpoolctl).
 
 Timing table, one block of rows per N, every operation on the same float32 inputs:
 
@@ -107,6 +110,7 @@ from .common import (
     verdict,
 )
 from .peak_memory import memory_report
+from .sgemm_reference import SgemmReference, measure_sgemm
 
 if TYPE_CHECKING:  # numpy is imported in main(), after the thread variables are set
     import numpy as np
@@ -218,15 +222,6 @@ def attention_flops(B: int, H: int, N: int, D: int, backward: bool = False) -> f
     backward."""
     fwd = 2.0 * B * H * N * N * D
     return 2.5 * fwd if backward else fwd
-
-
-def sgemm_gflops(np_mod: Any, n: int, repeats: int) -> float:
-    """NumPy float32 (n x n) @ (n x n), median GFLOP/s."""
-    rng = np_mod.random.default_rng(1)
-    a = rng.standard_normal((n, n), dtype=np_mod.float32)
-    b = rng.standard_normal((n, n), dtype=np_mod.float32)
-    times = time_op(lambda _: a @ b, None, warmup=2, repeats=repeats, min_time=0.5)
-    return 2.0 * n ** 3 / statistics.median(times) / 1e9
 
 
 def torch_sgemm_gflops(torch: Any, n: int, repeats: int) -> float:
@@ -538,7 +533,8 @@ FOOTNOTES = [
 
 
 def header_lines(np_mod: Any, sc: Any, torch: Any, torch_note: str, args: argparse.Namespace,
-                 sgemm: float, torch_sgemm: Optional[float], denormals: str) -> List[str]:
+                 sgemm: SgemmReference, torch_sgemm: Optional[float], denormals: str
+                 ) -> List[str]:
     lines = [
         "selective attention benchmark (selattn_bench.kernels)",
         f"shape: B={args.batch}, H={args.heads}, D={args.dim}, N in {args.sizes}; float32 inputs; "
@@ -553,8 +549,10 @@ def header_lines(np_mod: Any, sc: Any, torch: Any, torch_note: str, args: argpar
         f"timing: {args.warmup} warm-up run(s), >= {args.repeats} timed runs "
         f"(more for fast ops, up to {args.min_time:g} s); NumPy reference up to "
         f"N = {args.ref_max_n}; denormals {denormals}",
-        f"machine limit: NumPy sgemm float32 {SGEMM_N}x{SGEMM_N}x{SGEMM_N}: {sgemm:.1f} GFLOP/s"
+        f"machine limit: NumPy sgemm float32 {SGEMM_N}x{SGEMM_N}x{SGEMM_N}: "
+        f"{sgemm.gflops:.1f} GFLOP/s"
         + (f"  (torch matmul: {torch_sgemm:.1f} GFLOP/s)" if torch_sgemm is not None else ""),
+        f"sgemm reference BLAS: {sgemm.describe()}",
     ]
     return lines
 
@@ -580,9 +578,11 @@ def run_benchmark(args: argparse.Namespace) -> None:
         if torch is not None:
             checks.append(verify_torch_eager(np, torch, ref))
 
-    sgemm = sgemm_gflops(np, SGEMM_N, args.repeats)
+    sgemm_ref = measure_sgemm(SGEMM_N, args.repeats, args.threads)
+    sgemm = sgemm_ref.gflops
     torch_sgemm = torch_sgemm_gflops(torch, SGEMM_N, args.repeats) if torch is not None else None
-    print("\n".join(header_lines(np, sc, torch, torch_note, args, sgemm, torch_sgemm, denormals)))
+    print("\n".join(header_lines(np, sc, torch, torch_note, args, sgemm_ref, torch_sgemm,
+                                  denormals)))
     for line in checks:
         print(f"check: {line}")
     print(flush=True)
