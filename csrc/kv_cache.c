@@ -246,8 +246,8 @@ static int walk_then_forward(selattn_kv_cache *c, const prompt *pr, size_t B, si
     int evicted = 0;
     for (size_t i = 0; i < B * N && !evicted; i++) evicted = evict_at[i] < (int64_t)N;
     int rc = forward_with_evictions(pr->q, pr->k, pr->v, B, pr->H, N, D, pr->s, protect_bos,
-                                    selective, scale, evicted ? evict_at : NULL, NULL, out,
-                                    NULL, NULL, nthreads);
+                                    selective, scale, evicted ? evict_at : NULL, NULL,
+                                    c->dead_key_threshold, out, NULL, NULL, nthreads);
     free(evict_at);
     return rc;
 }
@@ -299,7 +299,7 @@ int selattn_forward_budget(const float *q, const float *k, const float *v,
 {
     if (budget >= N)            /* nothing is ever evicted */
         return forward_with_evictions(q, k, v, B, H, N, D, selector_head, protect_bos, selective,
-                                      scale, NULL, NULL, out, NULL, NULL, nthreads);
+                                      scale, NULL, NULL, 0.0f, out, NULL, NULL, nthreads);
     /* A cache of the selector head's keys only: all the walk needs. */
     const size_t cap = (budget + T - 1) / T * T;
     selattn_kv_cache c = {.B = B, .H = 1, .D = D, .capacity = cap};

@@ -43,6 +43,7 @@
 #include <string.h>
 
 #include "selattn.h"
+#include "dead_keys.h"
 #include "forward_internal.h"
 #include "rank_penalty.h"
 #include "selector_mask.h"
@@ -111,7 +112,7 @@ int selattn_forward(const float *q, const float *k, const float *v,
                     float *out, float *lse, float *fstart, int nthreads)
 {
     return forward_with_evictions(q, k, v, B, H, N, D, selector_head, protect_bos, selective,
-                                  scale, NULL, NULL, out, lse, fstart, nthreads);
+                                  scale, NULL, NULL, 0.0f, out, lse, fstart, nthreads);
 }
 
 int selattn_forward_soft(const float *q, const float *k, const float *v,
@@ -121,10 +122,23 @@ int selattn_forward_soft(const float *q, const float *k, const float *v,
                          float *out, float *lse, float *fstart, float *soft_theta,
                          int64_t *soft_cut, int nthreads)
 {
+    return selattn_forward_skip(q, k, v, B, H, N, D, selector_head, protect_bos, selective, scale,
+                                soft_budget, soft_strength, 0.0f, out, lse, fstart, soft_theta,
+                                soft_cut, nthreads);
+}
+
+int selattn_forward_skip(const float *q, const float *k, const float *v,
+                         size_t B, size_t H, size_t N, size_t D,
+                         size_t selector_head, int protect_bos, int selective, float scale,
+                         size_t soft_budget, float soft_strength, float dead_key_threshold,
+                         float *out, float *lse, float *fstart, float *soft_theta,
+                         int64_t *soft_cut, int nthreads)
+{
     if (soft_budget == 0 || B == 0 || N == 0) {           /* no penalty, or no row to cut */
         if (soft_theta && soft_cut) soft_no_cuts(B, N, soft_theta, soft_cut);
-        return selattn_forward(q, k, v, B, H, N, D, selector_head, protect_bos, selective, scale,
-                               out, lse, fstart, nthreads);
+        return forward_with_evictions(q, k, v, B, H, N, D, selector_head, protect_bos, selective,
+                                      scale, NULL, NULL, dead_key_threshold, out, lse, fstart,
+                                      nthreads);
     }
     float *theta = soft_theta ? soft_theta : malloc(B * N * sizeof(float));
     int64_t *cut = soft_cut ? soft_cut : malloc(B * N * sizeof(int64_t));
@@ -132,7 +146,8 @@ int selattn_forward_soft(const float *q, const float *k, const float *v,
     if (theta && cut) {
         const soft_penalty soft = {soft_budget, soft_strength, theta, cut};
         rc = forward_with_evictions(q, k, v, B, H, N, D, selector_head, protect_bos, selective,
-                                    scale, NULL, &soft, out, lse, fstart, nthreads);
+                                    scale, NULL, &soft, dead_key_threshold, out, lse, fstart,
+                                    nthreads);
     }
     if (theta != soft_theta) free(theta);
     if (cut != soft_cut) free(cut);
@@ -142,8 +157,9 @@ int selattn_forward_soft(const float *q, const float *k, const float *v,
 int forward_with_evictions(const float *q, const float *k, const float *v,
                            size_t B, size_t H, size_t N, size_t D,
                            size_t selector_head, int protect_bos, int selective, float scale,
-                           const int64_t *evict_at, const soft_penalty *soft_in, float *out,
-                           float *lse, float *fstart_out, int nthreads)
+                           const int64_t *evict_at, const soft_penalty *soft_in,
+                           float dead_key_threshold, float *out, float *lse, float *fstart_out,
+                           int nthreads)
 {
     const selattn_kernels *kern = selattn_select_kernels();
     const size_t nqb = num_blocks(N);
@@ -188,6 +204,12 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
         spf.fstart = fstart;
         failed |= soft_cuts(&spf, B, soft->budget, soft->theta, soft->cut, nthreads) != SELATTN_OK;
     }
+    /* dead keys: the bound's per-head norms and suffix maxima (dead_keys.h), O(B H N D) */
+    dead_bound bound = {0};
+    const int skip = selective && dead_keys_on(dead_key_threshold) && !failed;
+    if (skip)
+        failed |= dead_bound_init(&bound, q, k, B, H, N, D, protect_bos, scale,
+                                  dead_key_threshold, nthreads) != SELATTN_OK;
     if (evict_at && !failed) {
         tmin = malloc(B * nqb * sizeof(int64_t));
         tmax = malloc(B * nqb * sizeof(int64_t));
@@ -281,6 +303,16 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
                                                                : NULL;
                         if (active[g]) {
                             if (qb > nfill) flag_wait_at_least(ready_b + qb - 1, (int)kb + 1);
+                            const float *row = fstart_b + qb % ring * N;
+                            /* a dead key tile costs nothing from here on (dead_keys.h): the
+                             * next block finds +inf in its Fstart row, so it is dead there too */
+                            if (skip && kb < qb && dead_tile(&bound, b, qb, kb, row)) {
+                                active[g] = 0;
+                                if (row_next)
+                                    for (size_t c = 0; c < ncols; c++) row_next[j0 + c] = INFINITY;
+                            }
+                        }
+                        if (active[g]) {
                             mask_of_tile_t(&sp, b, qb, kb, fstart_b + qb % ring * N,
                                            ls + g * T * T, sel, ft_g, row_next);
                             if (soft) {          /* F -> F_soft: the rank penalty (§ 10) */
@@ -343,6 +375,7 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
         free(alpha); free(colmax); free(acc);
     }
     if (fstart != fstart_out) free(fstart);
+    dead_bound_free(&bound);
     free(tmin); free(tmax); free(ready); free(done); free(kt_s);
     return failed ? SELATTN_ENOMEM : SELATTN_OK;
 }

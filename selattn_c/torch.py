@@ -157,7 +157,8 @@ class SelectiveAttentionFunction(torch.autograd.Function):
         lse = torch.from_numpy(sctx.lse)                                   # (B, H, N)
         fstart = None if sctx.fstart is None else torch.from_numpy(sctx.fstart)
         ctx.save_for_backward(qc, kc, vc, out, lse, fstart)
-        ctx.options = (sctx.scale, sctx.selector_head, sctx.protect_bos, sctx.selective)
+        ctx.options = (sctx.scale, sctx.selector_head, sctx.protect_bos, sctx.selective,
+                       sctx.dead_key_threshold)
         ctx.check_finite = check_finite
         return out
 
@@ -165,11 +166,12 @@ class SelectiveAttentionFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dout):
         q, k, v, out, lse, fstart = ctx.saved_tensors
-        scale, selector_head, protect_bos, selective = ctx.options
+        scale, selector_head, protect_bos, selective, dead_t = ctx.options
         sctx = Context(q=q.numpy(), k=k.numpy(), v=v.numpy(), out=out.numpy(), lse=lse.numpy(),
                        scale=scale, selector_head=selector_head, protect_bos=protect_bos,
                        selective=selective, budget=None,
-                       fstart=None if fstart is None else fstart.numpy())
+                       fstart=None if fstart is None else fstart.numpy(),
+                       dead_key_threshold=dead_t)
         # dout may be expanded (stride 0, e.g. from out.sum()) or of another layout: C order
         d = dout.detach().to(torch.float32).contiguous()                   # (B, H, N, D)
         dq, dk, dv = selattn_c.backward(_array(d, "dout"), sctx, check_finite=ctx.check_finite)
