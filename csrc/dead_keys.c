@@ -73,22 +73,25 @@ void dead_bound_free(dead_bound *db)
     db->knorm = db->a = db->c = NULL;
 }
 
-int dead_tile(const dead_bound *db, size_t b, size_t qb, size_t kb, const float *fstart_row)
+int dead_key(const dead_bound *db, size_t b, size_t qb, size_t j, float fj)
 {
     const size_t H = db->H, N = db->N, nqb = db->nqb;
-    const size_t j0 = kb * T, ncols = block_len(N, j0);
-    for (size_t c = 0; c < ncols; c++) {
-        const size_t j = j0 + c;
-        const double f = (double)fstart_row[j] * F_SHRINK;
-        if (!(f >= db->t)) return 0;                 /* cheap first test (and NaN: alive) */
-        double need = -INFINITY;
-        for (size_t h = 0; h < H; h++) {
-            const size_t bh = b * H + h;
-            const double x = db->a[bh * nqb + qb] * db->knorm[bh * N + j] + db->c[bh * nqb + qb];
-            need = x > need ? x : need;
-        }
-        if (!(f >= db->t + need)) return 0;
+    const double f = (double)fj * F_SHRINK;
+    if (!(f >= db->t)) return 0;                     /* cheap first test (and NaN: alive) */
+    double need = -INFINITY;
+    for (size_t h = 0; h < H; h++) {
+        const size_t bh = b * H + h;
+        const double x = db->a[bh * nqb + qb] * db->knorm[bh * N + j] + db->c[bh * nqb + qb];
+        need = x > need ? x : need;
     }
+    return f >= db->t + need;
+}
+
+int dead_tile(const dead_bound *db, size_t b, size_t qb, size_t kb, const float *fstart_row)
+{
+    const size_t j0 = kb * T, ncols = block_len(db->N, j0);
+    for (size_t c = 0; c < ncols; c++)
+        if (!dead_key(db, b, qb, j0 + c, fstart_row[j0 + c])) return 0;
     return 1;
 }
 

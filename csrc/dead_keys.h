@@ -35,6 +35,9 @@ int dead_bound_init(dead_bound *db, const float *q, const float *k, size_t B, si
                     size_t D, int protect_bos, float scale, float t, int nthreads);
 void dead_bound_free(dead_bound *db);
 
+/* 1 when key j (< 64 qb) of batch element b is dead for query block qb, f being F[64 qb, j]. */
+int dead_key(const dead_bound *db, size_t b, size_t qb, size_t j, float f);
+
 /* 1 when key tile kb (< qb) is dead for query block qb of batch element b, reading
  * fstart_row (N,), the mask entering block qb (a tile the forward skipped holds +inf there). */
 int dead_tile(const dead_bound *db, size_t b, size_t qb, size_t kb, const float *fstart_row);
