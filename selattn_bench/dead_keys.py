@@ -2,6 +2,8 @@
 PyTorch's SDPA causal, standard attention), on a synthetic trained-like sequence.
 
     python -m selattn_bench.dead_keys [--n 2048,4096] [--threads 1,2] [--repeats 5] [--markdown]
+    python -m selattn_bench.dead_keys --text-model selattn_lm/data/text-selective.npz
+
 
 For each N and thread count: the fraction of the causal key tiles skipped, F's statistics far
 from the diagonal (the issue's trained-model figure: 99 % of F at distance > 64 above 20), the
@@ -10,6 +12,11 @@ difference of the skipping results from the exact ones (relative to the largest 
 inputs are ``selattn_bench.trained_like`` (selector head killing keys after an exponential
 lifetime); the CPU model and the load average are printed, since other processes on a small
 machine move every row.
+
+``--text-model`` instead runs a trained text model on random windows of the bundled text and
+prints, per layer, what the skipping finds on its real activations (no timing): the share of the
+causal key tiles skipped, and the share of the keys before each query block's first row that the
+bound finds dead (what packing them gains), next to F's statistics.
 """
 
 from __future__ import annotations
@@ -36,6 +43,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="timed runs of each op (medians)")
     p.add_argument("--no-torch", action="store_true", help="skip the SDPA rows")
     p.add_argument("--markdown", action="store_true")
+    p.add_argument("--text-model", default=None,
+                   help="a text checkpoint: report the skipping on its layers (no timing)")
+    p.add_argument("--windows", type=int, default=8, help="text windows for --text-model")
     args = p.parse_args(argv)
     try:
         args.n = [int(x) for x in args.n.split(",")]
@@ -68,8 +78,65 @@ def max_rel_diff(np: Any, exact: Sequence[Any], skip: Sequence[Any]) -> float:
                for a, b in zip(exact, skip))
 
 
+def dead_keys_share(np: Any, sc: Any, ctx: Any) -> float:
+    """Share of the (query block, key before its first row) pairs whose key the bound kills:
+    the per-key test of the kernels (csrc/dead_keys.h), on F's block rows."""
+    q, k = ctx.q, ctx.k
+    B, H, N, D = q.shape
+    t, eps, shrink = sc.DEFAULT_DEAD_KEY_THRESHOLD, 1.0 / 256.0, 1.0 - 2.0**-20
+    F = sc.accumulated_mask(q, k, selector_head=ctx.selector_head, protect_bos=ctx.protect_bos)
+    q64, k64 = q.astype(np.float64), k.astype(np.float64)
+    qn, kn = np.linalg.norm(q64, axis=-1), np.linalg.norm(k64, axis=-1)         # (B, H, N)
+    anchor = ctx.scale * np.einsum("bhnd,bhnd->bhn", q64, k64)
+    kref = kn
+    if ctx.protect_bos:
+        anchor = np.maximum(anchor, ctx.scale * np.einsum("bhnd,bhd->bhn", q64, k64[:, :, 0]))
+        kref = np.maximum(kn, kn[:, :, :1])
+    ci = -anchor + eps * abs(ctx.scale) * qn * kref
+    dead = total = 0
+    for i0 in range(64, N, 64):
+        a = (1 + eps) * abs(ctx.scale) * qn[:, :, i0:].max(-1)                      # (B, H)
+        need = (a[..., None] * kn[:, :, :i0] + ci[:, :, i0:].max(-1)[..., None]).max(1)
+        f = F[:, i0, :i0].astype(np.float64) * shrink                              # (B, i0)
+        dead += int(np.sum((f >= t) & (f >= t + need)))
+        total += B * i0
+    return dead / max(total, 1)
+
+
+def text_model_report(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    import selattn_c as sc
+    from selattn_lm import model as lm
+    from selattn_lm.backends import CAttention
+    from selattn_lm.text import load_corpus, random_windows
+    from selattn_lm.text_training import load_text_model
+
+    params, cfg, _ = load_text_model(args.text_model)
+    corpus = load_corpus()
+    tokens, targets = random_windows(corpus.train, args.windows, cfg.context,
+                                     np.random.default_rng(0))
+    _, _, cache = lm.forward(params, cfg, tokens, targets, attention=CAttention())
+    rows = []
+    for layer, ctx in enumerate(cache.attention_contexts):
+        dead_from = sc.dead_tiles(ctx.q, ctx.k, selector_head=ctx.selector_head)
+        B, nqb = dead_from.shape
+        tiles = float(np.sum(nqb - dead_from)) / (B * nqb * (nqb + 1) / 2)
+        rows.append([str(layer), f"{100 * tiles:.1f} %",
+                     f"{100 * dead_keys_share(np, sc, ctx):.1f} %",
+                     f_statistics(np, sc, ctx.q[:1], ctx.k[:1])])
+    print(f"{args.text_model}: context {cfg.context}, {cfg.n_layers} layers, {cfg.n_heads} "
+          f"heads, {args.windows} random windows of the training text; t = "
+          f"{sc.DEFAULT_DEAD_KEY_THRESHOLD:g}")
+    print(render(["layer", "tiles skipped", "keys before i0 dead", "F at distance > 64 (window 0)"],
+                 rows, args.markdown, [True, True, True, False]))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
+    if args.text_model is not None:
+        text_model_report(args)
+        return
     import numpy as np
 
     import selattn_c as sc
