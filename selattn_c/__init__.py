@@ -144,6 +144,8 @@ class Context:
     log-sum-exp and, for inputs up to N = 4096, the mask entering each block of 64 queries
     (``fstart``, N^2 / 64 floats per batch element), which the backward would otherwise rebuild;
     with the rank penalty (``soft_budget``) each row's cut (``soft_theta``, ``soft_cut``).
+    A forward that skipped dead keys (``dead_key_threshold``) keeps ``+inf`` in ``fstart`` on a
+    dead key tile from the block after its death on: the backward's input, not F.
     Nothing of size N x N is kept. Inputs that already are C-contiguous float32 are kept by
     reference, not copied: do not modify them between ``forward`` and ``backward``."""
 
