@@ -158,6 +158,15 @@ int selattn_forward_budget(const float *q, const float *k, const float *v,
                            size_t selector_head, int protect_bos, int selective, float scale,
                            size_t budget, float *out, int nthreads);
 
+/* selattn_forward_budget skipping dead keys as selattn_forward_skip does (dead_key_threshold t;
+ * t <= 0 or not finite: exact): the same outputs as a selattn_kv_prefill into an empty cache
+ * with that budget and t, bit for bit. */
+int selattn_forward_budget_skip(const float *q, const float *k, const float *v,
+                                size_t B, size_t H, size_t N, size_t D,
+                                size_t selector_head, int protect_bos, int selective,
+                                float scale, size_t budget, float dead_key_threshold,
+                                float *out, int nthreads);
+
 /* A pruned KV cache for one attention layer. The caller owns every array (zero-initialised, pos
  * filled with -1) and this struct; the functions below keep no other state.
  * capacity is a multiple of 64 (the tile width) and >= budget. Keys are stored as transposed

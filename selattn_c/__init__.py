@@ -222,7 +222,8 @@ def forward(q, k, v, *, selector_head: int = 0, protect_bos: bool = True, select
         weight below ``e^-t`` of its row's total in every head, for a query block and all later
         ones (docs/kernel-design.md, "Dead keys"); ``backward`` skips the same tiles. The
         default (32) leaves results equal to the exact kernel's within float32 rounding; None
-        is the exact kernel (nothing skipped). Not used with ``budget``.
+        is the exact kernel (nothing skipped). With ``budget``, as a ``KVCache``'s prefill does
+        (bit for bit the same outputs).
     check_finite : bool, raise ValueError when an input holds NaN or infinity (False skips the
         scan; such inputs then give NaN outputs, never a crash)
 
@@ -239,8 +240,8 @@ def forward(q, k, v, *, selector_head: int = 0, protect_bos: bool = True, select
     soft_budget = check_soft_budget(soft_budget, bool(protect_bos), budget)
     soft_strength = check_strength_float32(check_strength(soft_strength))
     dead_t = check_dead_key_threshold(dead_key_threshold)
-    if budget is not None or not selective:
-        dead_t = 0.0                   # the budgeted forward is exact; F = 0 kills nothing
+    if not selective:
+        dead_t = 0.0                   # F = 0 kills nothing
     check_buffer_sizes((B, H, N, D), "forward")
     q, k, v = _c_inputs((q, k, v), "qkv", check_finite)
     out = np.empty((B, H, N, D), dtype=np.float32)
@@ -269,15 +270,17 @@ def forward(q, k, v, *, selector_head: int = 0, protect_bos: bool = True, select
     else:
         lse.fill(np.nan)   # not computed: nothing may differentiate through a budget
         # a budget >= N evicts nothing: min() keeps any Python int within size_t
-        rc = lib.selattn_forward_budget(_ptr(q), _ptr(k), _ptr(v), B, H, N, D, s,
-                                        bool(protect_bos), bool(selective), scale, min(budget, N),
-                                        _ptr(out), _threads_arg())
+        # with the dead-key skipping of a KVCache's prefill: the same outputs, bit for bit
+        rc = lib.selattn_forward_budget_skip(_ptr(q), _ptr(k), _ptr(v), B, H, N, D, s,
+                                             bool(protect_bos), bool(selective), scale,
+                                             min(budget, N), dead_t, _ptr(out), _threads_arg())
     _check_rc(rc, "forward")
     ctx = Context(q=q, k=k, v=v, out=out, lse=lse, scale=scale, selector_head=s,
                   protect_bos=bool(protect_bos), selective=bool(selective), budget=budget,
                   fstart=fstart, soft_budget=soft_budget,
                   soft_strength=soft_strength if soft_budget is not None else 0.0,
-                  soft_theta=theta, soft_cut=cut, dead_key_threshold=dead_t)
+                  soft_theta=theta, soft_cut=cut,
+                  dead_key_threshold=dead_t if budget is None else 0.0)
     return out, ctx
 
 
