@@ -32,6 +32,13 @@
  * soft_cuts then finds theta and the cut's column of each row (rank_penalty.c), and 1a turns each
  * F tile into F_soft (soft_tile_t) before the heads use it.
  *
+ * Dead keys (selattn_forward_skip, dead_keys.h; docs/kernel-design.md): in 1a a block tests each
+ * key of an off-diagonal tile against the bound on its Fstart row. A tile with no live key is
+ * skipped, and the block writes +inf into the next block's Fstart row there (so the next block
+ * finds it dead too); the live keys of a partly dead tile are packed (their F, the selector's
+ * logits, k and v rows) into a tile of the block's own, whose heads' work (run_pack) runs when
+ * it is full and before the diagonal tile.
+ *
  * Pruned prefill (forward_with_evictions): key j is visible to query i only while i < evict_at[j]
  * (the KV cache's eviction schedule, kv_cache.c). Evicted keys get F = +inf in the F tile, and key
  * tiles whose every key was evicted before the query block starts are skipped, so a small budget
