@@ -246,8 +246,8 @@ static int walk_then_forward(selattn_kv_cache *c, const prompt *pr, size_t B, si
     int evicted = 0;
     for (size_t i = 0; i < B * N && !evicted; i++) evicted = evict_at[i] < (int64_t)N;
     int rc = forward_with_evictions(pr->q, pr->k, pr->v, B, pr->H, N, D, pr->s, protect_bos,
-                                    selective, scale, evicted ? evict_at : NULL, NULL, out,
-                                    NULL, NULL, nthreads);
+                                    selective, scale, evicted ? evict_at : NULL, NULL,
+                                    c->dead_key_threshold, out, NULL, NULL, nthreads);
     free(evict_at);
     return rc;
 }
@@ -297,9 +297,20 @@ int selattn_forward_budget(const float *q, const float *k, const float *v,
                            size_t selector_head, int protect_bos, int selective, float scale,
                            size_t budget, float *out, int nthreads)
 {
+    return selattn_forward_budget_skip(q, k, v, B, H, N, D, selector_head, protect_bos,
+                                       selective, scale, budget, 0.0f, out, nthreads);
+}
+
+int selattn_forward_budget_skip(const float *q, const float *k, const float *v,
+                                size_t B, size_t H, size_t N, size_t D,
+                                size_t selector_head, int protect_bos, int selective,
+                                float scale, size_t budget, float dead_key_threshold,
+                                float *out, int nthreads)
+{
     if (budget >= N)            /* nothing is ever evicted */
         return forward_with_evictions(q, k, v, B, H, N, D, selector_head, protect_bos, selective,
-                                      scale, NULL, NULL, out, NULL, NULL, nthreads);
+                                      scale, NULL, NULL, dead_key_threshold, out, NULL, NULL,
+                                      nthreads);
     /* A cache of the selector head's keys only: all the walk needs. */
     const size_t cap = (budget + T - 1) / T * T;
     selattn_kv_cache c = {.B = B, .H = 1, .D = D, .capacity = cap};
@@ -314,6 +325,7 @@ int selattn_forward_budget(const float *q, const float *k, const float *v,
         c.extent = counts + 3 * B;
         c.budget = budget; c.evict_threshold = INFINITY; c.selector_head = 0;
         c.protect_bos = protect_bos; c.selective = selective; c.scale = scale;
+        c.dead_key_threshold = dead_key_threshold;
         clear(&c);
         const prompt pr = {q, k, v, H, N, selector_head, 0};
         rc = walk_then_forward(&c, &pr, B, D, protect_bos, selective, scale, out, nthreads);

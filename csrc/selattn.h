@@ -89,6 +89,42 @@ int selattn_backward_soft(const float *q, const float *k, const float *v,
                           float soft_strength, const float *soft_theta, const int64_t *soft_cut,
                           float *dq, float *dk, float *dv, int nthreads);
 
+/* selattn_forward_soft (soft_budget = 0: selattn_forward) skipping dead keys: with
+ * dead_key_threshold t > 0 and finite, a key tile whose F at a query block's first row guarantees
+ * (docs/kernel-design.md, "Dead keys") that each of its keys has a weight below e^-t of the row's
+ * total in every head and every row of that block and all later blocks is skipped for them (no
+ * selector logits, no QK, no exp, no PV). t <= 0 or not finite: exact, selattn_forward_soft bit
+ * for bit. fstart, when kept, then holds +inf on a dead tile's keys from the block after its
+ * death on (not F: hand it to selattn_backward_skip with the same t, not to the memory loss). */
+int selattn_forward_skip(const float *q, const float *k, const float *v,
+                         size_t B, size_t H, size_t N, size_t D,
+                         size_t selector_head, int protect_bos, int selective, float scale,
+                         size_t soft_budget, float soft_strength, float dead_key_threshold,
+                         float *out, float *lse, float *fstart, float *soft_theta,
+                         int64_t *soft_cut, int nthreads);
+
+/* selattn_backward_soft skipping the key tiles selattn_forward_skip skipped (the same
+ * dead_key_threshold; fstart that forward's, or NULL): a dead tile costs nothing, except the
+ * selector head's S, dS and its dq, dk where extra dF rows lie below it (their reverse cumsum
+ * runs up through it). Exact (selattn_backward_soft bit for bit) for t <= 0 or not finite. */
+int selattn_backward_skip(const float *q, const float *k, const float *v,
+                          const float *out, const float *lse, const float *fstart,
+                          const float *dout,
+                          const float *dF_rows, const int64_t *dF_row_index, size_t R,
+                          size_t B, size_t H, size_t N, size_t D,
+                          size_t selector_head, int protect_bos, int selective, float scale,
+                          float soft_strength, const float *soft_theta, const int64_t *soft_cut,
+                          float dead_key_threshold, float *dq, float *dk, float *dv,
+                          int nthreads);
+
+/* Which key tiles the two above skip: dead_from (B, ceil(N / 64)) gets, per key tile, the first
+ * query block for which it is dead (ceil(N / 64): never). fstart is a selattn_forward_skip's
+ * (with this t), an exact forward's, or NULL (then built here). Not selective, or t off: never. */
+int selattn_dead_tiles(const float *q, const float *k, const float *fstart,
+                       size_t B, size_t H, size_t N, size_t D,
+                       size_t selector_head, int protect_bos, int selective, float scale,
+                       float dead_key_threshold, int64_t *dead_from, int nthreads);
+
 /* The memory loss' row sums without any N x N buffer (reference: memory_loss, docs § 8):
  * kept (B, N), kept[b, i] = sum_{j <= i} (1 - min(F[b, i, j], tau) / tau), summed in double;
  * mem[b] = max_i kept[b, i]. fstart is the forward's (selattn_forward), or NULL (then built here:
@@ -122,6 +158,15 @@ int selattn_forward_budget(const float *q, const float *k, const float *v,
                            size_t selector_head, int protect_bos, int selective, float scale,
                            size_t budget, float *out, int nthreads);
 
+/* selattn_forward_budget skipping dead keys as selattn_forward_skip does (dead_key_threshold t;
+ * t <= 0 or not finite: exact): the same outputs as a selattn_kv_prefill into an empty cache
+ * with that budget and t, bit for bit. */
+int selattn_forward_budget_skip(const float *q, const float *k, const float *v,
+                                size_t B, size_t H, size_t N, size_t D,
+                                size_t selector_head, int protect_bos, int selective,
+                                float scale, size_t budget, float dead_key_threshold,
+                                float *out, int nthreads);
+
 /* A pruned KV cache for one attention layer. The caller owns every array (zero-initialised, pos
  * filled with -1) and this struct; the functions below keep no other state.
  * capacity is a multiple of 64 (the tile width) and >= budget. Keys are stored as transposed
@@ -144,6 +189,8 @@ typedef struct {
     size_t selector_head;
     int protect_bos, selective;
     float scale;
+    float dead_key_threshold;  /* the prefill from empty skips dead keys (selattn_forward_skip);
+                                * 0 (or not finite): exact */
 } selattn_kv_cache;
 
 /* One token: q, k, v, out are (B, H, D). Returns SELATTN_EFULL when a cache without budget has

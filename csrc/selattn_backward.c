@@ -31,6 +31,11 @@
  *        the reverse cumsum and the S > 0 gate into the selector head's dq and dk
  *        (cut_share_grads): 3 products of one head per tile, where pass 4 makes 5 H + 1.
  *   5.   dq = scale * (sum of the chunks' partial sums, in chunk order).
+ * Dead keys (selattn_backward_skip, dead_keys.h): before pass 4, dead_from (B, nqb) = the first
+ * query block for which each key tile is dead, from the Fstart rows (the forward's decisions: the
+ * same rows, the same test). Pass 4 skips a key block's dead tiles; only where extra dF rows lie at
+ * or below a dead tile does it compute the selector head's S there, the reverse cumsum of those
+ * rows through it and its dq, dk (dead_tile_selector): the attention's part is below the bound.
  * dk/dv are owned by key blocks and each partial sum of dq by one chunk, walked in a fixed order;
  * the chunks are a constant, not the thread count, so the result does not depend on the thread
  * count. P and G are computed once per tile (5 products per head and tile, like a fused
@@ -41,6 +46,7 @@
 #include <string.h>
 
 #include "selattn.h"
+#include "dead_keys.h"
 #include "rank_penalty.h"
 #include "selector_mask.h"
 #include "tile_kernels.h"
@@ -117,6 +123,7 @@ typedef struct {
     float strength;
     float *past_sum;
     size_t B, nchunks;
+    const int64_t *dead_from;  /* (B, nqb) first query block a key tile is dead for, or NULL */
 } problem;
 
 /* gsum (rows, T) -= the extra dF rows that fall in the tile (b, qb, kb), slot by slot: gsum is
@@ -204,6 +211,27 @@ static void tile_probs_and_grads(const problem *pr, size_t b, const tile_pos *tp
     }
 }
 
+/* A dead tile (qb, kb) with extra dF rows at or below it: the attention's P and G are below the
+ * bound and skipped, but the rows' reverse cumsum runs up the key block's columns through it, so
+ * (as in key_block_grads with G = 0): S of the tile, gsum = -(the dF rows in it), dS into the
+ * selector head's G_s, then dk_s (into acc_s, (T, D)) += G_s^T q_s and dq_part += G_s k_s. */
+static void dead_tile_selector(const problem *pr, size_t b, size_t qb, size_t kb, scratch *w,
+                               float *acc_s, float *dq_part)
+{
+    const size_t N = pr->N, D = pr->D, s = pr->s;
+    const size_t i0 = qb * T, j0 = kb * T, rows = block_len(N, i0), ncols = block_len(N, j0);
+    const size_t row0 = (b * pr->H + s) * N + i0;                        /* row (b, s, i0) */
+    float *g = w->g + s * T * T;
+    selection_of_tile(&pr->sel, b, qb, kb, w->ls, w->sel);
+    memset(w->gsum, 0, T * T * sizeof(float));
+    subtract_df_rows(pr, b, qb, kb, w->gsum);
+    memset(g, 0, T * T * sizeof(float));
+    pr->kern->selector_grad(w->gsum, w->sel, rows, w->carry, g);
+    pr->kern->gemm_acc_t(g, ncols, pr->q + row0 * D, rows, D, NULL, acc_s);    /* dk += G^T q */
+    pr->kern->gemm_acc(g, rows, pr->k + ((b * pr->H + s) * N + j0) * D, ncols, D, NULL,
+                       dq_part + row0 * D);                                    /* dq += G k */
+}
+
 /* Key block kb belongs to dq chunk dq_chunk(kb, nchunks): a snake over the chunks
  * (0 1 2 3 3 2 1 0 0 1 ...), so every chunk gets about the same number of tiles. */
 static size_t dq_chunk(size_t kb, size_t nchunks)
@@ -222,8 +250,18 @@ static void key_block_grads(const problem *pr, size_t b, size_t kb, scratch *w, 
     memset(w->acc_a, 0, H * T * D * sizeof(float));
     memset(w->acc_b, 0, H * T * D * sizeof(float));
     memset(w->carry, 0, T * sizeof(float));
+    /* dead tiles: from query block `dead` down (dead_keys.h); `pending` once extra dF rows were
+     * met at or below the current block (their reverse cumsum must run up through it) */
+    const size_t dead = pr->dead_from ? (size_t)pr->dead_from[b * nqb + kb] : nqb;
+    int pending = 0;
     for (size_t qb = nqb; qb-- > kb;) {                 /* bottom up: the reverse cumsum */
         const size_t i0 = qb * T, rows = block_len(N, i0);
+        if (qb >= dead) {
+            const size_t cell = b * nqb + qb;
+            pending |= pr->df && pr->df->first[cell + 1] > pr->df->first[cell];
+            if (pending) dead_tile_selector(pr, b, qb, kb, w, w->acc_a + pr->s * T * D, dq_part);
+            continue;
+        }
         const tile_pos tp = {i0, j0, rows, ncols, pr->selective ? w->ftile : NULL};
         tile_probs_and_grads(pr, b, &tp, w);
         if (pr->selective && pr->theta) {
@@ -351,13 +389,28 @@ int selattn_backward_df_rows(const float *q, const float *k, const float *v,
 }
 
 int selattn_backward_soft(const float *q, const float *k, const float *v,
-                          const float *out, const float *lse, const float *fstart_in,
+                          const float *out, const float *lse, const float *fstart,
                           const float *dout,
                           const float *dF_rows, const int64_t *dF_row_index, size_t R,
                           size_t B, size_t H, size_t N, size_t D,
                           size_t selector_head, int protect_bos, int selective, float scale,
                           float soft_strength, const float *soft_theta, const int64_t *soft_cut,
                           float *dq, float *dk, float *dv, int nthreads)
+{
+    return selattn_backward_skip(q, k, v, out, lse, fstart, dout, dF_rows, dF_row_index, R,
+                                 B, H, N, D, selector_head, protect_bos, selective, scale,
+                                 soft_strength, soft_theta, soft_cut, 0.0f, dq, dk, dv, nthreads);
+}
+
+int selattn_backward_skip(const float *q, const float *k, const float *v,
+                          const float *out, const float *lse, const float *fstart_in,
+                          const float *dout,
+                          const float *dF_rows, const int64_t *dF_row_index, size_t R,
+                          size_t B, size_t H, size_t N, size_t D,
+                          size_t selector_head, int protect_bos, int selective, float scale,
+                          float soft_strength, const float *soft_theta, const int64_t *soft_cut,
+                          float dead_key_threshold, float *dq, float *dk, float *dv,
+                          int nthreads)
 {
     const selattn_kernels *kern = selattn_select_kernels();
     const size_t nqb = num_blocks(N);
@@ -398,12 +451,25 @@ int selattn_backward_soft(const float *q, const float *k, const float *v,
         rc = !fstart_own ? SELATTN_ENOMEM
              : selector_block_prefix(&sp, B, nqb, nqb, fstart_own, nthreads);
     }
+    const float *fstart = fstart_in ? fstart_in : fstart_own;
+    /* dead keys: the first query block each key tile is dead for, from the Fstart rows */
+    int64_t *dead_from = NULL;
+    if (rc == SELATTN_OK && selective && dead_keys_on(dead_key_threshold) && N > 0) {
+        dead_bound bound;
+        dead_from = malloc(B * nqb * sizeof(int64_t));
+        rc = !dead_from ? SELATTN_ENOMEM
+             : dead_bound_init(&bound, q, k, B, H, N, D, protect_bos, scale, dead_key_threshold,
+                               nthreads);
+        if (rc == SELATTN_OK) {
+            dead_from_rows(&bound, B, fstart, dead_from, nthreads);
+            dead_bound_free(&bound);
+        }
+    }
     if (rc != SELATTN_OK) {
         free(fstart_own); free(delta); free(kt); free(vt); free(dq_parts);
-        free(df.first); free(df.order); free(past_sum);
+        free(df.first); free(df.order); free(past_sum); free(dead_from);
         return rc;
     }
-    const float *fstart = fstart_in ? fstart_in : fstart_own;
 
     /* Pass 3: delta = rowsum(dout * out); the dq partial sums start at 0 */
     #pragma omp parallel for num_threads(team) schedule(static)
@@ -422,7 +488,7 @@ int selattn_backward_soft(const float *q, const float *k, const float *v,
                         H, N, D, nqb, selector_head, selective, scale, kern,
                         with_df ? &df : NULL,
                         with_soft ? soft_theta : NULL, soft_cut, soft_strength, past_sum,
-                        B, nchunks};
+                        B, nchunks, dead_from};
     int failed = 0;
     #pragma omp parallel num_threads(team)
     {
@@ -465,6 +531,6 @@ int selattn_backward_soft(const float *q, const float *k, const float *v,
         scratch_free(&w);
     }
     free(fstart_own); free(delta); free(kt); free(vt); free(dq_parts);
-    free(df.first); free(df.order); free(past_sum);
+    free(df.first); free(df.order); free(past_sum); free(dead_from);
     return failed ? SELATTN_ENOMEM : SELATTN_OK;
 }

@@ -32,6 +32,13 @@
  * soft_cuts then finds theta and the cut's column of each row (rank_penalty.c), and 1a turns each
  * F tile into F_soft (soft_tile_t) before the heads use it.
  *
+ * Dead keys (selattn_forward_skip, dead_keys.h; docs/kernel-design.md): in 1a a block tests each
+ * key of an off-diagonal tile against the bound on its Fstart row. A tile with no live key is
+ * skipped, and the block writes +inf into the next block's Fstart row there (so the next block
+ * finds it dead too); the live keys of a partly dead tile are packed (their F, the selector's
+ * logits, k and v rows) into a tile of the block's own, whose heads' work (run_pack) runs when
+ * it is full and before the diagonal tile.
+ *
  * Pruned prefill (forward_with_evictions): key j is visible to query i only while i < evict_at[j]
  * (the KV cache's eviction schedule, kv_cache.c). Evicted keys get F = +inf in the F tile, and key
  * tiles whose every key was evicted before the query block starts are skipped, so a small budget
@@ -43,6 +50,7 @@
 #include <string.h>
 
 #include "selattn.h"
+#include "dead_keys.h"
 #include "forward_internal.h"
 #include "rank_penalty.h"
 #include "selector_mask.h"
@@ -105,13 +113,36 @@ static void mark_evicted(float *ft, const int64_t *evict_at_j, size_t i0, size_t
             if ((int64_t)(i0 + r) >= evict_at_j[c]) ft[c * T + r] = INFINITY;
 }
 
+/* The heads' work on a pack of n live keys gathered from partly dead key tiles of one query block
+ * (every key before the block's first row: no causal mask): the same steps as 1b on a tile, with
+ * the pack's F (pk_ft), the selector head's logits (pk_ls, key-major) and its key and value rows
+ * (pk_k, pk_v: (H, T, D)). qt, m, l, acc are the block's (H, ...) parts. */
+static void run_pack(const selattn_kernels *kern, size_t n, size_t H, size_t D, size_t s,
+                     float scale, size_t rows, const float *pk_ft, const float *pk_ls,
+                     const float *pk_k, const float *pk_v, const float *qt, float *m, float *l,
+                     float *acc, float *x, float *colmax, float *alpha)
+{
+    for (size_t h = 0; h < H; h++) {
+        float *m_h = m + h * T, *l_h = l + h * T, *acc_h = acc + h * T * D;
+        if (h == s) {
+            memcpy(x, pk_ls, n * T * sizeof(float));
+            kern->softmax_t(x, pk_ft, n, (int)T, NULL, m_h, l_h, alpha);
+        } else {
+            kern->gemm_nt_logits(pk_k + h * T * D, n, qt + h * D * T, D, scale, pk_ft, (int)T, x,
+                                 colmax);
+            kern->softmax_t(x, NULL, n, (int)T, colmax, m_h, l_h, alpha);
+        }
+        kern->gemm_acc_t(x, rows, pk_v + h * T * D, n, D, alpha, acc_h);      /* + P v */
+    }
+}
+
 int selattn_forward(const float *q, const float *k, const float *v,
                     size_t B, size_t H, size_t N, size_t D,
                     size_t selector_head, int protect_bos, int selective, float scale,
                     float *out, float *lse, float *fstart, int nthreads)
 {
     return forward_with_evictions(q, k, v, B, H, N, D, selector_head, protect_bos, selective,
-                                  scale, NULL, NULL, out, lse, fstart, nthreads);
+                                  scale, NULL, NULL, 0.0f, out, lse, fstart, nthreads);
 }
 
 int selattn_forward_soft(const float *q, const float *k, const float *v,
@@ -121,10 +152,23 @@ int selattn_forward_soft(const float *q, const float *k, const float *v,
                          float *out, float *lse, float *fstart, float *soft_theta,
                          int64_t *soft_cut, int nthreads)
 {
+    return selattn_forward_skip(q, k, v, B, H, N, D, selector_head, protect_bos, selective, scale,
+                                soft_budget, soft_strength, 0.0f, out, lse, fstart, soft_theta,
+                                soft_cut, nthreads);
+}
+
+int selattn_forward_skip(const float *q, const float *k, const float *v,
+                         size_t B, size_t H, size_t N, size_t D,
+                         size_t selector_head, int protect_bos, int selective, float scale,
+                         size_t soft_budget, float soft_strength, float dead_key_threshold,
+                         float *out, float *lse, float *fstart, float *soft_theta,
+                         int64_t *soft_cut, int nthreads)
+{
     if (soft_budget == 0 || B == 0 || N == 0) {           /* no penalty, or no row to cut */
         if (soft_theta && soft_cut) soft_no_cuts(B, N, soft_theta, soft_cut);
-        return selattn_forward(q, k, v, B, H, N, D, selector_head, protect_bos, selective, scale,
-                               out, lse, fstart, nthreads);
+        return forward_with_evictions(q, k, v, B, H, N, D, selector_head, protect_bos, selective,
+                                      scale, NULL, NULL, dead_key_threshold, out, lse, fstart,
+                                      nthreads);
     }
     float *theta = soft_theta ? soft_theta : malloc(B * N * sizeof(float));
     int64_t *cut = soft_cut ? soft_cut : malloc(B * N * sizeof(int64_t));
@@ -132,7 +176,8 @@ int selattn_forward_soft(const float *q, const float *k, const float *v,
     if (theta && cut) {
         const soft_penalty soft = {soft_budget, soft_strength, theta, cut};
         rc = forward_with_evictions(q, k, v, B, H, N, D, selector_head, protect_bos, selective,
-                                    scale, NULL, &soft, out, lse, fstart, nthreads);
+                                    scale, NULL, &soft, dead_key_threshold, out, lse, fstart,
+                                    nthreads);
     }
     if (theta != soft_theta) free(theta);
     if (cut != soft_cut) free(cut);
@@ -142,8 +187,9 @@ int selattn_forward_soft(const float *q, const float *k, const float *v,
 int forward_with_evictions(const float *q, const float *k, const float *v,
                            size_t B, size_t H, size_t N, size_t D,
                            size_t selector_head, int protect_bos, int selective, float scale,
-                           const int64_t *evict_at, const soft_penalty *soft_in, float *out,
-                           float *lse, float *fstart_out, int nthreads)
+                           const int64_t *evict_at, const soft_penalty *soft_in,
+                           float dead_key_threshold, float *out, float *lse, float *fstart_out,
+                           int nthreads)
 {
     const selattn_kernels *kern = selattn_select_kernels();
     const size_t nqb = num_blocks(N);
@@ -188,6 +234,12 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
         spf.fstart = fstart;
         failed |= soft_cuts(&spf, B, soft->budget, soft->theta, soft->cut, nthreads) != SELATTN_OK;
     }
+    /* dead keys: the bound's per-head norms and suffix maxima (dead_keys.h), O(B H N D) */
+    dead_bound bound = {0};
+    const int skip = selective && dead_keys_on(dead_key_threshold) && !failed;
+    if (skip)
+        failed |= dead_bound_init(&bound, q, k, B, H, N, D, protect_bos, scale,
+                                  dead_key_threshold, nthreads) != SELATTN_OK;
     if (evict_at && !failed) {
         tmin = malloc(B * nqb * sizeof(int64_t));
         tmax = malloc(B * nqb * sizeof(int64_t));
@@ -195,6 +247,9 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
         if (!failed) evicted_tile_bounds(evict_at, B, N, tmin, tmax);
     }
     const int masked = selective || evict_at;        /* is there an F tile to subtract? */
+    /* pack the live keys of partly dead tiles into full tiles (not with evictions, which mark
+     * F per key and tile) */
+    const int pack = skip && !evict_at;
     const size_t nwave = (nqb - nfill + QPAIR - 1) / QPAIR;     /* wavefront pairs per b */
     const size_t nfillp = nfill / QPAIR;                          /* filler pairs per b */
     const size_t ntasks = failed ? 0 : B * (nwave + nfillp);
@@ -213,7 +268,14 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
         float *alpha = malloc(T * sizeof(float));              /* (T,) rescale factors */
         float *colmax = malloc(T * sizeof(float));             /* (T,) row max of a tile */
         float *acc = malloc(QPAIR * H * T * D * sizeof(float)); /* (g, H, T, D) out, unscaled */
-        team_note_alloc(ls && sel && ft && x && qt && m && l && alpha && colmax && acc, &failed);
+        /* the packs of live keys, per block of the pair: F and the selector's logits (g, T keys,
+         * T rows), the key and value rows (g, 2, H, T, D); lst a tile's logits transposed */
+        float *pk_ft = pack ? malloc(QPAIR * T * T * sizeof(float)) : NULL;
+        float *pk_ls = pack ? malloc(QPAIR * T * T * sizeof(float)) : NULL;
+        float *pk_kv = pack ? malloc(QPAIR * 2 * H * T * D * sizeof(float)) : NULL;
+        float *lst = pack ? malloc(T * T * sizeof(float)) : NULL;
+        team_note_alloc(ls && sel && ft && x && qt && m && l && alpha && colmax && acc &&
+                        (!pack || (pk_ft && pk_ls && pk_kv && lst)), &failed);
         for (;;) {
             size_t task;
             #pragma omp atomic capture
@@ -239,7 +301,7 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
             int *ready_b = selective ? ready + b * nqb : NULL;        /* the wavefront's */
             int *done_b = selective ? done + b * nqb : NULL;
             float *fstart_b = selective ? fstart + b * ring * N : NULL;
-            size_t i0[QPAIR], rows[QPAIR];
+            size_t i0[QPAIR], rows[QPAIR], pk_n[QPAIR] = {0};   /* pk_n: keys in each pack */
             for (size_t g = 0; g < nb; g++) {
                 const size_t qb = qb0 + g;
                 i0[g] = qb * T;
@@ -279,8 +341,27 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
                         const int wave = qb >= nfill;   /* the filler's rows are all there */
                         float *row_next = wave && qb + 1 < nqb ? fstart_b + (qb + 1) % ring * N
                                                                : NULL;
+                        size_t nlive = ncols;          /* the tile's live keys */
+                        unsigned char live[T];
                         if (active[g]) {
                             if (qb > nfill) flag_wait_at_least(ready_b + qb - 1, (int)kb + 1);
+                            const float *row = fstart_b + qb % ring * N;
+                            if (skip && kb < qb) {           /* dead keys (dead_keys.h) */
+                                nlive = 0;
+                                for (size_t c = 0; c < ncols; c++) {
+                                    live[c] = !dead_key(&bound, b, qb, j0 + c, row[j0 + c]);
+                                    nlive += live[c];
+                                }
+                            }
+                            /* a dead key tile costs nothing from here on: the next block
+                             * finds +inf in its Fstart row, so it is dead there too */
+                            if (nlive == 0) {
+                                active[g] = 0;
+                                if (row_next)
+                                    for (size_t c = 0; c < ncols; c++) row_next[j0 + c] = INFINITY;
+                            }
+                        }
+                        if (active[g]) {
                             mask_of_tile_t(&sp, b, qb, kb, fstart_b + qb % ring * N,
                                            ls + g * T * T, sel, ft_g, row_next);
                             if (soft) {          /* F -> F_soft: the rank penalty (§ 10) */
@@ -288,6 +369,41 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
                                 soft_theta_rows(soft->theta + b * N, i0[g], rows[g], theta_rows);
                                 soft_tile_t(ft_g, theta_rows, soft->strength);
                             }
+                        }
+                        if (active[g] && pack && nlive < ncols) {
+                            /* a partly dead tile: its live keys join the block's pack (F, the
+                             * selector's logits, k and v rows), whose heads' work runs when it
+                             * holds T keys or the block leaves its last tile before the
+                             * diagonal; the tile itself is not run */
+                            active[g] = 0;
+                            kern->transpose(ls + g * T * T, T, rows[g], T, lst);
+                            float *pft = pk_ft + g * T * T, *pls = pk_ls + g * T * T;
+                            float *pk = pk_kv + g * 2 * H * T * D, *pv = pk + H * T * D;
+                            for (size_t c = 0; c < ncols; c++) {
+                                if (!live[c]) continue;
+                                const size_t n = pk_n[g]++;
+                                memcpy(pft + n * T, ft_g + c * T, T * sizeof(float));
+                                memcpy(pls + n * T, lst + c * T, T * sizeof(float));
+                                for (size_t h = 0; h < H; h++) {
+                                    const size_t src = ((b * H + h) * N + j0 + c) * D;
+                                    memcpy(pk + (h * T + n) * D, k + src, D * sizeof(float));
+                                    memcpy(pv + (h * T + n) * D, v + src, D * sizeof(float));
+                                }
+                                if (pk_n[g] == T) {
+                                    run_pack(kern, T, H, D, s, scale, rows[g], pft, pls, pk, pv,
+                                             qt + g * H * D * T, m + g * H * T, l + g * H * T,
+                                             acc + g * H * T * D, x, colmax, alpha);
+                                    pk_n[g] = 0;
+                                }
+                            }
+                        }
+                        if (pack && kb + 1 == qb && pk_n[g] > 0) {   /* the last pack */
+                            float *pk = pk_kv + g * 2 * H * T * D;
+                            run_pack(kern, pk_n[g], H, D, s, scale, rows[g], pk_ft + g * T * T,
+                                     pk_ls + g * T * T, pk, pk + H * T * D, qt + g * H * D * T,
+                                     m + g * H * T, l + g * H * T, acc + g * H * T * D, x,
+                                     colmax, alpha);
+                            pk_n[g] = 0;
                         }
                         int published = (int)kb + 1;
                         if (kb == qb) {          /* the diagonal: Fstart[qb + 1] is 0 beyond it */
@@ -341,8 +457,10 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
         }
         free(ls); free(sel); free(ft); free(x); free(qt); free(m); free(l);
         free(alpha); free(colmax); free(acc);
+        free(pk_ft); free(pk_ls); free(pk_kv); free(lst);
     }
     if (fstart != fstart_out) free(fstart);
+    dead_bound_free(&bound);
     free(tmin); free(tmax); free(ready); free(done); free(kt_s);
     return failed ? SELATTN_ENOMEM : SELATTN_OK;
 }

@@ -8,6 +8,8 @@ The API mirrors ``selattn_reference.attention`` (the NumPy spec):
   and its gradient as rows of F for ``backward(..., dF_rows=, dF_row_index=)``, without any
   N x N buffer (``selattn_c.memory``; also ``memory_rows``, ``mask_rows``),
 - ``KVCache``: the pruned KV cache for token-by-token decoding (``selattn_c.kv_cache``),
+- ``dead_tiles(q, k, ...)``: which key tiles the forward and backward skip as dead keys
+  (``dead_key_threshold``, docs/kernel-design.md),
 - ``openmp_enabled()``, ``get_num_threads()``, ``set_num_threads(n)``, ``kernel_name()``.
 
 Inputs are (B, H, N, D) float32 or float64 arrays of any strides; the kernels compute in float32
@@ -50,10 +52,12 @@ from ._extension import (
     require_extension,
 )
 from .checks import (
+    DEFAULT_DEAD_KEY_THRESHOLD,
     MAX_THREADS,
     as_c_float32,
     check_all_finite,
     check_buffer_sizes,
+    check_dead_key_threshold,
     check_df_rows,
     check_scale_float32,
     check_soft_budget,
@@ -62,6 +66,7 @@ from .checks import (
 )
 
 __all__ = [
+    "DEFAULT_DEAD_KEY_THRESHOLD",
     "Context",
     "DFRows",
     "ExtensionNotBuilt",
@@ -69,6 +74,7 @@ __all__ = [
     "accumulated_mask",
     "backward",
     "build_info",
+    "dead_tiles",
     "extension_built",
     "extension_reason",
     "forward",
@@ -138,6 +144,8 @@ class Context:
     log-sum-exp and, for inputs up to N = 4096, the mask entering each block of 64 queries
     (``fstart``, N^2 / 64 floats per batch element), which the backward would otherwise rebuild;
     with the rank penalty (``soft_budget``) each row's cut (``soft_theta``, ``soft_cut``).
+    A forward that skipped dead keys (``dead_key_threshold``) keeps ``+inf`` in ``fstart`` on a
+    dead key tile from the block after its death on: the backward's input, not F.
     Nothing of size N x N is kept. Inputs that already are C-contiguous float32 are kept by
     reference, not copied: do not modify them between ``forward`` and ``backward``."""
 
@@ -156,6 +164,9 @@ class Context:
     soft_strength: float = 0.0            # its slope, as the float32 the kernels used
     soft_theta: Optional[np.ndarray] = None  # (B, N) float32 each row's cut F[i, cut], +inf: none
     soft_cut: Optional[np.ndarray] = None    # (B, N) int64 the cut's column, -1 where none
+    # the dead-key threshold t the forward skipped with (float32 value), 0.0: exact. With t > 0,
+    # fstart holds +inf on a dead tile's keys after its death: the backward's input, not F.
+    dead_key_threshold: float = 0.0
 
 
 def _c_inputs(arrays, names, check_finite: bool):
@@ -186,6 +197,7 @@ def _threads_arg() -> int:
 def forward(q, k, v, *, selector_head: int = 0, protect_bos: bool = True, selective: bool = True,
             scale: Optional[float] = None, budget: Optional[int] = None,
             soft_budget: Optional[int] = None, soft_strength: float = DEFAULT_SOFT_STRENGTH,
+            dead_key_threshold: Optional[float] = DEFAULT_DEAD_KEY_THRESHOLD,
             check_finite: bool = True) -> Tuple[np.ndarray, Context]:
     """Selective attention, forward, in float32 without any N x N buffer.
 
@@ -206,6 +218,12 @@ def forward(q, k, v, *, selector_head: int = 0, protect_bos: bool = True, select
         with BOS protection (>= 1 without); not with ``budget``. No N x N buffer either: the
         cuts are found row by row (docs/kernel-design.md)
     soft_strength : float >= 0, the penalty's slope (finite as a float32)
+    dead_key_threshold : float > 0 or None, t: skip the key tiles whose every key provably has a
+        weight below ``e^-t`` of its row's total in every head, for a query block and all later
+        ones (docs/kernel-design.md, "Dead keys"); ``backward`` skips the same tiles. The
+        default (32) leaves results equal to the exact kernel's within float32 rounding; None
+        is the exact kernel (nothing skipped). With ``budget``, as a ``KVCache``'s prefill does
+        (bit for bit the same outputs).
     check_finite : bool, raise ValueError when an input holds NaN or infinity (False skips the
         scan; such inputs then give NaN outputs, never a crash)
 
@@ -221,6 +239,9 @@ def forward(q, k, v, *, selector_head: int = 0, protect_bos: bool = True, select
     budget = check_budget(budget, bool(protect_bos))
     soft_budget = check_soft_budget(soft_budget, bool(protect_bos), budget)
     soft_strength = check_strength_float32(check_strength(soft_strength))
+    dead_t = check_dead_key_threshold(dead_key_threshold)
+    if not selective:
+        dead_t = 0.0                   # F = 0 kills nothing
     check_buffer_sizes((B, H, N, D), "forward")
     q, k, v = _c_inputs((q, k, v), "qkv", check_finite)
     out = np.empty((B, H, N, D), dtype=np.float32)
@@ -232,31 +253,34 @@ def forward(q, k, v, *, selector_head: int = 0, protect_bos: bool = True, select
         fstart = np.zeros(shape, dtype=np.float32) if shape else None
         fstart_ptr = _ptr(fstart) if fstart is not None else ffi.NULL
         if soft_budget is None:
-            rc = lib.selattn_forward(_ptr(q), _ptr(k), _ptr(v), B, H, N, D, s, bool(protect_bos),
-                                     bool(selective), scale, _ptr(out), _ptr(lse), fstart_ptr,
-                                     _threads_arg())
+            rc = lib.selattn_forward_skip(_ptr(q), _ptr(k), _ptr(v), B, H, N, D, s,
+                                          bool(protect_bos), bool(selective), scale, 0, 0.0,
+                                          dead_t, _ptr(out), _ptr(lse), fstart_ptr, ffi.NULL,
+                                          ffi.NULL, _threads_arg())
         else:
             theta = np.empty((B, N), dtype=np.float32)                    # (B, N)
             cut = np.empty((B, N), dtype=np.int64)                        # (B, N)
             # a soft budget >= N cuts no row: min() keeps any Python int within size_t
-            rc = lib.selattn_forward_soft(_ptr(q), _ptr(k), _ptr(v), B, H, N, D, s,
+            rc = lib.selattn_forward_skip(_ptr(q), _ptr(k), _ptr(v), B, H, N, D, s,
                                           bool(protect_bos), bool(selective), scale,
-                                          min(soft_budget, N), soft_strength, _ptr(out),
+                                          min(soft_budget, N), soft_strength, dead_t, _ptr(out),
                                           _ptr(lse), fstart_ptr, _ptr(theta),
                                           ffi.cast("int64_t *", ffi.from_buffer(cut)),
                                           _threads_arg())
     else:
         lse.fill(np.nan)   # not computed: nothing may differentiate through a budget
         # a budget >= N evicts nothing: min() keeps any Python int within size_t
-        rc = lib.selattn_forward_budget(_ptr(q), _ptr(k), _ptr(v), B, H, N, D, s,
-                                        bool(protect_bos), bool(selective), scale, min(budget, N),
-                                        _ptr(out), _threads_arg())
+        # with the dead-key skipping of a KVCache's prefill: the same outputs, bit for bit
+        rc = lib.selattn_forward_budget_skip(_ptr(q), _ptr(k), _ptr(v), B, H, N, D, s,
+                                             bool(protect_bos), bool(selective), scale,
+                                             min(budget, N), dead_t, _ptr(out), _threads_arg())
     _check_rc(rc, "forward")
     ctx = Context(q=q, k=k, v=v, out=out, lse=lse, scale=scale, selector_head=s,
                   protect_bos=bool(protect_bos), selective=bool(selective), budget=budget,
                   fstart=fstart, soft_budget=soft_budget,
                   soft_strength=soft_strength if soft_budget is not None else 0.0,
-                  soft_theta=theta, soft_cut=cut)
+                  soft_theta=theta, soft_cut=cut,
+                  dead_key_threshold=dead_t if budget is None else 0.0)
     return out, ctx
 
 
@@ -297,6 +321,8 @@ def _check_context(ctx, *, budget_ok: bool = False) -> None:
                                  f"array of shape {(B, N)}: this Context was not made by "
                                  "selattn_c.forward")
         check_strength_float32(check_strength(ctx.soft_strength))
+    if ctx.dead_key_threshold != 0.0:
+        check_dead_key_threshold(ctx.dead_key_threshold)
 
 
 def backward(dout, ctx: Context, *, dF_rows=None, dF_row_index=None, check_finite: bool = True
@@ -341,12 +367,13 @@ def backward(dout, ctx: Context, *, dF_rows=None, dF_row_index=None, check_finit
     soft = ctx.soft_theta is not None         # the rank penalty: its cuts (checked above)
     theta_ptr = _ptr(ctx.soft_theta) if soft else ffi.NULL
     cut_ptr = ffi.cast("int64_t *", ffi.from_buffer(ctx.soft_cut)) if soft else ffi.NULL
-    rc = lib.selattn_backward_soft(_ptr(ctx.q), _ptr(ctx.k), _ptr(ctx.v), _ptr(ctx.out),
+    # the tiles the forward skipped as dead keys are skipped here too (same rows, same test)
+    rc = lib.selattn_backward_skip(_ptr(ctx.q), _ptr(ctx.k), _ptr(ctx.v), _ptr(ctx.out),
                                    _ptr(ctx.lse), fstart, _ptr(dout), rows_ptr, index_ptr, R,
                                    B, H, N, D, ctx.selector_head, ctx.protect_bos,
                                    ctx.selective, ctx.scale, ctx.soft_strength if soft else 0.0,
-                                   theta_ptr, cut_ptr, _ptr(dq), _ptr(dk), _ptr(dv),
-                                   _threads_arg())
+                                   theta_ptr, cut_ptr, ctx.dead_key_threshold, _ptr(dq),
+                                   _ptr(dk), _ptr(dv), _threads_arg())
     _check_rc(rc, "backward")
     return dq, dk, dv
 
@@ -385,3 +412,39 @@ from .memory import (  # noqa: E402  (needs _check_context, _ptr above)
     memory_loss_backward,
     memory_rows,
 )
+
+
+def dead_tiles(q, k, *, selector_head: int = 0, protect_bos: bool = True, scale: Optional[float]
+               = None, dead_key_threshold: float = DEFAULT_DEAD_KEY_THRESHOLD,
+               check_finite: bool = True) -> np.ndarray:
+    """Which key tiles (of 64 keys) ``forward`` and ``backward`` skip as dead keys.
+
+    Parameters
+    ----------
+    q, k : (B, H, N, D) float arrays, as for ``forward``
+    selector_head, protect_bos, scale : as for ``forward``
+    dead_key_threshold : float > 0, t (docs/kernel-design.md, "Dead keys")
+    check_finite : bool, raise ValueError on NaN or infinity in q or k
+
+    Returns
+    -------
+    dead_from : (B, ceil(N / 64)) int64, for each key tile the first query block (of 64 rows)
+        for which it is dead, and for every later block; ceil(N / 64) where never. Builds F's
+        block rows (the selector head's logits on the causal triangle) to decide.
+    """
+    require_extension("selattn_c.dead_tiles")
+    if dead_key_threshold is None:
+        raise ValueError("dead_key_threshold must be a float > 0 here (None skips nothing)")
+    t = check_dead_key_threshold(dead_key_threshold)
+    q, k, _, (B, H, N, D) = check_qkv(q, k, k, check_finite=False)
+    s = check_selector_head(selector_head, H)
+    scale = check_scale_float32(resolve_scale(scale, D))
+    check_buffer_sizes((B, H, N, D), "dead_tiles")
+    q, k = _c_inputs((q, k), "qk", check_finite)
+    nqb = -(-N // 64)
+    dead_from = np.empty((B, nqb), dtype=np.int64)
+    rc = lib.selattn_dead_tiles(_ptr(q), _ptr(k), ffi.NULL, B, H, N, D, s, bool(protect_bos), True,
+                                scale, t, ffi.cast("int64_t *", ffi.from_buffer(dead_from)),
+                                _threads_arg())
+    _check_rc(rc, "dead_tiles")
+    return dead_from

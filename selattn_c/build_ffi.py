@@ -47,6 +47,7 @@ SOURCES = [
     "kv_cache.c",
     "selector_mask.c",
     "rank_penalty.c",
+    "dead_keys.c",
     "threads.c",
     "finite.c",
     "tile_kernels.c",

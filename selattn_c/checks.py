@@ -164,3 +164,26 @@ def check_strength_float32(strength: float) -> float:
         raise ValueError(f"soft_strength must be finite as a float32 (< 3.4e38), got "
                          f"{strength!r}")
     return float(as_float32)
+
+
+# Dead keys (docs/kernel-design.md): a key whose weight is provably below e^-t of its row's total
+# in every head and every later row is skipped. t = 32: even N = 2^20 such keys together hold less
+# than 2^20 e^-32 = 1.3e-8 of a row's weight, below float32's rounding (2^-24 = 6e-8 relative).
+DEFAULT_DEAD_KEY_THRESHOLD = 32.0
+
+
+def check_dead_key_threshold(threshold) -> float:
+    """The dead-key threshold t as the float32 the kernels take: None (exact: nothing skipped)
+    gives 0.0; otherwise a real number > 0, finite as a float32."""
+    if threshold is None:
+        return 0.0
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating,
+                                                                 np.integer)):
+        raise TypeError(f"dead_key_threshold must be a float or None, got "
+                        f"{type(threshold).__name__}")
+    with np.errstate(over="ignore"):
+        as_float32 = float(np.float32(threshold))
+    if not (np.isfinite(as_float32) and as_float32 > 0.0):
+        raise ValueError(f"dead_key_threshold must be > 0 and finite as a float32 (or None for "
+                         f"the exact kernel), got {threshold!r}")
+    return as_float32

@@ -25,10 +25,12 @@ from selattn_reference.validation import (
 from . import _threads_arg  # the package's thread setting (defined before this module loads)
 from ._extension import ffi, lib, require_extension
 from .checks import (
+    DEFAULT_DEAD_KEY_THRESHOLD,
     TILE,
     as_c_float32,
     check_buffer_sizes,
     check_cache_bytes,
+    check_dead_key_threshold,
     check_scale_float32,
 )
 
@@ -67,6 +69,11 @@ class KVCache:
     evict_threshold : float >= 0 or None, also drop any held token whose F exceeds it. Its weight
         was already multiplied by less than ``e^-evict_threshold``; see docs/kv-cache.md for the
         error bound.
+    dead_key_threshold : float > 0 or None, t: a prefill into an empty cache skips the key tiles
+        whose keys provably have a weight below ``e^-t`` of their row's total for the prompt's
+        later queries (as ``selattn_c.forward``; docs/kernel-design.md, "Dead keys"). The
+        default keeps its outputs equal to the exact ones within float32 rounding; None is
+        exact. The cache's state (F, the evictions) does not depend on it.
 
     Notes
     -----
@@ -80,7 +87,8 @@ class KVCache:
 
     def __init__(self, batch: int, heads: int, head_dim: int, budget: Optional[int] = None, *,
                  selector_head: int = 0, protect_bos: bool = True, selective: bool = True,
-                 scale: Optional[float] = None, evict_threshold: Optional[float] = None):
+                 scale: Optional[float] = None, evict_threshold: Optional[float] = None,
+                 dead_key_threshold: Optional[float] = DEFAULT_DEAD_KEY_THRESHOLD):
         require_extension("selattn_c.KVCache")
         self.B, self.H, self.D = check_cache_dims(batch, heads, head_dim)
         self.selector_head = check_selector_head(selector_head, self.H)
@@ -89,6 +97,7 @@ class KVCache:
         self.scale = check_scale_float32(resolve_scale(scale, self.D))
         self.budget = check_budget(budget, self.protect_bos)
         self.evict_threshold = check_threshold(evict_threshold)
+        self.dead_key_threshold = check_dead_key_threshold(dead_key_threshold)   # 0.0: exact
         self._lock = threading.Lock()
         capacity = _round_up(self.budget) if self.budget else _INITIAL_CAPACITY
         check_cache_bytes(self.B, self.H, self.D, capacity)
@@ -121,6 +130,7 @@ class KVCache:
         c.B, c.H, c.D = B, H, D
         c.budget = self.budget or 0
         c.evict_threshold = float("inf") if self.evict_threshold is None else self.evict_threshold
+        c.dead_key_threshold = self.dead_key_threshold
         c.selector_head = self.selector_head
         c.protect_bos, c.selective, c.scale = self.protect_bos, self.selective, self.scale
         c.length = length

@@ -65,7 +65,9 @@ def _selector(source, *, selector_head, protect_bos, scale, check_finite, what) 
             raise ValueError(f"{what}: selector_head, protect_bos and scale come from the "
                              "Context; pass them only with (q, k)")
         _check_context(source, budget_ok=True)    # F does not depend on the budget
-        return _Selector(source.q, source.k, source.fstart, source.selector_head,
+        # a forward that skipped dead keys keeps +inf, not F, on their tiles: build F here then
+        fstart = source.fstart if source.dead_key_threshold == 0.0 else None
+        return _Selector(source.q, source.k, fstart, source.selector_head,
                          source.protect_bos, source.scale, source.selective)
     if not (isinstance(source, tuple) and len(source) == 2):
         raise TypeError(f"{what}: the first argument must be the Context of selattn_c.forward "

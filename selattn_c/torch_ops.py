@@ -47,7 +47,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, selector_head: int, protect_bos: 
     out, ctx = selattn_c.forward(_array(q, "q"), _array(k, "k"), _array(v, "v"),
                                  selector_head=selector_head, protect_bos=protect_bos,
                                  selective=selective, scale=scale, budget=budget,
-                                 check_finite=check_finite)
+                                 check_finite=check_finite,
+                                 # exact: the saved fstart must hold F on every tile, as the
+                                 # backward below (a Context without skipping) reads it
+                                 dead_key_threshold=None)
     return torch.from_numpy(out), torch.from_numpy(ctx.lse), _fstart_or_empty(ctx.fstart, q)
 
 

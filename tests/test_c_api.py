@@ -268,8 +268,10 @@ FILLER_CASE = QKVCase(*random_qkv(3, (2, 2, 64 * 12 + 5, 4)), selector_head=1, p
 def test_context_fstart_holds_f_at_each_block_start(case):
     """ctx.fstart[b, qb] is F[b, 64 qb, :] up to its block's diagonal (bit for bit: F there is
     Fstart plus an empty in-block sum) and 0 beyond it; the example has 13 blocks, the first 2
-    of which take their rows from the two-pass prefix (the forward's filler)."""
-    out, ctx = selattn_c.forward(case.q, case.k, case.v, **case.options())
+    of which take their rows from the two-pass prefix (the forward's filler). The exact forward:
+    one that skips dead keys keeps +inf on their tiles (tests/test_c_dead_keys.py)."""
+    out, ctx = selattn_c.forward(case.q, case.k, case.v, dead_key_threshold=None,
+                                 **case.options())
     F = selattn_c.accumulated_mask(case.q, case.k, selector_head=case.selector_head,
                                    protect_bos=case.protect_bos)
     B, _, N, _ = case.q.shape

@@ -23,9 +23,9 @@ SCRIPT = Path(__file__).with_name("memcheck_entry_points.py")
 OURS = re.compile(r"\b(_cffi_f_selattn_\w+|selattn_\w+|forward_with_evictions|"
                   r"selector_block_prefix|mask_of_tile|mask_tile|selection_\w+|transpose_blocks|"
                   r"walk\w*|prefill_by_steps|attend_head|update_mask|big_alloc|soft_\w+|"
-                  r"select_kth|cut_share_grads)\b|"
+                  r"select_kth|cut_share_grads|dead_\w+)\b|"
                   r"\((selattn_forward|selattn_backward|selattn_mask|selattn_memory|selector_mask|"
-                  r"kv_cache|rank_penalty|threads|finite|tile_kernels\w*)\.[ch]:\d+\)")
+                  r"kv_cache|rank_penalty|dead_keys|threads|finite|tile_kernels\w*)\.[ch]:\d+\)")
 NOT_OURS = re.compile(r"\b(_cffi_init|PyInit__selattn_cffi)\b")
 LOST = re.compile(r"([\d,]+) bytes in [\d,]+ blocks are definitely lost")
 

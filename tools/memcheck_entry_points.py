@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 import selattn_c
+from selattn_bench.trained_like import trained_like
 
 
 def expect_error(call, error) -> None:
@@ -63,6 +64,25 @@ def main() -> None:
         for i in range(60, 70):
             growing.step(q[:, :, i], k[:, :, i], v[:, :, i])
         growing.close()
+
+        # dead keys: trained-like inputs whose key tiles die (N = 200: a partial last tile),
+        # skipped by the forward, the backward (with dF rows below dead tiles), the rank
+        # penalty and the prefill; and the exact mode
+        qd, kd, vd = trained_like(rng, 2, 3, 200, 8, mean_lifetime=4.0, rate=2.0)
+        doutd = rng.standard_normal(qd.shape).astype(np.float32)
+        for protect_bos in (True, False):
+            selattn_c.dead_tiles(qd, kd, protect_bos=protect_bos)
+            _, ctxd = selattn_c.forward(qd, kd, vd, protect_bos=protect_bos)
+            selattn_c.backward(doutd, ctxd)
+            rows = np.broadcast_to(np.array([199, 150], dtype=np.int64), (2, 2))
+            selattn_c.backward(doutd, ctxd, dF_rows=rng.standard_normal((2, 2, 200)),
+                               dF_row_index=rows)
+            selattn_c.memory_loss(ctxd, 0.5)
+        _, ctxd = selattn_c.forward(qd, kd, vd, soft_budget=9, dead_key_threshold=4.0)
+        selattn_c.backward(doutd, ctxd)
+        selattn_c.forward(qd, kd, vd, dead_key_threshold=None)
+        with selattn_c.KVCache(2, 3, 8) as cache:
+            cache.prefill(qd, kd, vd)
 
         # error paths and unchecked non-finite input
         bad = q.copy()
