@@ -9,6 +9,7 @@ why it is safe, what it costs and how to pick a budget.
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Callable, Optional, Tuple
 
 import numpy as np
@@ -342,7 +343,9 @@ class KVCache:
         -------
         step : callable with no arguments, returning ``out``. It raises like ``step`` (closed
             cache, concurrent use, non-finite input; the cache is then unchanged). The function
-            keeps the arrays alive; it stays valid across ``reset()``.
+            keeps the arrays alive; it stays valid across ``reset()``. While it lives, the arrays
+            (and the arrays whose memory they view) cannot be resized: ``ndarray.resize`` raises
+            ValueError, even with ``refcheck=False`` (docs/reliability.md).
 
         Raises
         ------
@@ -366,6 +369,7 @@ class KVCache:
             if np.may_share_memory(out, x):
                 raise ValueError(f"out must not share memory with {name}")
         ptrs = tuple(_buffer("float[]", x) for x in (q, k, v, out))
+        pins = _pin_memory((q, k, v, out))
         finite, lock = bool(check_finite), self._lock
 
         def step() -> np.ndarray:
@@ -387,6 +391,7 @@ class KVCache:
                 _check(rc, "step", q, k, v)
             return out
 
+        step.pins = pins     # the arrays cannot be reallocated while this function lives
         return step
 
     def prefill(self, q, k, v, *, check_finite: bool = True) -> np.ndarray:
@@ -423,6 +428,20 @@ class KVCache:
                 self._c, self._a = c, a
         _check(rc, "prefill", q, k, v)
         return out
+
+
+def _pin_memory(arrays) -> list:
+    """Weak references to each array and to every ndarray its memory comes from (the chain of
+    ``.base``), kept while the bound function lives: NumPy refuses ``ndarray.resize`` of an array
+    that has a weak reference, even with ``refcheck=False``, so no bound pointer can be freed
+    under the C step (a resize would otherwise leave it reading freed memory). A cffi buffer
+    export alone does not stop the resize."""
+    pins = []
+    for x in arrays:
+        while isinstance(x, np.ndarray):
+            pins.append(weakref.ref(x))
+            x = x.base
+    return pins
 
 
 class _Release:
