@@ -168,6 +168,12 @@ int selattn_max_threads(void);
 const char *selattn_kernel_name(void);
 /* "" for an OpenMP build, else why it is serial. */
 const char *selattn_serial_reason(void);
+/* Ends the OpenMP worker threads that the calling thread's parallel regions started (they start
+ * again at its next parallel region), so that a fork() right after leaves the child no pool of
+ * threads that do not exist there. 0 when done (or nothing to do: a serial build), nonzero when
+ * the OpenMP runtime cannot (then a forked child must run its kernels with 1 thread). Not from
+ * inside a kernel. */
+int selattn_release_threads(void);
 /* cdef end */
 
 #endif /* SELATTN_H */

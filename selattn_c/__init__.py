@@ -49,6 +49,7 @@ from ._extension import (
     lib,
     require_extension,
 )
+from ._fork import install as install_fork_hooks
 from .checks import (
     MAX_THREADS,
     as_c_float32,
@@ -83,6 +84,7 @@ __all__ = [
 ]
 
 _threads = {"n": 0}  # 0: the OpenMP default (OMP_NUM_THREADS, else all cores)
+install_fork_hooks(_threads)
 
 
 def openmp_enabled() -> bool:
@@ -99,12 +101,15 @@ def get_num_threads() -> int:
 
 
 def set_num_threads(n: int) -> None:
-    """Use ``n`` threads in later calls (``n >= 1``). A serial build accepts and ignores it."""
+    """Use ``n`` threads in later calls (``n >= 1``). A serial build accepts and ignores it, and
+    so does a forked child whose OpenMP runtime could not release its parent's threads (it runs
+    with 1 thread: ``selattn_c._fork``)."""
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
         raise TypeError(f"number of threads must be an int, got {type(n).__name__}")
     if not 1 <= n <= MAX_THREADS:
         raise ValueError(f"number of threads must be >= 1 and <= {MAX_THREADS}, got {n}")
-    _threads["n"] = int(n)
+    if not _threads.get("pinned"):
+        _threads["n"] = int(n)
 
 
 def build_info() -> Dict[str, object]:
