@@ -18,6 +18,10 @@
 #define SELATTN_ENOMEM 1
 #define SELATTN_EFULL 2   /* KV cache without a budget: no free slot (the caller grows it) */
 #define SELATTN_ENONFINITE 3  /* an input holds NaN or infinity (only when asked to check) */
+#define SELATTN_EOVERFLOW 4   /* finite inputs so large that float32 could overflow (when checking) */
+/* The largest magnitude any bound on an intermediate value may reach: 2^120, a factor 2^8 below
+ * FLT_MAX for rounding. The checks that use it are described in docs/reliability.md. */
+#define SELATTN_MAGNITUDE_LIMIT_LOG2 120
 
 /* Forward: out = softmax(L - F) v, and lse = the per-row log-sum-exp that backward needs.
  * selector_head in [0, H); protect_bos, selective are 0/1. fstart, when not NULL (and selective),
@@ -144,11 +148,14 @@ typedef struct {
     size_t selector_head;
     int protect_bos, selective;
     float scale;
+    float *maxima;        /* (2,) largest |k| and |v| stored so far (0 when empty) */
 } selattn_kv_cache;
 
 /* One token: q, k, v, out are (B, H, D). Returns SELATTN_EFULL when a cache without budget has
- * no free slot, and SELATTN_ENONFINITE when check_finite is set and an input is not finite; in
- * both cases before anything changes. */
+ * no free slot, and, when check_finite is set, SELATTN_ENONFINITE when an input is not finite and
+ * SELATTN_EOVERFLOW when the inputs, the keys and values held and the accumulated mask are so
+ * large that a logit, the mask or the output could overflow float32; in every case before
+ * anything changes. */
 int selattn_kv_step(selattn_kv_cache *c, const float *q, const float *k, const float *v,
                     float *out, int check_finite, int nthreads);
 
@@ -160,6 +167,9 @@ int selattn_kv_prefill(selattn_kv_cache *c, const float *q, const float *k, cons
 
 /* 1 when none of x[0..n) is NaN or infinite, else 0 (the Python wrappers' input check). */
 int selattn_all_finite(const float *x, size_t n, int nthreads);
+/* max |x[i]| over x[0..n), or +infinity when some x[i] is NaN or infinite (one read, no
+ * temporary): the finiteness check and the magnitude that the overflow bounds need at once. */
+float selattn_max_abs(const float *x, size_t n, int nthreads);
 
 /* Threads and build facts. */
 int selattn_openmp_enabled(void);

@@ -49,6 +49,7 @@ from ._extension import (
     lib,
     require_extension,
 )
+from . import overflow
 from ._fork import install as install_fork_hooks
 from .checks import (
     MAX_THREADS,
@@ -163,14 +164,19 @@ class Context:
     soft_cut: Optional[np.ndarray] = None    # (B, N) int64 the cut's column, -1 where none
 
 
-def _c_inputs(arrays, names, check_finite: bool):
+def _c_inputs(arrays, names, check_finite: bool, maxima: Optional[list] = None):
     """C-contiguous aligned float32 versions of ``arrays``, checked for NaN and infinity after
-    the conversion (so values that overflow float32 are caught too) when ``check_finite``."""
+    the conversion (so values that overflow float32 are caught too) when ``check_finite``; the
+    same read appends each array's largest magnitude to ``maxima`` (for ``overflow``)."""
     out = []
     for x, name in zip(arrays, names):
         x = as_c_float32(x, name)
-        if check_finite and not lib.selattn_all_finite(_ptr(x), x.size, _threads_arg()):
-            check_all_finite(x, name)     # raises the ValueError
+        if check_finite:
+            top = float(lib.selattn_max_abs(_ptr(x), x.size, _threads_arg()))
+            if top == float("inf"):
+                check_all_finite(x, name)     # raises the ValueError
+            if maxima is not None:
+                maxima.append(top)
         out.append(x)
     return out
 
@@ -227,7 +233,11 @@ def forward(q, k, v, *, selector_head: int = 0, protect_bos: bool = True, select
     soft_budget = check_soft_budget(soft_budget, bool(protect_bos), budget)
     soft_strength = check_strength_float32(check_strength(soft_strength))
     check_buffer_sizes((B, H, N, D), "forward")
-    q, k, v = _c_inputs((q, k, v), "qkv", check_finite)
+    maxima: list = []
+    q, k, v = _c_inputs((q, k, v), "qkv", check_finite, maxima)
+    if check_finite:
+        overflow.check_forward("forward", *maxima, N, D, scale,
+                               soft_strength if soft_budget is not None else 0.0)
     out = np.empty((B, H, N, D), dtype=np.float32)
     lse = np.empty((B, H, N), dtype=np.float32)
     fstart = theta = cut = None
@@ -333,17 +343,23 @@ def backward(dout, ctx: Context, *, dF_rows=None, dF_row_index=None, check_finit
     require_extension("selattn_c.backward")
     _check_context(ctx)
     B, H, N, D = ctx.q.shape
-    (dout,) = _c_inputs([check_like(dout, "dout", (B, H, N, D))], ["dout"], check_finite)
+    soft = ctx.soft_theta is not None         # the rank penalty: its cuts (checked above)
+    maxima: list = []
+    (dout,) = _c_inputs([check_like(dout, "dout", (B, H, N, D))], ["dout"], check_finite, maxima)
     rows, index = check_df_rows(dF_rows, dF_row_index, B, N)
     R = 0
     if rows is not None:
-        (rows,) = _c_inputs([rows], ["dF_rows"], check_finite)
+        (rows,) = _c_inputs([rows], ["dF_rows"], check_finite, maxima)
         R = index.shape[1]
+    if check_finite:      # the context's inputs too: its forward may not have checked them
+        context = [float(lib.selattn_max_abs(_ptr(x), x.size, _threads_arg()))
+                   for x in (ctx.q, ctx.k, ctx.v)]
+        overflow.check_backward("backward", context, maxima[0], maxima[1] if R else 0.0, R, H,
+                                N, D, ctx.scale, ctx.soft_strength if soft else 0.0)
     dq, dk, dv = (np.empty((B, H, N, D), dtype=np.float32) for _ in range(3))
     fstart = _ptr(ctx.fstart) if ctx.fstart is not None else ffi.NULL
     rows_ptr = _ptr(rows) if R > 0 else ffi.NULL
     index_ptr = ffi.cast("int64_t *", ffi.from_buffer(index)) if R > 0 else ffi.NULL
-    soft = ctx.soft_theta is not None         # the rank penalty: its cuts (checked above)
     theta_ptr = _ptr(ctx.soft_theta) if soft else ffi.NULL
     cut_ptr = ffi.cast("int64_t *", ffi.from_buffer(ctx.soft_cut)) if soft else ffi.NULL
     rc = lib.selattn_backward_soft(_ptr(ctx.q), _ptr(ctx.k), _ptr(ctx.v), _ptr(ctx.out),
@@ -374,7 +390,10 @@ def accumulated_mask(q, k, *, selector_head: int = 0, protect_bos: bool = True,
     s = check_selector_head(selector_head, H)
     scale = check_scale_float32(resolve_scale(scale, D))
     check_buffer_sizes((B, H, N, D), "accumulated_mask", mask=True)
-    q, k = _c_inputs((q, k), "qk", check_finite)
+    maxima: list = []
+    q, k = _c_inputs((q, k), "qk", check_finite, maxima)
+    if check_finite:
+        overflow.check_forward("accumulated_mask", *maxima, 0.0, N, D, scale)
     F = np.empty((B, N, N), dtype=np.float32)
     rc = lib.selattn_accumulated_mask(_ptr(q), _ptr(k), B, H, N, D, s, bool(protect_bos), scale,
                                       _ptr(F), _threads_arg())

@@ -110,6 +110,7 @@ class KVCache:
             "counts": np.zeros((4, B), np.int64),    # size, evictions, newest, extent (B,) each
             "scratch": np.empty((B, H, capacity), np.float32),               # (B, H, cap)
             "sel": np.empty((B, capacity), np.float32),                      # (B, cap)
+            "maxima": np.zeros(2, np.float32),          # largest |k|, |v| stored (overflow check)
         }
         if old is not None:
             n = old["pos"].shape[1]
@@ -118,6 +119,7 @@ class KVCache:
             a["pos"][:, :n] = old["pos"]
             a["F"][:, :n] = old["F"]
             a["counts"][:] = old["counts"]
+            a["maxima"][:] = old["maxima"]
         c = ffi.new("selattn_kv_cache *")
         c.B, c.H, c.D = B, H, D
         c.budget = self.budget or 0
@@ -134,6 +136,7 @@ class KVCache:
         c.size, c.evictions, c.newest, c.extent = (counts + i * self.B for i in range(4))
         c.scratch = ffi.cast("float *", ffi.from_buffer(a["scratch"]))
         c.sel = ffi.cast("float *", ffi.from_buffer(a["sel"]))
+        c.maxima = ffi.cast("float *", ffi.from_buffer(a["maxima"]))
         return c, a      # `a` keeps the buffers alive while the struct points into them
 
     def _with_room(self, new_tokens: int):
@@ -235,6 +238,7 @@ class KVCache:
             self._a["pos"].fill(-1)
             self._a["F"].fill(0.0)
             self._a["counts"].fill(0)
+            self._a["maxima"].fill(0.0)
             self._c.length = 0
 
     def close(self) -> None:
@@ -465,6 +469,12 @@ def _check(rc: int, what: str, q, k, v) -> None:
         name = next(n for n, x in (("q", q), ("k", k), ("v", v)) if not np.isfinite(x).all())
         raise ValueError(f"{name} contains NaN or infinity (after conversion to float32); "
                          "pass check_finite=False to skip this check (cache unchanged)")
+    if rc == lib.SELATTN_EOVERFLOW:
+        raise ValueError(
+            f"KVCache.{what}: q, k, v are too large for float32: with the keys and values held "
+            f"and the accumulated mask, a logit scale * q.k, the mask or the output could "
+            f"exceed 2^{lib.SELATTN_MAGNITUDE_LIMIT_LOG2} and overflow to inf or NaN "
+            "(docs/reliability.md, Overflow); rescale the inputs or lower scale (cache unchanged)")
     if rc == lib.SELATTN_ENOMEM:
         raise MemoryError(f"KVCache.{what}: could not allocate scratch memory (cache unchanged)")
     if rc != lib.SELATTN_OK:

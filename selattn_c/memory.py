@@ -28,7 +28,7 @@ from selattn_reference.validation import (
     resolve_scale,
 )
 
-from . import Context, _c_inputs, _check_context, _check_rc, _ptr, _threads_arg
+from . import Context, _c_inputs, _check_context, _check_rc, _ptr, _threads_arg, overflow
 from ._extension import ffi, lib, require_extension
 from .checks import check_buffer_sizes, check_row_index, check_scale_float32
 
@@ -74,7 +74,10 @@ def _selector(source, *, selector_head, protect_bos, scale, check_finite, what) 
     s = check_selector_head(0 if selector_head is None else selector_head, H)
     scale = check_scale_float32(resolve_scale(scale, D))
     check_buffer_sizes((B, H, N, D), what)
-    q, k = _c_inputs((q, k), "qk", check_finite)
+    maxima: list = []
+    q, k = _c_inputs((q, k), "qk", check_finite, maxima)
+    if check_finite:
+        overflow.check_forward(f"selattn_c.{what}", *maxima, 0.0, N, D, scale)
     return _Selector(q, k, None, s, True if protect_bos is None else bool(protect_bos), scale,
                      True)
 
