@@ -51,13 +51,14 @@ def _parse_constant(name: str) -> float:
     raise ValueError(f"{name} is not JSON")
 
 
-def parse_json(text: str, what: str, max_chars: int = MAX_BYTES) -> object:
+def parse_json(text: str, context: str, max_chars: int = MAX_BYTES) -> object:
     """Parse ``text`` as JSON within the limits above.
 
     Parameters
     ----------
     text : str
-    what : str, names the source in messages (e.g. "budgets file 'b.json'")
+    context : str, the start of every error message, naming the source and the problem
+        (e.g. "budgets file 'b.json' is not readable JSON")
     max_chars : int, longest text accepted
 
     Returns
@@ -66,12 +67,12 @@ def parse_json(text: str, what: str, max_chars: int = MAX_BYTES) -> object:
 
     Raises
     ------
-    ValueError "<what> is not readable JSON: <why>" for text that is too long, nested deeper
-    than ``MAX_DEPTH``, holds an integer of more than ``MAX_INT_DIGITS`` digits, a number beyond
-    float range, NaN or Infinity, or is not JSON.
+    ValueError "<context>: <why>" for text that is too long, nested deeper than ``MAX_DEPTH``,
+    holds an integer of more than ``MAX_INT_DIGITS`` digits, a number beyond float range, NaN or
+    Infinity, or is not JSON.
     """
     if not isinstance(text, str):
-        raise TypeError(f"{what}: JSON text must be a str, got {type(text).__name__}")
+        raise TypeError(f"{context}: JSON text must be a str, got {type(text).__name__}")
     try:
         if len(text) > max_chars:
             raise ValueError(f"longer than {max_chars} characters")
@@ -82,7 +83,7 @@ def parse_json(text: str, what: str, max_chars: int = MAX_BYTES) -> object:
                           parse_constant=_parse_constant)
     except (ValueError, RecursionError) as exc:      # JSONDecodeError is a ValueError
         message = " ".join(str(exc).split())[:200]
-        raise ValueError(f"{what} is not readable JSON: {message}") from None
+        raise ValueError(f"{context}: {message}") from None
 
 
 def read_json_file(path, what: str, max_bytes: int = MAX_BYTES) -> object:
@@ -119,4 +120,4 @@ def read_json_file(path, what: str, max_bytes: int = MAX_BYTES) -> object:
     except UnicodeDecodeError as exc:
         raise ValueError(f"{name} is not readable JSON: not UTF-8 text ({exc.reason} at byte "
                          f"{exc.start})") from None
-    return parse_json(text, name, max_chars=max_bytes)
+    return parse_json(text, f"{name} is not readable JSON", max_chars=max_bytes)
