@@ -57,6 +57,7 @@ from .checks import (
     check_all_finite,
     check_buffer_sizes,
     check_df_rows,
+    check_flag,
     check_scale_float32,
     check_soft_budget,
     check_strength_float32,
@@ -226,6 +227,8 @@ def forward(q, k, v, *, selector_head: int = 0, protect_bos: bool = True, select
     ctx : Context for ``backward``
     """
     require_extension("selattn_c.forward")
+    protect_bos, selective = check_flag(protect_bos, "protect_bos"), check_flag(selective,
+                                                                                "selective")
     q, k, v, (B, H, N, D) = check_qkv(q, k, v, check_finite=False)
     s = check_selector_head(selector_head, H)
     scale = check_scale_float32(resolve_scale(scale, D))
@@ -302,6 +305,14 @@ def _check_context(ctx, *, budget_ok: bool = False) -> None:
             raise ValueError(f"ctx.{name} must be a C-contiguous float32 array of shape {shape}: "
                              "this Context was not made by selattn_c.forward")
     check_selector_head(ctx.selector_head, H)
+    for name in ("protect_bos", "selective"):
+        if not isinstance(getattr(ctx, name), (bool, np.bool_)):
+            raise ValueError(f"ctx.{name} must be a bool, got {getattr(ctx, name)!r:.40}: this "
+                             "Context was not made by selattn_c.forward")
+    if isinstance(ctx.scale, bool) or not isinstance(ctx.scale, (float, int, np.floating,
+                                                                  np.integer)):
+        raise ValueError(f"ctx.scale must be a real number, got {ctx.scale!r:.40}: this "
+                         "Context was not made by selattn_c.forward")
     check_scale_float32(resolve_scale(ctx.scale, D))
     if ctx.soft_theta is not None or ctx.soft_cut is not None:      # the rank penalty's cuts
         for name, dtype in (("soft_theta", np.float32), ("soft_cut", np.int64)):
@@ -386,6 +397,7 @@ def accumulated_mask(q, k, *, selector_head: int = 0, protect_bos: bool = True,
     F : (B, N, N) float32, ``F[b, i, j] = sum_{m < i} S[b, m, j]``
     """
     require_extension("selattn_c.accumulated_mask")
+    protect_bos = check_flag(protect_bos, "protect_bos")
     q, k, (B, H, N, D) = check_qkv(q, k, check_finite=False)
     s = check_selector_head(selector_head, H)
     scale = check_scale_float32(resolve_scale(scale, D))

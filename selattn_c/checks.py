@@ -164,3 +164,12 @@ def check_strength_float32(strength: float) -> float:
         raise ValueError(f"soft_strength must be finite as a float32 (< 3.4e38), got "
                          f"{strength!r}")
     return float(as_float32)
+
+
+def check_flag(value, name: str) -> bool:
+    """``value`` as a bool; TypeError naming ``name`` unless it is a bool (or NumPy bool): a
+    truthy string such as 'no' must not silently mean True."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__} "
+                        f"{value!r:.40}")
+    return bool(value)

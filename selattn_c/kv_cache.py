@@ -30,6 +30,7 @@ from .checks import (
     as_c_float32,
     check_buffer_sizes,
     check_cache_bytes,
+    check_flag,
     check_scale_float32,
 )
 
@@ -85,8 +86,8 @@ class KVCache:
         require_extension("selattn_c.KVCache")
         self.B, self.H, self.D = check_cache_dims(batch, heads, head_dim)
         self.selector_head = check_selector_head(selector_head, self.H)
-        self.protect_bos = bool(protect_bos)
-        self.selective = bool(selective)
+        self.protect_bos = check_flag(protect_bos, "protect_bos")
+        self.selective = check_flag(selective, "selective")
         self.scale = check_scale_float32(resolve_scale(scale, self.D))
         self.budget = check_budget(budget, self.protect_bos)
         self.evict_threshold = check_threshold(evict_threshold)
@@ -255,6 +256,17 @@ class KVCache:
     def __exit__(self, *exc) -> bool:
         self.close()
         return False
+
+    def __copy__(self):
+        raise TypeError("a KVCache cannot be copied: a copy would share its C buffers and state "
+                        "with the original; make a new KVCache and prefill it instead")
+
+    def __deepcopy__(self, memo):
+        self.__copy__()
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("a KVCache cannot be pickled or copied (it holds C state); make a new "
+                        "KVCache and prefill it instead")
 
     def __repr__(self) -> str:
         # Without the lock (a repr must not raise): the numbers may be mid-step, nothing changes.
