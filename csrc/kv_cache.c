@@ -218,9 +218,9 @@ int selattn_kv_step(selattn_kv_cache *c, const float *q, const float *k, const f
         const int rc = check_inputs(c, mag, 1);
         if (rc != SELATTN_OK) return rc;
     }
-    if (!c->budget)                      /* refuse before anything changes */
-        for (size_t b = 0; b < B; b++)
-            if ((size_t)c->size[b] >= cap) return SELATTN_EFULL;
+    for (size_t b = 0; b < B; b++)       /* refuse before anything changes: no free slot and */
+        if ((size_t)c->size[b] >= cap && (!c->budget || (size_t)c->size[b] < c->budget))
+            return SELATTN_EFULL;        /* no eviction (a budgeted cache grows up to budget) */
 
     size_t widest = 0;
     for (size_t b = 0; b < B; b++) {                                   /* steps 1-2 */
@@ -310,9 +310,11 @@ static int prefill_by_steps(selattn_kv_cache *c, const float *q, const float *k,
                             size_t N, float *out, int nthreads)
 {
     const size_t BH = c->B * c->H, D = c->D;
-    if (!c->budget)                      /* refuse before anything changes */
-        for (size_t b = 0; b < c->B; b++)
-            if ((size_t)c->size[b] + N > c->capacity) return SELATTN_EFULL;
+    for (size_t b = 0; b < c->B; b++) {  /* refuse before anything changes */
+        size_t held = (size_t)c->size[b] + N;
+        if (c->budget && held > c->budget) held = c->budget;
+        if (held > c->capacity) return SELATTN_EFULL;
+    }
     float *buf = malloc(4 * BH * D * sizeof(float));          /* q, k, v, out of one token */
     if (!buf) return SELATTN_ENOMEM;
     float *qi = buf, *ki = buf + BH * D, *vi = buf + 2 * BH * D, *oi = buf + 3 * BH * D;
@@ -340,7 +342,7 @@ int selattn_kv_prefill(selattn_kv_cache *c, const float *q, const float *k, cons
         if (rc != SELATTN_OK) return rc;
     }
     if (c->length > 0) return prefill_by_steps(c, q, k, v, N, out, nthreads);
-    if (!c->budget && c->capacity < N) return SELATTN_EFULL;
+    if (c->capacity < (c->budget && c->budget < N ? c->budget : N)) return SELATTN_EFULL;
     const prompt pr = {q, k, v, c->H, N, c->selector_head, 1};
     int rc = walk_then_forward(c, &pr, c->B, c->D, c->protect_bos, c->selective, c->scale, out,
                                nthreads);

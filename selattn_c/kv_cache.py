@@ -34,7 +34,7 @@ from .checks import (
     check_scale_float32,
 )
 
-_INITIAL_CAPACITY = 64  # an unbudgeted cache starts with one tile of slots and doubles when full
+_INITIAL_CAPACITY = 64  # a cache starts with one tile of slots and doubles when full
 _FLOAT32 = np.dtype(np.float32)
 
 
@@ -92,8 +92,11 @@ class KVCache:
         self.budget = check_budget(budget, self.protect_bos)
         self.evict_threshold = check_threshold(evict_threshold)
         self._lock = threading.Lock()
-        capacity = _round_up(self.budget) if self.budget else _INITIAL_CAPACITY
-        check_cache_bytes(self.B, self.H, self.D, capacity)
+        # A budget caps the capacity, which grows on demand like an unbudgeted cache's: a huge
+        # budget (as forward treats budget >= N as no budget) costs nothing until it is used.
+        if self.budget:
+            check_cache_bytes(self.B, self.H, self.D, _round_up(self.budget))
+        capacity = min(_INITIAL_CAPACITY, _round_up(self.budget or _INITIAL_CAPACITY))
         self._c, self._a = self._allocate(capacity)     # the C struct, and the arrays it uses
 
     # -- memory -----------------------------------------------------------------------------
@@ -142,16 +145,20 @@ class KVCache:
 
     def _with_room(self, new_tokens: int):
         """The (struct, buffers) pair a call adding ``new_tokens`` should run on: the cache's own,
-        or, when an unbudgeted cache is too small, a doubled copy (swapped in on success)."""
+        or, when it is too small for the tokens it will hold (at most ``budget``), a copy with
+        the capacity doubled as often as needed, capped at the budget rounded up to 64 (swapped
+        in on success)."""
         c, a = self._c, self._a
-        if self.budget is not None:
-            return c, a
         need = int(a["counts"][0].max()) + new_tokens
+        if self.budget is not None:
+            need = min(need, self.budget)
         capacity = int(c.capacity)
         if need <= capacity:
             return c, a
         while capacity < need:
             capacity *= 2
+        if self.budget is not None:
+            capacity = min(capacity, _round_up(self.budget))
         check_cache_bytes(self.B, self.H, self.D, capacity)
         return self._allocate(capacity, old=a, length=int(c.length))
 
@@ -161,7 +168,8 @@ class KVCache:
 
     @property
     def capacity(self) -> int:
-        """Slots per batch element (a multiple of 64; >= budget)."""
+        """Slots per batch element (a multiple of 64): 64 at first, doubled when full, up to the
+        budget rounded up to 64."""
         with self._exclusive():
             return int(self._c.capacity)
 
