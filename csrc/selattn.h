@@ -18,7 +18,7 @@
 #define SELATTN_ENOMEM 1
 #define SELATTN_EFULL 2   /* KV cache without a budget: no free slot (the caller grows it) */
 #define SELATTN_ENONFINITE 3  /* an input holds NaN or infinity (only when asked to check) */
-#define SELATTN_EOVERFLOW 4   /* finite inputs so large that float32 could overflow (when checking) */
+#define SELATTN_EOVERFLOW 4   /* inputs finite but so large that float32 could overflow */
 /* The largest magnitude any bound on an intermediate value may reach: 2^120, a factor 2^8 below
  * FLT_MAX for rounding. The checks that use it are described in docs/reliability.md. */
 #define SELATTN_MAGNITUDE_LIMIT_LOG2 120
