@@ -164,18 +164,9 @@ class NpzArchive:
         return members
 
     def _header(self, name: str, info: zipfile.ZipInfo) -> Member:
-        fmt = np.lib.format
         try:
             with self._zip.open(info) as f:
-                version = fmt.read_magic(f)
-                if version == (1, 0):
-                    shape, fortran, dtype = fmt.read_array_header_1_0(
-                        f, max_header_size=MAX_HEADER_BYTES)
-                elif version == (2, 0):
-                    shape, fortran, dtype = fmt.read_array_header_2_0(
-                        f, max_header_size=MAX_HEADER_BYTES)
-                else:
-                    raise ValueError(f".npy format version {version} is not supported")
+                shape, fortran, dtype = _read_header(f)
                 offset = f.tell()
         except _READ_ERRORS + (TypeError, SyntaxError) as exc:
             raise self._fail(f"member {name!r} has no readable .npy header: "
@@ -242,6 +233,29 @@ class NpzArchive:
                              f"{' '.join(str(exc).split())[:200]}") from None
         arr = out.reshape(m.shape, order="F" if m.fortran_order else "C")
         return arr if arr.flags.c_contiguous else arr.copy(order="C")   # (0-d stays 0-d)
+
+
+def _read_header(f) -> tuple:
+    """(shape, fortran_order, dtype) of the .npy stream ``f`` (format 1.0 or 2.0), refusing a
+    header longer than MAX_HEADER_BYTES before reading it. NumPy >= 1.24 checks the length
+    itself (``max_header_size``); for older NumPy the length field is read here first."""
+    fmt = np.lib.format
+    version = fmt.read_magic(f)
+    if version not in ((1, 0), (2, 0)):
+        raise ValueError(f".npy format version {version} is not supported")
+    reader = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+    try:
+        return reader(f, max_header_size=MAX_HEADER_BYTES)
+    except TypeError as exc:
+        if "max_header_size" not in str(exc):
+            raise
+    start = f.tell()
+    size = 2 if version == (1, 0) else 4
+    length = int.from_bytes(f.read(size), "little")
+    if length > MAX_HEADER_BYTES:
+        raise ValueError(f"a .npy header of {length} bytes (at most {MAX_HEADER_BYTES})")
+    f.seek(start)
+    return reader(f)
 
 
 def read_npz(path, expected: Mapping[str, Expectation], *, exact: bool = True,
