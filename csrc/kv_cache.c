@@ -30,17 +30,65 @@
 /* Below this much work (B * H * slots * D) a step runs on one thread: waking the team costs more. */
 #define PARALLEL_STEP_WORK ((size_t)1 << 18)
 
-/* 1 when none of x[0..n) is NaN or infinite. */
-static int all_finite(const float *x, size_t n)
+/* max |x[i]| over x[0..n), +inf when some x[i] is NaN or infinite. */
+static float max_abs(const float *x, size_t n)
 {
     int ok = 1;
-    for (size_t i = 0; i < n; i++) ok &= isfinite(x[i]) != 0;   /* no early exit: vectorises */
-    return ok;
+    float m = 0.0f;
+    for (size_t i = 0; i < n; i++) {
+        const float a = fabsf(x[i]);
+        ok &= isfinite(x[i]) != 0;
+        m = a > m ? a : m;
+    }
+    return ok ? m : INFINITY;
 }
 
-static int inputs_finite(const float *q, const float *k, const float *v, size_t n)
+/* The largest |q|, |k|, |v| of n floats each: inf marks a NaN or infinity. */
+typedef struct { float q, k, v; } magnitudes;
+
+static magnitudes input_magnitudes(const float *q, const float *k, const float *v, size_t n)
 {
-    return all_finite(q, n) && all_finite(k, n) && all_finite(v, n);
+    magnitudes m = {max_abs(q, n), max_abs(k, n), max_abs(v, n)};
+    return m;
+}
+
+static int finite_magnitudes(magnitudes m)
+{
+    return isfinite(m.q) && isfinite(m.k) && isfinite(m.v);
+}
+
+/* 1 when `n` more tokens whose inputs have the magnitudes m cannot overflow float32 in this cache
+ * (docs/reliability.md § 1, "Overflow"): with K, V the largest |k|, |v| ever stored, the logits
+ * are |scale q.k| <= scale D |q| K (and the unscaled dot product <= D |q| K); the accumulated
+ * mask of a held token grows by at most one logit per token, from the largest F held now; the
+ * differences L - F - max inside the softmax are at most twice logit + mask; the unnormalised
+ * output sums at most (tokens seen) values of size V. Every bound must stay below 2^120. */
+static int magnitudes_safe(const selattn_kv_cache *c, magnitudes m, size_t n)
+{
+    const double limit = ldexp(1.0, SELATTN_MAGNITUDE_LIMIT_LOG2);
+    const double K = fmax(c->maxima[0], m.k), V = fmax(c->maxima[1], m.v);
+    const double dot = (double)c->D * m.q * K, logit = (double)c->scale * dot;
+    double held_F = 0.0;
+    for (size_t i = 0; i < c->B * c->capacity; i++)
+        if (c->pos[i] >= 0 && c->F[i] > held_F) held_F = c->F[i];
+    const double mask = held_F + (double)n * logit;
+    const double seen = (double)c->length + (double)n;
+    return dot <= limit && 2.0 * (logit + mask) <= limit && seen * V <= limit;
+}
+
+/* After tokens with magnitudes m were stored: the running maxima of |k| and |v|. */
+static void note_magnitudes(selattn_kv_cache *c, magnitudes m)
+{
+    c->maxima[0] = fmaxf(c->maxima[0], m.k);
+    c->maxima[1] = fmaxf(c->maxima[1], m.v);
+}
+
+/* SELATTN_OK, or why `n` tokens with magnitudes m are refused when checking. */
+static int check_inputs(const selattn_kv_cache *c, magnitudes m, size_t n)
+{
+    if (!finite_magnitudes(m)) return SELATTN_ENONFINITE;
+    if (!magnitudes_safe(c, m, n)) return SELATTN_EOVERFLOW;
+    return SELATTN_OK;
 }
 
 static int evictable(const selattn_kv_cache *c, int64_t p)
@@ -165,10 +213,14 @@ int selattn_kv_step(selattn_kv_cache *c, const float *q, const float *k, const f
 {
     const selattn_kernels *kern = selattn_select_kernels();
     const size_t B = c->B, H = c->H, D = c->D, cap = c->capacity;
-    if (check_finite && !inputs_finite(q, k, v, B * H * D)) return SELATTN_ENONFINITE;
-    if (!c->budget)                      /* refuse before anything changes */
-        for (size_t b = 0; b < B; b++)
-            if ((size_t)c->size[b] >= cap) return SELATTN_EFULL;
+    const magnitudes mag = input_magnitudes(q, k, v, B * H * D);   /* always: the maxima */
+    if (check_finite) {
+        const int rc = check_inputs(c, mag, 1);
+        if (rc != SELATTN_OK) return rc;
+    }
+    for (size_t b = 0; b < B; b++)       /* refuse before anything changes: no free slot and */
+        if ((size_t)c->size[b] >= cap && (!c->budget || (size_t)c->size[b] < c->budget))
+            return SELATTN_EFULL;        /* no eviction (a budgeted cache grows up to budget) */
 
     size_t widest = 0;
     for (size_t b = 0; b < B; b++) {                                   /* steps 1-2 */
@@ -185,6 +237,7 @@ int selattn_kv_step(selattn_kv_cache *c, const float *q, const float *k, const f
     if (c->selective)                                                  /* steps 4-5 */
         for (size_t b = 0; b < B; b++) update_mask(c, b, c->sel + b * cap, c->length, NULL);
     c->length++;
+    note_magnitudes(c, mag);
     return SELATTN_OK;
 }
 
@@ -257,9 +310,11 @@ static int prefill_by_steps(selattn_kv_cache *c, const float *q, const float *k,
                             size_t N, float *out, int nthreads)
 {
     const size_t BH = c->B * c->H, D = c->D;
-    if (!c->budget)                      /* refuse before anything changes */
-        for (size_t b = 0; b < c->B; b++)
-            if ((size_t)c->size[b] + N > c->capacity) return SELATTN_EFULL;
+    for (size_t b = 0; b < c->B; b++) {  /* refuse before anything changes */
+        size_t held = (size_t)c->size[b] + N;
+        if (c->budget && held > c->budget) held = c->budget;
+        if (held > c->capacity) return SELATTN_EFULL;
+    }
     float *buf = malloc(4 * BH * D * sizeof(float));          /* q, k, v, out of one token */
     if (!buf) return SELATTN_ENOMEM;
     float *qi = buf, *ki = buf + BH * D, *vi = buf + 2 * BH * D, *oi = buf + 3 * BH * D;
@@ -281,14 +336,19 @@ int selattn_kv_prefill(selattn_kv_cache *c, const float *q, const float *k, cons
                        size_t N, float *out, int check_finite, int nthreads)
 {
     if (N == 0) return SELATTN_OK;
-    if (check_finite && !inputs_finite(q, k, v, c->B * c->H * N * c->D)) return SELATTN_ENONFINITE;
+    const magnitudes mag = input_magnitudes(q, k, v, c->B * c->H * N * c->D);
+    if (check_finite) {
+        const int rc = check_inputs(c, mag, N);
+        if (rc != SELATTN_OK) return rc;
+    }
     if (c->length > 0) return prefill_by_steps(c, q, k, v, N, out, nthreads);
-    if (!c->budget && c->capacity < N) return SELATTN_EFULL;
+    if (c->capacity < (c->budget && c->budget < N ? c->budget : N)) return SELATTN_EFULL;
     const prompt pr = {q, k, v, c->H, N, c->selector_head, 1};
     int rc = walk_then_forward(c, &pr, c->B, c->D, c->protect_bos, c->selective, c->scale, out,
                                nthreads);
     if (rc != SELATTN_OK) { clear(c); return rc; }
     c->length = (int64_t)N;
+    note_magnitudes(c, mag);
     return SELATTN_OK;
 }
 
@@ -319,6 +379,8 @@ int selattn_forward_budget_skip(const float *q, const float *k, const float *v,
     c.F = malloc(B * cap * sizeof(float));
     c.sel = malloc(B * cap * sizeof(float));
     int64_t *counts = calloc(4 * B, sizeof(int64_t));
+    float maxima[2] = {0.0f, 0.0f};
+    c.maxima = maxima;
     int rc = SELATTN_ENOMEM;
     if ((c.kt || !selective) && c.pos && c.F && c.sel && counts) {
         c.size = counts; c.evictions = counts + B; c.newest = counts + 2 * B;

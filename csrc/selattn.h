@@ -18,6 +18,10 @@
 #define SELATTN_ENOMEM 1
 #define SELATTN_EFULL 2   /* KV cache without a budget: no free slot (the caller grows it) */
 #define SELATTN_ENONFINITE 3  /* an input holds NaN or infinity (only when asked to check) */
+#define SELATTN_EOVERFLOW 4   /* inputs finite but so large that float32 could overflow */
+/* The largest magnitude any bound on an intermediate value may reach: 2^120, a factor 2^8 below
+ * FLT_MAX for rounding. The checks that use it are described in docs/reliability.md. */
+#define SELATTN_MAGNITUDE_LIMIT_LOG2 120
 
 /* Forward: out = softmax(L - F) v, and lse = the per-row log-sum-exp that backward needs.
  * selector_head in [0, H); protect_bos, selective are 0/1. fstart, when not NULL (and selective),
@@ -191,11 +195,14 @@ typedef struct {
     float scale;
     float dead_key_threshold;  /* the prefill from empty skips dead keys (selattn_forward_skip);
                                 * 0 (or not finite): exact */
+    float *maxima;        /* (2,) largest |k| and |v| stored so far (0 when empty) */
 } selattn_kv_cache;
 
 /* One token: q, k, v, out are (B, H, D). Returns SELATTN_EFULL when a cache without budget has
- * no free slot, and SELATTN_ENONFINITE when check_finite is set and an input is not finite; in
- * both cases before anything changes. */
+ * no free slot, and, when check_finite is set, SELATTN_ENONFINITE when an input is not finite and
+ * SELATTN_EOVERFLOW when the inputs, the keys and values held and the accumulated mask are so
+ * large that a logit, the mask or the output could overflow float32; in every case before
+ * anything changes. */
 int selattn_kv_step(selattn_kv_cache *c, const float *q, const float *k, const float *v,
                     float *out, int check_finite, int nthreads);
 
@@ -207,6 +214,9 @@ int selattn_kv_prefill(selattn_kv_cache *c, const float *q, const float *k, cons
 
 /* 1 when none of x[0..n) is NaN or infinite, else 0 (the Python wrappers' input check). */
 int selattn_all_finite(const float *x, size_t n, int nthreads);
+/* max |x[i]| over x[0..n), or +infinity when some x[i] is NaN or infinite (one read, no
+ * temporary): the finiteness check and the magnitude that the overflow bounds need at once. */
+float selattn_max_abs(const float *x, size_t n, int nthreads);
 
 /* Threads and build facts. */
 int selattn_openmp_enabled(void);
@@ -215,6 +225,12 @@ int selattn_max_threads(void);
 const char *selattn_kernel_name(void);
 /* "" for an OpenMP build, else why it is serial. */
 const char *selattn_serial_reason(void);
+/* Ends the OpenMP worker threads that the calling thread's parallel regions started (they start
+ * again at its next parallel region), so that a fork() right after leaves the child no pool of
+ * threads that do not exist there. 0 when done (or nothing to do: a serial build), nonzero when
+ * the OpenMP runtime cannot (then a forked child must run its kernels with 1 thread). Not from
+ * inside a kernel. */
+int selattn_release_threads(void);
 /* cdef end */
 
 #endif /* SELATTN_H */

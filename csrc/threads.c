@@ -28,3 +28,16 @@ const char *selattn_serial_reason(void)
     return SELATTN_SERIAL_REASON[0] ? SELATTN_SERIAL_REASON : "built without OpenMP";
 #endif
 }
+
+/* omp_pause_resource_all is OpenMP 5.0; the build script defines SELATTN_HAVE_OMP_PAUSE when the
+ * compiler's runtime links it (GCC >= 9 does, while still reporting _OPENMP as 4.5). */
+int selattn_release_threads(void)
+{
+#if defined(_OPENMP) && defined(SELATTN_HAVE_OMP_PAUSE)
+    return omp_pause_resource_all(omp_pause_hard);
+#elif defined(_OPENMP)
+    return -1;
+#else
+    return 0;
+#endif
+}

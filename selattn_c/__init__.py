@@ -51,6 +51,8 @@ from ._extension import (
     lib,
     require_extension,
 )
+from . import overflow
+from ._fork import install as install_fork_hooks
 from .checks import (
     DEFAULT_DEAD_KEY_THRESHOLD,
     MAX_THREADS,
@@ -59,6 +61,7 @@ from .checks import (
     check_buffer_sizes,
     check_dead_key_threshold,
     check_df_rows,
+    check_flag,
     check_scale_float32,
     check_soft_budget,
     check_strength_float32,
@@ -89,6 +92,7 @@ __all__ = [
 ]
 
 _threads = {"n": 0}  # 0: the OpenMP default (OMP_NUM_THREADS, else all cores)
+install_fork_hooks(_threads)
 
 
 def openmp_enabled() -> bool:
@@ -105,12 +109,15 @@ def get_num_threads() -> int:
 
 
 def set_num_threads(n: int) -> None:
-    """Use ``n`` threads in later calls (``n >= 1``). A serial build accepts and ignores it."""
+    """Use ``n`` threads in later calls (``n >= 1``). A serial build accepts and ignores it, and
+    so does a forked child whose OpenMP runtime could not release its parent's threads (it runs
+    with 1 thread: ``selattn_c._fork``)."""
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
         raise TypeError(f"number of threads must be an int, got {type(n).__name__}")
     if not 1 <= n <= MAX_THREADS:
         raise ValueError(f"number of threads must be >= 1 and <= {MAX_THREADS}, got {n}")
-    _threads["n"] = int(n)
+    if not _threads.get("pinned"):
+        _threads["n"] = int(n)
 
 
 def build_info() -> Dict[str, object]:
@@ -169,14 +176,19 @@ class Context:
     dead_key_threshold: float = 0.0
 
 
-def _c_inputs(arrays, names, check_finite: bool):
+def _c_inputs(arrays, names, check_finite: bool, maxima: Optional[list] = None):
     """C-contiguous aligned float32 versions of ``arrays``, checked for NaN and infinity after
-    the conversion (so values that overflow float32 are caught too) when ``check_finite``."""
+    the conversion (so values that overflow float32 are caught too) when ``check_finite``; the
+    same read appends each array's largest magnitude to ``maxima`` (for ``overflow``)."""
     out = []
     for x, name in zip(arrays, names):
         x = as_c_float32(x, name)
-        if check_finite and not lib.selattn_all_finite(_ptr(x), x.size, _threads_arg()):
-            check_all_finite(x, name)     # raises the ValueError
+        if check_finite:
+            top = float(lib.selattn_max_abs(_ptr(x), x.size, _threads_arg()))
+            if top == float("inf"):
+                check_all_finite(x, name)     # raises the ValueError
+            if maxima is not None:
+                maxima.append(top)
         out.append(x)
     return out
 
@@ -233,6 +245,8 @@ def forward(q, k, v, *, selector_head: int = 0, protect_bos: bool = True, select
     ctx : Context for ``backward``
     """
     require_extension("selattn_c.forward")
+    protect_bos, selective = check_flag(protect_bos, "protect_bos"), check_flag(selective,
+                                                                                "selective")
     q, k, v, (B, H, N, D) = check_qkv(q, k, v, check_finite=False)
     s = check_selector_head(selector_head, H)
     scale = check_scale_float32(resolve_scale(scale, D))
@@ -243,7 +257,11 @@ def forward(q, k, v, *, selector_head: int = 0, protect_bos: bool = True, select
     if not selective:
         dead_t = 0.0                   # F = 0 kills nothing
     check_buffer_sizes((B, H, N, D), "forward")
-    q, k, v = _c_inputs((q, k, v), "qkv", check_finite)
+    maxima: list = []
+    q, k, v = _c_inputs((q, k, v), "qkv", check_finite, maxima)
+    if check_finite:
+        overflow.check_forward("forward", *maxima, N, D, scale,
+                               soft_strength if soft_budget is not None else 0.0)
     out = np.empty((B, H, N, D), dtype=np.float32)
     lse = np.empty((B, H, N), dtype=np.float32)
     fstart = theta = cut = None
@@ -311,6 +329,14 @@ def _check_context(ctx, *, budget_ok: bool = False) -> None:
             raise ValueError(f"ctx.{name} must be a C-contiguous float32 array of shape {shape}: "
                              "this Context was not made by selattn_c.forward")
     check_selector_head(ctx.selector_head, H)
+    for name in ("protect_bos", "selective"):
+        if not isinstance(getattr(ctx, name), (bool, np.bool_)):
+            raise ValueError(f"ctx.{name} must be a bool, got {getattr(ctx, name)!r:.40}: this "
+                             "Context was not made by selattn_c.forward")
+    if isinstance(ctx.scale, bool) or not isinstance(ctx.scale, (float, int, np.floating,
+                                                                  np.integer)):
+        raise ValueError(f"ctx.scale must be a real number, got {ctx.scale!r:.40}: this "
+                         "Context was not made by selattn_c.forward")
     check_scale_float32(resolve_scale(ctx.scale, D))
     if ctx.soft_theta is not None or ctx.soft_cut is not None:      # the rank penalty's cuts
         for name, dtype in (("soft_theta", np.float32), ("soft_cut", np.int64)):
@@ -354,17 +380,23 @@ def backward(dout, ctx: Context, *, dF_rows=None, dF_row_index=None, check_finit
     require_extension("selattn_c.backward")
     _check_context(ctx)
     B, H, N, D = ctx.q.shape
-    (dout,) = _c_inputs([check_like(dout, "dout", (B, H, N, D))], ["dout"], check_finite)
+    soft = ctx.soft_theta is not None         # the rank penalty: its cuts (checked above)
+    maxima: list = []
+    (dout,) = _c_inputs([check_like(dout, "dout", (B, H, N, D))], ["dout"], check_finite, maxima)
     rows, index = check_df_rows(dF_rows, dF_row_index, B, N)
     R = 0
     if rows is not None:
-        (rows,) = _c_inputs([rows], ["dF_rows"], check_finite)
+        (rows,) = _c_inputs([rows], ["dF_rows"], check_finite, maxima)
         R = index.shape[1]
+    if check_finite:      # the context's inputs too: its forward may not have checked them
+        context = [float(lib.selattn_max_abs(_ptr(x), x.size, _threads_arg()))
+                   for x in (ctx.q, ctx.k, ctx.v)]
+        overflow.check_backward("backward", context, maxima[0], maxima[1] if R else 0.0, R, H,
+                                N, D, ctx.scale, ctx.soft_strength if soft else 0.0)
     dq, dk, dv = (np.empty((B, H, N, D), dtype=np.float32) for _ in range(3))
     fstart = _ptr(ctx.fstart) if ctx.fstart is not None else ffi.NULL
     rows_ptr = _ptr(rows) if R > 0 else ffi.NULL
     index_ptr = ffi.cast("int64_t *", ffi.from_buffer(index)) if R > 0 else ffi.NULL
-    soft = ctx.soft_theta is not None         # the rank penalty: its cuts (checked above)
     theta_ptr = _ptr(ctx.soft_theta) if soft else ffi.NULL
     cut_ptr = ffi.cast("int64_t *", ffi.from_buffer(ctx.soft_cut)) if soft else ffi.NULL
     # the tiles the forward skipped as dead keys are skipped here too (same rows, same test)
@@ -392,11 +424,15 @@ def accumulated_mask(q, k, *, selector_head: int = 0, protect_bos: bool = True,
     F : (B, N, N) float32, ``F[b, i, j] = sum_{m < i} S[b, m, j]``
     """
     require_extension("selattn_c.accumulated_mask")
+    protect_bos = check_flag(protect_bos, "protect_bos")
     q, k, (B, H, N, D) = check_qkv(q, k, check_finite=False)
     s = check_selector_head(selector_head, H)
     scale = check_scale_float32(resolve_scale(scale, D))
     check_buffer_sizes((B, H, N, D), "accumulated_mask", mask=True)
-    q, k = _c_inputs((q, k), "qk", check_finite)
+    maxima: list = []
+    q, k = _c_inputs((q, k), "qk", check_finite, maxima)
+    if check_finite:
+        overflow.check_forward("accumulated_mask", *maxima, 0.0, N, D, scale)
     F = np.empty((B, N, N), dtype=np.float32)
     rc = lib.selattn_accumulated_mask(_ptr(q), _ptr(k), B, H, N, D, s, bool(protect_bos), scale,
                                       _ptr(F), _threads_arg())

@@ -114,6 +114,26 @@ def openmp_flags(cc: str | None = None) -> tuple[list[str], list[str], str]:
     return ["-fopenmp"], ["-fopenmp"], ""
 
 
+def openmp_pause_macros(omp_compile: list[str], cc: str | None = None) -> list[tuple[str, str]]:
+    """``[("SELATTN_HAVE_OMP_PAUSE", "1")]`` when the OpenMP runtime links
+    ``omp_pause_resource_all`` (OpenMP 5.0, used to make fork() safe: ``selattn_release_threads``
+    in csrc/threads.c), else ``[]`` (a forked child then runs its kernels with 1 thread)."""
+    if not omp_compile:
+        return []
+    cc = cc or _compiler()
+    probe = ("#include <omp.h>\nint main(void){return omp_pause_resource_all(omp_pause_hard)"
+             " == 12345;}\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "pause.c"
+        src.write_text(probe)
+        cmd = [cc, *omp_compile, str(src), "-o", str(Path(tmp) / "pause")]
+        try:
+            ok = subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            ok = False
+    return [("SELATTN_HAVE_OMP_PAUSE", "1")] if ok else []
+
+
 def _c_string(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -128,7 +148,8 @@ ffibuilder.set_source(
     # relative to the working directory: setuptools rejects absolute source paths in some versions
     sources=[os.path.relpath(CSRC / s) for s in SOURCES],
     include_dirs=[str(CSRC)],
-    define_macros=[("SELATTN_SERIAL_REASON", _c_string(_serial_reason))],
+    define_macros=[("SELATTN_SERIAL_REASON", _c_string(_serial_reason)),
+                   *openmp_pause_macros(_omp_compile)],
     extra_compile_args=BASE_FLAGS + _omp_compile + _san_compile,   # later -O1 wins over -O3
     extra_link_args=_omp_link + _san_link + ["-lm"],
 )

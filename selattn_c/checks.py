@@ -187,3 +187,12 @@ def check_dead_key_threshold(threshold) -> float:
         raise ValueError(f"dead_key_threshold must be > 0 and finite as a float32 (or None for "
                          f"the exact kernel), got {threshold!r}")
     return as_float32
+
+
+def check_flag(value, name: str) -> bool:
+    """``value`` as a bool; TypeError naming ``name`` unless it is a bool (or NumPy bool): a
+    truthy string such as 'no' must not silently mean True."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__} "
+                        f"{value!r:.40}")
+    return bool(value)

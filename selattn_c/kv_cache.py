@@ -9,6 +9,7 @@ why it is safe, what it costs and how to pick a budget.
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Callable, Optional, Tuple
 
 import numpy as np
@@ -31,10 +32,11 @@ from .checks import (
     check_buffer_sizes,
     check_cache_bytes,
     check_dead_key_threshold,
+    check_flag,
     check_scale_float32,
 )
 
-_INITIAL_CAPACITY = 64  # an unbudgeted cache starts with one tile of slots and doubles when full
+_INITIAL_CAPACITY = 64  # a cache starts with one tile of slots and doubles when full
 _FLOAT32 = np.dtype(np.float32)
 
 
@@ -92,15 +94,18 @@ class KVCache:
         require_extension("selattn_c.KVCache")
         self.B, self.H, self.D = check_cache_dims(batch, heads, head_dim)
         self.selector_head = check_selector_head(selector_head, self.H)
-        self.protect_bos = bool(protect_bos)
-        self.selective = bool(selective)
+        self.protect_bos = check_flag(protect_bos, "protect_bos")
+        self.selective = check_flag(selective, "selective")
         self.scale = check_scale_float32(resolve_scale(scale, self.D))
         self.budget = check_budget(budget, self.protect_bos)
         self.evict_threshold = check_threshold(evict_threshold)
         self.dead_key_threshold = check_dead_key_threshold(dead_key_threshold)   # 0.0: exact
         self._lock = threading.Lock()
-        capacity = _round_up(self.budget) if self.budget else _INITIAL_CAPACITY
-        check_cache_bytes(self.B, self.H, self.D, capacity)
+        # A budget caps the capacity, which grows on demand like an unbudgeted cache's: a huge
+        # budget (as forward treats budget >= N as no budget) costs nothing until it is used.
+        if self.budget:
+            check_cache_bytes(self.B, self.H, self.D, _round_up(self.budget))
+        capacity = min(_INITIAL_CAPACITY, _round_up(self.budget or _INITIAL_CAPACITY))
         self._c, self._a = self._allocate(capacity)     # the C struct, and the arrays it uses
 
     # -- memory -----------------------------------------------------------------------------
@@ -118,6 +123,7 @@ class KVCache:
             "counts": np.zeros((4, B), np.int64),    # size, evictions, newest, extent (B,) each
             "scratch": np.empty((B, H, capacity), np.float32),               # (B, H, cap)
             "sel": np.empty((B, capacity), np.float32),                      # (B, cap)
+            "maxima": np.zeros(2, np.float32),          # largest |k|, |v| stored (overflow check)
         }
         if old is not None:
             n = old["pos"].shape[1]
@@ -126,6 +132,7 @@ class KVCache:
             a["pos"][:, :n] = old["pos"]
             a["F"][:, :n] = old["F"]
             a["counts"][:] = old["counts"]
+            a["maxima"][:] = old["maxima"]
         c = ffi.new("selattn_kv_cache *")
         c.B, c.H, c.D = B, H, D
         c.budget = self.budget or 0
@@ -143,20 +150,25 @@ class KVCache:
         c.size, c.evictions, c.newest, c.extent = (counts + i * self.B for i in range(4))
         c.scratch = ffi.cast("float *", ffi.from_buffer(a["scratch"]))
         c.sel = ffi.cast("float *", ffi.from_buffer(a["sel"]))
+        c.maxima = ffi.cast("float *", ffi.from_buffer(a["maxima"]))
         return c, a      # `a` keeps the buffers alive while the struct points into them
 
     def _with_room(self, new_tokens: int):
         """The (struct, buffers) pair a call adding ``new_tokens`` should run on: the cache's own,
-        or, when an unbudgeted cache is too small, a doubled copy (swapped in on success)."""
+        or, when it is too small for the tokens it will hold (at most ``budget``), a copy with
+        the capacity doubled as often as needed, capped at the budget rounded up to 64 (swapped
+        in on success)."""
         c, a = self._c, self._a
-        if self.budget is not None:
-            return c, a
         need = int(a["counts"][0].max()) + new_tokens
+        if self.budget is not None:
+            need = min(need, self.budget)
         capacity = int(c.capacity)
         if need <= capacity:
             return c, a
         while capacity < need:
             capacity *= 2
+        if self.budget is not None:
+            capacity = min(capacity, _round_up(self.budget))
         check_cache_bytes(self.B, self.H, self.D, capacity)
         return self._allocate(capacity, old=a, length=int(c.length))
 
@@ -166,7 +178,8 @@ class KVCache:
 
     @property
     def capacity(self) -> int:
-        """Slots per batch element (a multiple of 64; >= budget)."""
+        """Slots per batch element (a multiple of 64): 64 at first, doubled when full, up to the
+        budget rounded up to 64."""
         with self._exclusive():
             return int(self._c.capacity)
 
@@ -244,6 +257,7 @@ class KVCache:
             self._a["pos"].fill(-1)
             self._a["F"].fill(0.0)
             self._a["counts"].fill(0)
+            self._a["maxima"].fill(0.0)
             self._c.length = 0
 
     def close(self) -> None:
@@ -260,6 +274,17 @@ class KVCache:
     def __exit__(self, *exc) -> bool:
         self.close()
         return False
+
+    def __copy__(self):
+        raise TypeError("a KVCache cannot be copied: a copy would share its C buffers and state "
+                        "with the original; make a new KVCache and prefill it instead")
+
+    def __deepcopy__(self, memo):
+        self.__copy__()
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("a KVCache cannot be pickled or copied (it holds C state); make a new "
+                        "KVCache and prefill it instead")
 
     def __repr__(self) -> str:
         # Without the lock (a repr must not raise): the numbers may be mid-step, nothing changes.
@@ -352,7 +377,9 @@ class KVCache:
         -------
         step : callable with no arguments, returning ``out``. It raises like ``step`` (closed
             cache, concurrent use, non-finite input; the cache is then unchanged). The function
-            keeps the arrays alive; it stays valid across ``reset()``.
+            keeps the arrays alive; it stays valid across ``reset()``. While it lives, the arrays
+            (and the arrays whose memory they view) cannot be resized: ``ndarray.resize`` raises
+            ValueError, even with ``refcheck=False`` (docs/reliability.md).
 
         Raises
         ------
@@ -376,6 +403,7 @@ class KVCache:
             if np.may_share_memory(out, x):
                 raise ValueError(f"out must not share memory with {name}")
         ptrs = tuple(_buffer("float[]", x) for x in (q, k, v, out))
+        pins = _pin_memory((q, k, v, out))
         finite, lock = bool(check_finite), self._lock
 
         def step() -> np.ndarray:
@@ -397,6 +425,7 @@ class KVCache:
                 _check(rc, "step", q, k, v)
             return out
 
+        step.pins = pins     # the arrays cannot be reallocated while this function lives
         return step
 
     def prefill(self, q, k, v, *, check_finite: bool = True) -> np.ndarray:
@@ -435,6 +464,20 @@ class KVCache:
         return out
 
 
+def _pin_memory(arrays) -> list:
+    """Weak references to each array and to every ndarray its memory comes from (the chain of
+    ``.base``), kept while the bound function lives: NumPy refuses ``ndarray.resize`` of an array
+    that has a weak reference, even with ``refcheck=False``, so no bound pointer can be freed
+    under the C step (a resize would otherwise leave it reading freed memory). A cffi buffer
+    export alone does not stop the resize."""
+    pins = []
+    for x in arrays:
+        while isinstance(x, np.ndarray):
+            pins.append(weakref.ref(x))
+            x = x.base
+    return pins
+
+
 class _Release:
     """Context manager that releases an already acquired lock."""
 
@@ -456,6 +499,12 @@ def _check(rc: int, what: str, q, k, v) -> None:
         name = next(n for n, x in (("q", q), ("k", k), ("v", v)) if not np.isfinite(x).all())
         raise ValueError(f"{name} contains NaN or infinity (after conversion to float32); "
                          "pass check_finite=False to skip this check (cache unchanged)")
+    if rc == lib.SELATTN_EOVERFLOW:
+        raise ValueError(
+            f"KVCache.{what}: q, k, v are too large for float32: with the keys and values held "
+            f"and the accumulated mask, a logit scale * q.k, the mask or the output could "
+            f"exceed 2^{lib.SELATTN_MAGNITUDE_LIMIT_LOG2} and overflow to inf or NaN "
+            "(docs/reliability.md, Overflow); rescale the inputs or lower scale (cache unchanged)")
     if rc == lib.SELATTN_ENOMEM:
         raise MemoryError(f"KVCache.{what}: could not allocate scratch memory (cache unchanged)")
     if rc != lib.SELATTN_OK:

@@ -28,9 +28,9 @@ from selattn_reference.validation import (
     resolve_scale,
 )
 
-from . import Context, _c_inputs, _check_context, _check_rc, _ptr, _threads_arg
+from . import Context, _c_inputs, _check_context, _check_rc, _ptr, _threads_arg, overflow
 from ._extension import ffi, lib, require_extension
-from .checks import check_buffer_sizes, check_row_index, check_scale_float32
+from .checks import check_buffer_sizes, check_flag, check_row_index, check_scale_float32
 
 Source = Union[Context, Tuple[np.ndarray, np.ndarray]]
 
@@ -76,9 +76,12 @@ def _selector(source, *, selector_head, protect_bos, scale, check_finite, what) 
     s = check_selector_head(0 if selector_head is None else selector_head, H)
     scale = check_scale_float32(resolve_scale(scale, D))
     check_buffer_sizes((B, H, N, D), what)
-    q, k = _c_inputs((q, k), "qk", check_finite)
-    return _Selector(q, k, None, s, True if protect_bos is None else bool(protect_bos), scale,
-                     True)
+    maxima: list = []
+    q, k = _c_inputs((q, k), "qk", check_finite, maxima)
+    if check_finite:
+        overflow.check_forward(f"selattn_c.{what}", *maxima, 0.0, N, D, scale)
+    bos = True if protect_bos is None else check_flag(protect_bos, "protect_bos")
+    return _Selector(q, k, None, s, bos, scale, True)
 
 
 def _fstart_ptr(sel: _Selector):

@@ -22,6 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from selattn_reference.validation import check_budget, check_budgets
 
+from .bounded_json import read_json_file
 from .progress import progress_bar
 
 # candidate budgets: these fractions of a layer's current budget. 0.9 lets the search end close
@@ -237,13 +238,9 @@ def write_budgets(path, calibration: Calibration, meta: Optional[Dict[str, objec
 
 def read_budgets(path, n_layers: int) -> List[int]:
     """Read the ``budgets`` of a file written by ``write_budgets`` and check them against a model
-    of ``n_layers`` layers. Raises ValueError naming the file when it is missing or malformed."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"budgets file {str(path)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"budgets file {str(path)!r} is not readable JSON: {exc}") from None
+    of ``n_layers`` layers. Raises ValueError naming the file when it is missing or malformed,
+    larger than 1 MiB, nested too deep or holds absurd numbers (``bounded_json``)."""
+    data = read_json_file(path, "budgets file")    # bounded size and nesting, no traceback
     if not isinstance(data, dict) or "budgets" not in data:
         raise ValueError(f"budgets file {str(path)!r} has no 'budgets' entry")
     try:

@@ -4,19 +4,23 @@ Layout: one array per parameter under its name (``"wte"``, ``"h0.attn.wqkv"``, .
 ``"config"`` (``ModelConfig.to_dict()`` as JSON) and a 0-d string ``"extra"`` (a JSON object, e.g.
 tokenizer or task settings). Nothing is pickled: loading never runs code from the file.
 Loading checks the file against its own config (every tensor present, none extra, right shape,
-one floating dtype) and raises ``CheckpointError`` naming what is wrong.
+one floating dtype) and raises ``CheckpointError`` naming what is wrong. Files may be hostile:
+the config is read first, with limits, and every tensor's .npy header is checked against it
+before any data is read (``npz_reader``: size limits, no zip bombs, no pickle).
 """
 
 from __future__ import annotations
 
 import json
-import zipfile
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import numpy as np
 
+from .bounded_json import MAX_BYTES as MAX_JSON_BYTES
+from .bounded_json import parse_json
 from .model import ModelConfig, check_params, param_shapes
+from .npz_reader import NpzArchive, NpzError
 from .output_files import write_files_atomically
 
 CONFIG_KEY = "config"
@@ -73,32 +77,48 @@ def save_checkpoint(path, params: Dict[str, np.ndarray], cfg: ModelConfig,
     write_files_atomically([(Path(path), lambda f: np.savez(f, **arrays))])
 
 
-def _read_all(path: Path) -> Dict[str, np.ndarray]:
-    """Every array of the .npz (decompressed and CRC-checked now, not lazily)."""
+def _open(path: Path) -> NpzArchive:
+    """The archive with every member's header read (no data yet): limits, no pickle."""
     if not path.is_file():
         raise CheckpointError(f"no checkpoint file at {path}")
     try:
-        loaded = np.load(path, allow_pickle=False)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):
-            raise CheckpointError(f"{path} is a single array, not a checkpoint (.npz archive)")
-        with loaded as z:
-            return {name: z[name] for name in z.files}
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError) as exc:
-        if isinstance(exc, CheckpointError):
-            raise
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt "
-                              f"file?): {exc}") from exc
+        return NpzArchive(path)
+    except NpzError as exc:
+        raise CheckpointError(f"{path} is not a readable checkpoint: {exc.reason}") from None
 
 
-def _read_json(arrays: Dict[str, np.ndarray], key: str, path: Path) -> object:
-    entry = arrays.pop(key)
-    if entry.shape != () or entry.dtype.kind != "U":
-        raise CheckpointError(f"{path}: entry {key!r} must be a JSON string, got an array of "
-                              f"dtype {entry.dtype} and shape {entry.shape}")
+def _read(archive: NpzArchive, name: str) -> np.ndarray:
     try:
-        return json.loads(str(entry))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: entry {key!r} is not valid JSON: {exc}") from exc
+        return archive.read(name)
+    except NpzError as exc:
+        raise CheckpointError(f"{archive.path} is not a readable checkpoint: {exc.reason}") \
+            from None
+
+
+def _read_json(archive: NpzArchive, key: str, path: Path) -> object:
+    """The JSON string member ``key``: its header checked (a 0-d string of at most
+    ``bounded_json.MAX_BYTES`` characters) before it is read, then parsed with limits."""
+    m = archive.members[key]
+    if m.shape != () or m.dtype.kind != "U":
+        raise CheckpointError(f"{path}: entry {key!r} must be a JSON string, got an array of "
+                              f"dtype {m.dtype} and shape {m.shape}")
+    if m.dtype.itemsize > 4 * MAX_JSON_BYTES:
+        raise CheckpointError(f"{path}: entry {key!r} is longer than {MAX_JSON_BYTES} "
+                              "characters")
+    try:
+        return parse_json(str(_read(archive, key)), f"{path}: entry {key!r} is not valid JSON")
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+
+
+def _expected(archive: NpzArchive, cfg: ModelConfig, path: Path) -> Dict[str, Tuple[int, ...]]:
+    """param_shapes(cfg), once the config is known to fit the archive: a config asking for more
+    layers than the archive has members is refused before param_shapes builds their entries."""
+    needed = 12 * cfg.n_layers + 4                    # param_shapes' count, without building it
+    if needed > len(archive.members):
+        raise CheckpointError(f"{path}: the config's {cfg.n_layers} layers need {needed} "
+                              f"tensors, the file has {len(archive.members)} entries in all")
+    return param_shapes(cfg)
 
 
 def load_checkpoint(path) -> Tuple[Dict[str, np.ndarray], ModelConfig, dict]:
@@ -121,40 +141,36 @@ def load_checkpoint(path) -> Tuple[Dict[str, np.ndarray], ModelConfig, dict]:
         a tensor of the wrong shape, or of a dtype other than float32/float64, or mixed dtypes.
     """
     path = Path(path)
-    arrays = _read_all(path)
-    if CONFIG_KEY not in arrays:
-        raise CheckpointError(f"{path}: no {CONFIG_KEY!r} entry (not a selattn checkpoint?)")
-    config = _read_json(arrays, CONFIG_KEY, path)
-    try:
-        cfg = ModelConfig.from_dict(config)
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: invalid config: {exc}") from exc
-    extra = _read_json(arrays, EXTRA_KEY, path) if EXTRA_KEY in arrays else {}
-    if not isinstance(extra, dict):
-        raise CheckpointError(f"{path}: entry {EXTRA_KEY!r} must be a JSON object, got "
-                              f"{type(extra).__name__}")
-
-    expected = param_shapes(cfg)
-    missing = sorted(set(expected) - set(arrays))
-    unexpected = sorted(set(arrays) - set(expected))
-    if missing:
-        raise CheckpointError(f"{path}: missing tensors {missing}")
-    if unexpected:
-        raise CheckpointError(f"{path}: unexpected tensors {unexpected} (not in the config)")
-    dtypes = {}
-    for name, shape in expected.items():
-        a = arrays[name]
-        if a.shape != shape:
-            raise CheckpointError(f"{path}: tensor {name!r} has shape {a.shape}, the config "
-                                  f"needs {shape}")
-        if a.dtype not in ALLOWED_DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has dtype {a.dtype}, expected "
-                                  "float32 or float64")
-        dtypes.setdefault(a.dtype, name)
-    if len(dtypes) > 1:
-        raise CheckpointError(f"{path}: mixed dtypes {sorted(str(d) for d in dtypes)} (e.g. "
-                              f"{list(dtypes.values())})")
-    if not all(np.isfinite(a).all() for a in arrays.values()):
-        bad = [name for name, a in arrays.items() if not np.isfinite(a).all()]
+    with _open(path) as archive:
+        # The config first, read with limits; every tensor's header is checked against it
+        # before any tensor's data is read.
+        if CONFIG_KEY not in archive.members:
+            raise CheckpointError(f"{path}: no {CONFIG_KEY!r} entry (not a selattn checkpoint?)")
+        config = _read_json(archive, CONFIG_KEY, path)
+        try:
+            cfg = ModelConfig.from_dict(config)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: invalid config: {exc}") from exc
+        extra = _read_json(archive, EXTRA_KEY, path) if EXTRA_KEY in archive.members else {}
+        if not isinstance(extra, dict):
+            raise CheckpointError(f"{path}: entry {EXTRA_KEY!r} must be a JSON object, got "
+                                  f"{type(extra).__name__}")
+        expected = _expected(archive, cfg, path)
+        json_entries = {key: ((), "U") for key in (CONFIG_KEY, EXTRA_KEY)
+                        if key in archive.members}
+        try:
+            archive.check({**{name: (shape, ALLOWED_DTYPES) for name, shape in
+                              expected.items()}, **json_entries})
+        except NpzError as exc:
+            raise CheckpointError(str(exc)) from None
+        dtypes = {}
+        for name in expected:
+            dtypes.setdefault(archive.members[name].dtype, name)
+        if len(dtypes) > 1:
+            raise CheckpointError(f"{path}: mixed dtypes {sorted(str(d) for d in dtypes)} (e.g. "
+                                  f"{list(dtypes.values())})")
+        arrays = {name: _read(archive, name) for name in expected}
+    bad = [name for name, a in arrays.items() if not np.isfinite(a).all()]
+    if bad:
         raise CheckpointError(f"{path}: tensors {bad} contain NaN or infinity")
-    return {name: arrays[name] for name in expected}, cfg, extra
+    return arrays, cfg, extra

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import List, Optional
 
@@ -21,6 +22,7 @@ COMMAND_MODULES = ("selattn_lm.cli_training", "selattn_lm.cli_inference", "selat
                    "selattn_lm.cli_corpus", "selattn_lm.study")
 
 USAGE_ERROR = 2
+BROKEN_PIPE = 128 + 13  # what a shell reports for a program that SIGPIPE ended
 
 
 class CommandError(Exception):
@@ -58,10 +60,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     except SystemExit as e:          # argparse: --help (0) or a usage error (2), already printed
         return int(e.code or 0)
     try:
-        return int(args.run(args))
+        status = int(args.run(args))
+        sys.stdout.flush()        # here, not at exit, so that a closed pipe is caught below
+        return status
     except KeyboardInterrupt:        # outside a training loop (which stops cleanly by itself)
         print(f"selattn {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (``selattn ... | head``): not an error of ours to report. Point
+        # stdout at /dev/null so that the interpreter's final flush cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return BROKEN_PIPE
     except (CommandError, ValueError, OSError, ExtensionNotBuilt) as e:
         # ValueError covers CheckpointError and every settings check; OSError unreadable or
         # unwritable files; ExtensionNotBuilt a command that needs the C kernels on a

@@ -40,11 +40,13 @@ Params = Dict[str, np.ndarray]
 # Configuration and parameters
 
 
-def _check_int(name: str, value, smallest: int) -> int:
+def _check_int(name: str, value, smallest: int, largest: Optional[int] = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < smallest:
         raise ValueError(f"{name} must be >= {smallest}, got {value}")
+    if largest is not None and value > largest:
+        raise ValueError(f"{name} must be <= {largest}, got {value}")
     return int(value)
 
 
@@ -55,6 +57,13 @@ def _check_real(name: str, value) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return value
+
+
+# Upper bounds of the size settings, far beyond a tiny LM, so that a config from an untrusted
+# file cannot make param_shapes (a dict per layer) or any allocation explode before the weights
+# are checked against it (docs/reliability.md, untrusted checkpoints).
+CONFIG_LIMITS = {"vocab_size": 1 << 24, "context": 1 << 24, "n_layers": 1024, "n_heads": 1024,
+                 "d_model": 1 << 16, "mlp_ratio": 64}
 
 
 @dataclass(frozen=True)
@@ -76,7 +85,8 @@ class ModelConfig:
         # frozen: normalise through object.__setattr__ (ints stay ints, reals become floats)
         for name, smallest in (("vocab_size", 2), ("context", 1), ("n_layers", 1),
                                ("n_heads", 1), ("d_model", 1), ("mlp_ratio", 1)):
-            object.__setattr__(self, name, _check_int(name, getattr(self, name), smallest))
+            value = _check_int(name, getattr(self, name), smallest, CONFIG_LIMITS[name])
+            object.__setattr__(self, name, value)
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads "
                              f"({self.n_heads})")

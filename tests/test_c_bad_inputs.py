@@ -9,6 +9,7 @@ would show.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 from pathlib import Path
@@ -129,6 +130,10 @@ ROWS = [
      "finite as a float32"),
     ("forward-scale-str", "forward", lambda a: forward(a, scale="0.5"), TypeError,
      "scale must be a real number"),
+    ("forward-protect-bos-str", "forward", lambda a: forward(a, protect_bos="no"), TypeError,
+     "protect_bos must be a bool"),
+    ("forward-selective-int", "forward", lambda a: forward(a, selective=1), TypeError,
+     "selective must be a bool"),
     ("forward-nan", "forward", lambda a: selattn_c.forward(with_nan(a.q), a.k, a.v), ValueError,
      "q contains NaN or infinity"),
     ("forward-inf", "forward", lambda a: selattn_c.forward(a.q, a.k, with_nan(a.v, value=np.inf)),
@@ -187,6 +192,12 @@ ROWS = [
     ("backward-ctx-altered-selector", "backward",
      lambda a: selattn_c.backward(a.q, dataclasses.replace(a.ctx, selector_head=H)), ValueError,
      "out of range"),
+    ("backward-ctx-altered-scale-none", "backward",
+     lambda a: selattn_c.backward(a.q, dataclasses.replace(a.ctx, scale=None)), ValueError,
+     "ctx.scale must be a real number"),
+    ("backward-ctx-altered-protect-bos", "backward",
+     lambda a: selattn_c.backward(a.q, dataclasses.replace(a.ctx, protect_bos="no")), ValueError,
+     "ctx.protect_bos must be a bool"),
     ("backward-ctx-altered-soft-theta", "backward",
      lambda a: selattn_c.backward(a.q, dataclasses.replace(
          forward(a, soft_budget=3)[1], soft_theta=np.zeros((B, N - 1), np.float32))),
@@ -299,6 +310,9 @@ ROWS = [
      lambda a: selattn_c.KVCache(1, H, D, evict_threshold=-0.5), ValueError, ">= 0"),
     ("cache-threshold-nan", "KVCache",
      lambda a: selattn_c.KVCache(1, H, D, evict_threshold=float("nan")), ValueError, ">= 0"),
+    ("cache-protect-bos-str", "KVCache", lambda a: selattn_c.KVCache(1, H, D, protect_bos="no"),
+     TypeError, "protect_bos must be a bool"),
+    ("cache-copy", "KVCache", lambda a: copy.copy(a.cache), TypeError, "cannot be copied"),
     ("cache-scale-overflows-float32", "KVCache", lambda a: selattn_c.KVCache(1, H, D, scale=1e39),
      ValueError, "finite as a float32"),
     # -- KVCache.step / prefill / held on the full cache, and a closed cache

@@ -324,9 +324,17 @@ def test_unbudgeted_cache_grows_and_keeps_every_slot():
     np.testing.assert_array_equal(cache.values()[0, :, :300], v[0].astype(np.float32))
 
 
+def full_cache_nbytes(K: int) -> int:
+    """nbytes of a (1, 8, 64) cache of budget K once it holds K tokens (it grows up to K)."""
+    cache = selattn_c.KVCache(1, 8, 64, budget=K)
+    x = np.zeros((1, 8, K, 64), np.float32)
+    cache.prefill(x, x, x)
+    return cache.nbytes
+
+
 def test_nbytes_scales_with_the_budget():
-    """The cache's memory is O(budget x H x D): keys and values dominate."""
-    sizes = {K: selattn_c.KVCache(1, 8, 64, budget=K).nbytes for K in (64, 256, 1024)}
+    """The memory of a full cache is O(budget x H x D): keys and values dominate."""
+    sizes = {K: full_cache_nbytes(K) for K in (64, 256, 1024)}
     for K, n in sizes.items():
         kv = 2 * K * 8 * 64 * 4
         assert kv <= n <= 1.1 * kv
@@ -433,3 +441,25 @@ def test_forward_budget_is_validated():
         selattn_c.forward(q, k, v, budget=2.0)
     out, _ = selattn_c.forward(q, k, v, budget=1, protect_bos=False)
     assert out.shape == q.shape and np.isfinite(out).all()
+
+
+def test_a_budgeted_cache_grows_on_demand_up_to_its_budget():
+    """Issue 27, item 6: ``KVCache(3, 4, 1, budget=2 * 10**8)`` allocated all 2e8 slots (4.5 GB)
+    up front. The capacity now starts at 64 and doubles as tokens arrive, capped at the budget
+    rounded up to 64; the state equals bitwise that of one prefill of every token (which
+    reaches the cap at once), the outputs within the step-versus-prefill tolerance."""
+    huge = selattn_c.KVCache(3, 4, 1, budget=2 * 10**8)
+    assert huge.capacity == 64 and huge.nbytes < 1 << 20
+    q, k, v = exact_qkv(5, (1, 2, 400, 4))
+    grown, whole = selattn_c.KVCache(1, 2, 4, budget=150), selattn_c.KVCache(1, 2, 4, budget=150)
+    assert grown.capacity == 64
+    out = steps(grown, q[:, :, :100], k[:, :, :100], v[:, :, :100])          # 64 -> 128
+    assert grown.capacity == 128
+    out2 = grown.prefill(q[:, :, 100:], k[:, :, 100:], v[:, :, 100:])        # -> 192, not 256
+    assert grown.capacity == 192
+    expected = whole.prefill(q, k, v)                                        # 192 at once
+    assert whole.capacity == 192
+    atol = out_atol(q, k, v, selector_head=0, protect_bos=True, scale=0.5)
+    assert np.abs(np.concatenate([out, out2], axis=2) - expected).max() <= atol
+    np.testing.assert_array_equal(grown.positions, whole.positions)
+    np.testing.assert_array_equal(grown.F, whole.F)

@@ -123,3 +123,27 @@ def test_bound_step_refuses_a_closed_cache_and_concurrent_use():
     cache.close()
     with pytest.raises(ValueError, match="closed"):
         step()
+
+
+@pytest.mark.parametrize("which", [0, 1, 2, 3])
+def test_bound_arrays_cannot_be_resized_while_bound(which):
+    """Issue 27, item 5: ``q.resize(..., refcheck=False)`` freed the memory the bound function
+    reads (a use-after-free under ASan and valgrind). While the function lives, resizing a bound
+    array, or the array whose memory a bound view shares, raises; the step still reads the same
+    memory and gives ``step``'s result. Once the function is gone, the arrays are free again."""
+    B, H, D = 1, 2, 4
+    base = np.zeros((2, B, H, D), np.float32)
+    arrays = bound_arrays(B, H, D)
+    arrays[which] = base[1]                         # a view: its base owns the memory
+    cache, plain = selattn_c.KVCache(B, H, D), selattn_c.KVCache(B, H, D)
+    step = cache.bind_step(*arrays)
+    rng = np.random.default_rng(which)
+    for victim in (arrays[(which + 1) % 4], base):
+        with pytest.raises(ValueError, match="resize"):
+            victim.resize((B, H, 4096), refcheck=False)
+    x = rng.standard_normal((3, B, H, D)).astype(np.float32)
+    arrays[0][...], arrays[1][...], arrays[2][...] = x
+    np.testing.assert_array_equal(step(), plain.step(*x))
+    del step
+    base.resize((4, B, H, D), refcheck=False)       # nothing bound any more
+    assert base.shape == (4, B, H, D)

@@ -6,6 +6,7 @@ tests/test_demo.py."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -173,6 +174,37 @@ def test_bad_budgets_files_are_refused(tmp_path, content, words):
         path.write_text(content)
     with pytest.raises(ValueError, match=words):
         read_budgets(path, 2)
+
+
+@pytest.mark.parametrize("content, words", [
+    ("[" * 100_000 + "]" * 100_000, "nested 100000 levels deep"),     # was a RecursionError
+    ('{"budgets": [' * 40 + "]}" * 40, "nested 80 levels deep"),
+    ('{"budgets": [4, ' + "9" * 5000 + "]}", "an integer of 5000 digits"),
+    ('{"budgets": [4, NaN]}', "NaN is not JSON"),
+    ('{"budgets": [4, 1e999]}', "overflows a float"),
+    ('{"budgets": [4, 4]}' + " " * (1 << 21), "larger than 1048576 bytes"),
+    (b'{"budgets": [4, 4], "x": "\xff"}', "not UTF-8"),
+    ("DIRECTORY", "not readable"),
+])
+def test_hostile_budgets_files_give_one_error_naming_the_file(tmp_path, content, words):
+    """Issue 27, item 3: a deeply nested, huge or absurd budgets file is refused with a
+    ValueError naming the file, read with bounded memory; never a RecursionError/MemoryError."""
+    path = tmp_path / "b.json"
+    if content == "DIRECTORY":
+        path.mkdir()
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    with pytest.raises(ValueError, match=words) as info:
+        read_budgets(path, 2)
+    assert "budgets file" in str(info.value) and "b.json" in str(info.value)
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="needs /dev/zero")
+def test_a_budgets_file_without_end_is_refused_after_a_bounded_read():
+    with pytest.raises(ValueError, match="'/dev/zero' is not readable JSON: larger than"):
+        read_budgets("/dev/zero", 2)
 
 
 def test_check_budgets_names_the_problem():

@@ -173,3 +173,28 @@ def test_help_lists_train_and_eval(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "train" in out and "eval" in out
+
+
+def test_a_closed_pipe_ends_quietly(monkeypatch, capsys):
+    """``selattn ... | head``: when the reader goes away, no "error: [Errno 32] Broken pipe" and
+    no exit status 2, but the status of a program ended by SIGPIPE (141), silently."""
+    import os
+
+    from selattn_lm import cli
+
+    def parser():
+        p = cli._Parser(prog="selattn")
+        sub = p.add_subparsers(dest="command", required=True)
+        sub.add_parser("spam").set_defaults(run=lambda args: print("x" * 100_000) or 0)
+        return p
+
+    read, write = os.pipe()
+    os.close(read)                                           # the reader is gone
+    out = os.fdopen(write, "w")
+    monkeypatch.setattr(cli, "build_parser", parser)
+    monkeypatch.setattr(cli.sys, "stdout", out)
+    status = cli.main(["spam"])
+    monkeypatch.undo()
+    out.close()
+    assert status == cli.BROKEN_PIPE == 141
+    assert capsys.readouterr().err == ""

@@ -164,10 +164,15 @@ def test_demo_rows_report_what_the_runner_measures(models):
                    d / "short.json"], "one entry per layer"),
     (lambda d, m: ["demo", "--selective", m[0], "--standard", d / "garbage.npz", "--budgets",
                    d / "short.json"], "not a readable checkpoint"),
+    (lambda d, m: ["demo", "--selective", m[0], "--standard", m[1], "--budgets",
+                   d / "deep.json"], "deep.json' is not readable JSON: nested"),
+    (lambda d, m: ["demo", "--selective", m[0], "--standard", m[1], "--budgets",
+                   "/dev/zero"], "'/dev/zero' is not readable JSON: larger than"),
 ])
 def test_bad_input_exits_2_with_one_line(models, tmp_path, capsys, make_argv, words):
     (tmp_path / "garbage.npz").write_bytes(b"not a zip file")
     (tmp_path / "short.json").write_text('{"budgets": [4]}')
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
     M_cfg = M.ModelConfig(vocab_size=16, context=8, n_layers=1, n_heads=1, d_model=4)
     save_checkpoint(tmp_path / "notask.npz", M.init_params(M_cfg), M_cfg, {})
     code, out, err = run(capsys, *make_argv(tmp_path, models))

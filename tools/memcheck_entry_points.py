@@ -99,6 +99,13 @@ def main() -> None:
         expect_error(lambda: cache.step(bad[:, :, 3], k[:, :, 0], v[:, :, 0]), ValueError)
         expect_error(lambda: cache.prefill(bad, k, v), ValueError)
         cache.step(bad[:, :, 3], k[:, :, 0], v[:, :, 0], check_finite=False)
+        # a bound step whose arrays someone tries to reallocate (refused while bound)
+        bq, bk, bv, bout = (np.zeros((2, 3, 8), np.float32) for _ in range(4))
+        bound = cache.bind_step(bq, bk, bv, bout)
+        bound()
+        expect_error(lambda: bq.resize((2, 3, 4096), refcheck=False), ValueError)
+        bq[...] = q[:, :, 5]
+        bound()
     print("memcheck script: every entry point ran")
 
 
