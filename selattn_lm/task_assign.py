@@ -10,19 +10,20 @@ on the answer characters only, scored by exact match on a held-out set.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
 from . import model as lm
+from .task_settings import TaskSettings
 from .tasks import CharTokenizer, Example, TaskConfig, encode_batch, generate_examples, \
     make_split, prompts
 
 
 @dataclass(frozen=True)
-class AssignTask:
+class AssignTask(TaskSettings):
     """The variable-assignment task: ``n_vars``, ``n_assignments``, ``max_value``,
     ``min_assignments``, ``fixed_width`` (``selattn_lm.tasks.TaskConfig``);
     ``train_min_assignments``, if set, gives each *training batch* a uniform number of
@@ -68,19 +69,6 @@ class AssignTask:
         return TaskConfig(n_vars=self.n_vars, n_assignments=self.n_assignments,
                           max_value=self.max_value, min_assignments=self.min_assignments,
                           fixed_width=self.fixed_width)
-
-    def settings(self) -> Dict[str, object]:
-        """The task's settings, JSON-able, with its name (``from_settings`` inverts it)."""
-        return {"name": self.NAME, **asdict(self)}
-
-    @classmethod
-    def from_settings(cls, d: Dict[str, object]) -> "AssignTask":
-        """Inverse of ``settings``; unknown keys are an error."""
-        d = {k: v for k, v in d.items() if k != "name"}
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown settings of task {cls.NAME!r}: {', '.join(unknown)}")
-        return cls(**d)
 
     def same_data(self, other: object) -> bool:
         """Whether a model trained on ``other`` was trained on this task's data (for

@@ -13,13 +13,14 @@ time), so a step costs O(batch x context), not O(corpus).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Dict, Optional, Tuple
 
 import numpy as np
 
 from . import corpora
 from . import model as lm
+from .task_settings import TaskSettings
 from .text import BOS, BYTE_OFFSET, ByteTokenizer, TextCorpus
 
 LN2 = math.log(2.0)
@@ -81,7 +82,7 @@ def bits_per_byte(params: Dict[str, np.ndarray], cfg: "lm.ModelConfig", tokens: 
 
 
 @dataclass(frozen=True)
-class TextTask:
+class TextTask(TaskSettings):
     """Next-byte prediction on ``corpus`` (a name of ``selattn_lm.corpora``), its source read
     from ``corpus_path`` when given; evaluated on the first ``eval_windows`` validation windows.
     """
@@ -106,19 +107,6 @@ class TextTask:
             raise ValueError(f"eval_windows must be an int >= 1, got {w!r}")
 
     # -- settings ---------------------------------------------------------------------------
-
-    def settings(self) -> Dict[str, object]:
-        """The task's settings, JSON-able, with its name (``from_settings`` inverts it)."""
-        return {"name": self.NAME, **asdict(self)}
-
-    @classmethod
-    def from_settings(cls, d: Dict[str, object]) -> "TextTask":
-        """Inverse of ``settings``; unknown keys are an error."""
-        d = {k: v for k, v in d.items() if k != "name"}
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown settings of task {cls.NAME!r}: {', '.join(unknown)}")
-        return cls(**d)
 
     def same_data(self, other: object) -> bool:
         """Whether a model trained on ``other`` saw this task's text (the same corpus)."""
