@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -70,7 +71,11 @@ def run_script(body: str) -> str:
     killed)."""
     proc = subprocess.Popen([sys.executable, "-c", PRELUDE + textwrap.dedent(body)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True,
+                            # outside the checkout: `python -c` puts the working directory first
+                            # on sys.path, and a checkout without an in-place build would shadow
+                            # the installed package
+                            cwd=tempfile.gettempdir())
     try:
         out, err = proc.communicate(timeout=DEADLINE)
     except subprocess.TimeoutExpired:
