@@ -27,7 +27,7 @@ from selattn_lm.task_text import TextTask
 from selattn_lm import training
 from selattn_lm.training import TrainConfig, load_resume, train
 
-from test_cli import TINY_TRAIN, selattn_command
+from test_cli import TINY_TRAIN, one_line_error, selattn_command
 from test_text_data import write_dump
 
 ASSIGN = TrainConfig(task=AssignTask(n_vars=2, n_assignments=3, max_value=9, heldout_size=20),
@@ -180,15 +180,6 @@ def test_stopped_and_resumed_from_the_command_line_equals_one_run(tmp_path):
 
 # ----------------------------------------------------------------------------------------------
 # Output paths and files
-
-
-def one_line_error(capsys, argv) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def test_bad_output_paths_fail_before_the_first_step(tmp_path, capsys):
