@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from .doc_markers import replace_between_markers
+
 TABLE_BEGIN = "<!-- study tables: begin (selattn study --update-doc) -->"
 TABLE_END = "<!-- study tables: end -->"
 
@@ -195,12 +197,7 @@ def save_figure(results: Dict[str, object], path: Path) -> None:
 
 def update_doc(doc: Path, tables: str) -> None:
     """Replace the text between the markers of ``doc`` with ``tables``."""
-    text = Path(doc).read_text(encoding="utf-8")
-    if TABLE_BEGIN not in text or TABLE_END not in text:
-        raise ValueError(f"{doc} has no table markers ({TABLE_BEGIN!r} ... {TABLE_END!r})")
-    head, rest = text.split(TABLE_BEGIN, 1)
-    _, tail = rest.split(TABLE_END, 1)
-    Path(doc).write_text(f"{head}{TABLE_BEGIN}\n{tables}\n{TABLE_END}{tail}", encoding="utf-8")
+    replace_between_markers(doc, TABLE_BEGIN, TABLE_END, tables)
 
 
 def tables_in_doc(doc: Path) -> str:

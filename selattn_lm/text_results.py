@@ -35,6 +35,7 @@ from selattn_reference.eviction_baselines import HeavyHitters, SlidingWindow
 
 from .backends import CAttention
 from .calibrate import Score, greedy_calibrate
+from .doc_markers import replace_between_markers
 from .progress import progress_bar
 from .task_registry import load_task_checkpoint
 from .task_text import bits_per_byte
@@ -234,12 +235,7 @@ def save_figure(results: Dict[str, object], path: Path) -> None:
 
 def update_doc(doc: Path, table: str) -> None:
     """Replace the text between the table markers of ``doc`` with ``table``."""
-    text = doc.read_text(encoding="utf-8")
-    if TABLE_BEGIN not in text or TABLE_END not in text:
-        raise ValueError(f"{doc} has no table markers ({TABLE_BEGIN!r} ... {TABLE_END!r})")
-    head, rest = text.split(TABLE_BEGIN, 1)
-    _, tail = rest.split(TABLE_END, 1)
-    doc.write_text(f"{head}{TABLE_BEGIN}\n{table}\n{TABLE_END}{tail}", encoding="utf-8")
+    replace_between_markers(doc, TABLE_BEGIN, TABLE_END, table)
 
 
 # ----------------------------------------------------------------------------------------------
