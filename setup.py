@@ -83,7 +83,8 @@ setup(
         "test": ["pytest>=7", "hypothesis>=6.50", "gensim>=4.0"],
         # Only for the text task (selattn train --task text, selattn text-results): its data.
         "text": ["gensim>=4.0"],
-        # Only for `python -m selattn_bench.kernels` (PyTorch baselines).
+        # Only for the benchmarks' PyTorch baselines (`python -m selattn_bench.kernels`;
+        # selattn_bench.torch_compare also runs the bridge, which needs the "torch" extra).
         "bench": ["torch>=2.1"],
         # The PyTorch bridge (selattn_c.torch, selattn_lm.torch_model; docs/torch.md).
         # torch.library.custom_op (register_fake, register_autograd) needs torch 2.4.
