@@ -489,8 +489,10 @@ def header_lines(torch: Any, sc: Any, args: argparse.Namespace, cache_note: str)
         f"threads: C {sc.get_num_threads()} (kernels {sc.kernel_name()}), torch "
         f"{torch.get_num_threads()}, BLAS {blas_thread_report()}",
         f"flex: {flex}",
-        f"timing: {args.warmup} warm-up run(s), then >= {args.repeats} interleaved rounds "
-        f"(every row once per round; >= {args.min_time:g} s of the fastest row); medians",
+        f"timing: {args.warmup} warm-up run(s) of each row, then >= {args.repeats} interleaved "
+        "rounds (every row once per round"
+        + (f"; until the fastest row has {args.min_time:g} s" if args.min_time > 0 else "")
+        + "); medians",
         "errors: max |x - x64| against the bridge's float64 path on the same inputs "
         "(SDPA: with selective=False)",
     ]
@@ -531,7 +533,8 @@ def run(args: argparse.Namespace) -> None:
     print()
     print(table(rows, markdown=not args.plain))
     print()
-    print("\n".join(lines))
+    if lines:
+        print("\n".join(lines))
     print(f"total wall time: {time.perf_counter() - started:.0f} s; load average (1 min) at end: "
           f"{load_average()}", flush=True)
 
