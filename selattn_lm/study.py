@@ -282,8 +282,8 @@ def evaluate_context(models: Sequence[Model], context: int, *, test_windows: Opt
         raise ValueError(f"context {context}: the study needs at least one standard model "
                          f"(the target of the memory factor)")
     task = at[0].task
-    test = Scorer(task.windows("test", context, test_windows))
-    valid = Scorer(task.windows("valid", context, valid_windows))
+    test = Scorer(task.windows("test", context, test_windows, spread=True))
+    valid = Scorer(task.windows("valid", context, valid_windows, spread=True))
     n_layers = at[0].cfg.n_layers
     if any(m.cfg.n_layers != n_layers for m in at):
         raise ValueError(f"context {context}: the models have different numbers of layers")
@@ -378,8 +378,9 @@ def evaluate(entries: Sequence[Entry], *, test_windows: Optional[int] = None,
     Parameters
     ----------
     entries : the checkpoints (``read_manifest``)
-    test_windows : score the first N non-overlapping test windows of each context (None: all)
-    valid_windows : validation windows of the per-layer search
+    test_windows : score N non-overlapping test windows of each context, evenly spaced over the
+        split (``TextTask.windows(spread=True)``; None: all)
+    valid_windows : validation windows of the per-layer search, evenly spaced likewise
     fractions : kept fractions of the context for the curve
     corpus_path : where to read the corpus (None: where the checkpoints say)
     search_slack : the per-layer search stops once no cut keeps the validation bits per byte
@@ -426,9 +427,11 @@ def add_commands(subparsers) -> None:
                    help="a JSON manifest of checkpoints with their roles, or a folder of "
                         "checkpoints (roles read from them)")
     p.add_argument("--test-windows", type=int, default=None,
-                   help="score only the first N test windows (default: the whole split)")
+                   help="score only N test windows, evenly spaced over the split (default: "
+                        "all)")
     p.add_argument("--valid-windows", type=int, default=64,
-                   help="validation windows of the per-layer budget search [64]")
+                   help="validation windows of the per-layer budget search, evenly spaced "
+                        "over the split [64]")
     p.add_argument("--fractions", type=float, nargs="*", default=list(DEFAULT_FRACTIONS),
                    help="kept fractions of the context for the curve [1/2 1/4 1/8 1/16 1/32]")
     p.add_argument("--search-slack", type=float, default=SEARCH_SLACK,

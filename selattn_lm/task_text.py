@@ -143,17 +143,31 @@ class TextTask(TaskSettings):
         tokens, targets = windows_at(data, starts, context)
         return tokens, targets, None
 
-    def windows(self, split: str, context: int, max_windows: Optional[int] = None
-                ) -> Tuple[np.ndarray, np.ndarray]:
-        """Non-overlapping windows of a split from its start (the first ``max_windows``)."""
+    def windows(self, split: str, context: int, max_windows: Optional[int] = None, *,
+                spread: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+        """Non-overlapping windows of ``context`` bytes of a split, cut from its start.
+
+        ``max_windows``: keep only that many (None: all). ``spread=False`` keeps the first ones
+        (training's validation, results-text.md); ``spread=True`` keeps windows evenly spaced
+        over the whole split (window ``round(i * (count - 1) / (max_windows - 1))`` for i = 0
+        .. max_windows - 1, distinct and in order), so that a sample of a split made of many
+        files covers all of them rather than the first few. Deterministic.
+
+        Returns tokens (W, N) and targets (W, N), int64.
+        """
         data = split_bytes(self.corpus, self.corpus_path, split)
         count = len(data) // context
         if count == 0:
             raise ValueError(f"the {split} split has {len(data)} bytes, fewer than one window "
                              f"of {context}")
-        if max_windows is not None:
-            count = min(count, int(max_windows))
-        return windows_at(data, np.arange(count) * context, context)
+        index = np.arange(count)                                            # (count,)
+        if max_windows is not None and max_windows < count:
+            keep = int(max_windows)
+            if spread and keep > 1:       # strictly increasing: the step (count-1)/(keep-1) > 1
+                index = np.round(np.arange(keep) * ((count - 1) / (keep - 1))).astype(np.int64)
+            else:
+                index = index[:keep]
+        return windows_at(data, index * context, context)
 
     # -- evaluation -------------------------------------------------------------------------
 

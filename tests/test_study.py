@@ -156,7 +156,7 @@ def test_a_model_worse_than_the_target_has_no_factor(task, tmp_path):
     (the same logits at every position, the test split's byte frequencies), which is better."""
     zero = {k: np.zeros_like(v) for k, v in random_params(0).items()}
     unigram = {k: np.zeros_like(v) for k, v in random_params(0, False).items()}
-    tokens, targets = task.windows("test", CONTEXT, 6)
+    tokens, targets = task.windows("test", CONTEXT, 6, spread=True)    # the study's windows
     counts = np.bincount(targets.ravel(), minlength=258) + 1.0
     unigram["wte"][:, 0] = np.log(counts / counts.sum())     # logits = lnf.b . wte[v]
     unigram["lnf.b"][0] = 1.0
@@ -187,7 +187,7 @@ def test_the_factor_on_a_real_model_is_a_crossing(task, tmp_path):
     results = study.evaluate(study.read_manifest(m), log=lambda line: None, **SMALL)
     (ctx,) = results["contexts"]
     (row,) = ctx["models"]
-    windows = task.windows("test", CONTEXT, 6)
+    windows = task.windows("test", CONTEXT, 6, spread=True)           # the study's windows
     sel_cfg = model_cfg(True)
 
     def score(attention, K, params=params, cfg=sel_cfg):

@@ -62,6 +62,30 @@ def test_batches_and_windows_are_the_texts_own():
     assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
 
 
+def test_spread_windows_cover_the_split_evenly(dump):
+    """``windows(spread=True)`` (the study's test sample) keeps windows evenly spaced over the
+    whole split, first and last included, distinct and in order; without ``max_windows`` or
+    with more than the split holds it is every window, as without ``spread``."""
+    task = TextTask(corpus="wiki", corpus_path=str(dump))
+    every = task.windows("valid", 16)
+    count = len(every[0])
+    assert count >= 8
+    for keep in (2, 3, count // 2, count - 1):
+        tokens, targets = task.windows("valid", 16, keep, spread=True)
+        starts = [round(i * (count - 1) / (keep - 1)) for i in range(keep)]   # the docstring's
+        assert starts[0] == 0 and starts[-1] == count - 1
+        assert all(b > a for a, b in zip(starts, starts[1:]))          # distinct, in order
+        gaps = np.diff(starts)
+        assert gaps.max() - gaps.min() <= 1                          # evenly spaced
+        assert np.array_equal(tokens, every[0][starts])
+        assert np.array_equal(targets, every[1][starts])
+    for keep in (None, count, count + 5):
+        got = task.windows("valid", 16, keep, spread=True)
+        assert np.array_equal(got[0], every[0]) and np.array_equal(got[1], every[1])
+    first = task.windows("valid", 16, 1, spread=True)
+    assert np.array_equal(first[0], every[0][:1])
+
+
 def test_training_learns_and_is_reproducible(dump):
     cfg = text_config(dump, steps=30, eval_every=10, lr=1e-2)
     params, model_cfg, log = train(cfg, quiet=True)
