@@ -129,6 +129,14 @@ int selattn_dead_tiles(const float *q, const float *k, const float *fstart,
                        size_t selector_head, int protect_bos, int selective, float scale,
                        float dead_key_threshold, int64_t *dead_from, int nthreads);
 
+/* The same per key: key_dead_from (B, N) gets, per key, the first query block for which it is
+ * dead (ceil(N / 64): never), the decision the forward and the backward make when they pack the
+ * live keys of a partly dead tile. A tile's dead_from is the largest of its keys'. */
+int selattn_dead_keys(const float *q, const float *k, const float *fstart,
+                      size_t B, size_t H, size_t N, size_t D,
+                      size_t selector_head, int protect_bos, int selective, float scale,
+                      float dead_key_threshold, int64_t *key_dead_from, int nthreads);
+
 /* The memory loss' row sums without any N x N buffer (reference: memory_loss, docs § 8):
  * kept (B, N), kept[b, i] = sum_{j <= i} (1 - min(F[b, i, j], tau) / tau), summed in double;
  * mem[b] = max_i kept[b, i]. fstart is the forward's (selattn_forward), or NULL (then built here:
