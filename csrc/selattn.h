@@ -107,10 +107,12 @@ int selattn_forward_skip(const float *q, const float *k, const float *v,
                          float *out, float *lse, float *fstart, float *soft_theta,
                          int64_t *soft_cut, int nthreads);
 
-/* selattn_backward_soft skipping the key tiles selattn_forward_skip skipped (the same
+/* selattn_backward_soft skipping the dead keys selattn_forward_skip skipped (the same
  * dead_key_threshold; fstart that forward's, or NULL): a dead tile costs nothing, except the
  * selector head's S, dS and its dq, dk where extra dF rows lie below it (their reverse cumsum
- * runs up through it). Exact (selattn_backward_soft bit for bit) for t <= 0 or not finite. */
+ * runs up through it); in a partly dead tile only the live keys are worked on (packed), while
+ * the selector head's path through F (dF rows, the rank penalty) still runs up every column.
+ * Exact (selattn_backward_soft bit for bit) for t <= 0 or not finite. */
 int selattn_backward_skip(const float *q, const float *k, const float *v,
                           const float *out, const float *lse, const float *fstart,
                           const float *dout,
