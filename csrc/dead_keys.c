@@ -16,11 +16,18 @@
  * (and EPS on L) covers it. */
 #define F_SHRINK (1.0 - 1.0 / 1048576.0)
 
+/* x . y in double, in four interleaved partial sums (d mod 4) added as (s0 + s1) + (s2 + s3): a
+ * fixed order, so the same bits every call, and four independent chains instead of one (this runs
+ * 4 B H N times per call, D terms each, in the forward and again in the backward). Its rounding,
+ * about D 2^-53 relative, is far inside the bound's margins (EPS, F_SHRINK). */
 static double dot(const float *x, const float *y, size_t D)
 {
-    double s = 0.0;
-    for (size_t d = 0; d < D; d++) s += (double)x[d] * (double)y[d];
-    return s;
+    double s[4] = {0.0, 0.0, 0.0, 0.0};
+    size_t d = 0;
+    for (; d + 4 <= D; d += 4)
+        for (size_t u = 0; u < 4; u++) s[u] += (double)x[d + u] * (double)y[d + u];
+    for (size_t u = 0; d < D; d++, u++) s[u] += (double)x[d] * (double)y[d];
+    return (s[0] + s[1]) + (s[2] + s[3]);
 }
 
 int dead_bound_init(dead_bound *db, const float *q, const float *k, size_t B, size_t H, size_t N,
@@ -95,6 +102,31 @@ int dead_tile(const dead_bound *db, size_t b, size_t qb, size_t kb, const float 
     return 1;
 }
 
+size_t tile_live_keys(const dead_bound *db, size_t b, size_t qb, size_t kb,
+                      const float *fstart_row, unsigned char *live)
+{
+    const size_t j0 = kb * T, ncols = block_len(db->N, j0);
+    size_t nlive = 0;
+    for (size_t c = 0; c < ncols; c++) {
+        live[c] = !dead_key(db, b, qb, j0 + c, fstart_row[j0 + c]);
+        nlive += live[c];
+    }
+    return nlive;
+}
+
+void dead_from_keys(const dead_bound *db, size_t B, const float *fstart, int64_t *key_dead_from,
+                    int nthreads)
+{
+    const size_t nqb = db->nqb, N = db->N;
+    #pragma omp parallel for num_threads(team_size(nthreads)) schedule(static)
+    for (size_t bj = 0; bj < B * N; bj++) {
+        const size_t b = bj / N, j = bj % N;
+        size_t qb = j / T + 1;                       /* never dead in its own (diagonal) block */
+        while (qb < nqb && !dead_key(db, b, qb, j, fstart[(b * nqb + qb) * N + j])) qb++;
+        key_dead_from[bj] = (int64_t)qb;
+    }
+}
+
 void dead_from_rows(const dead_bound *db, size_t B, const float *fstart, int64_t *dead_from,
                     int nthreads)
 {
@@ -108,13 +140,17 @@ void dead_from_rows(const dead_bound *db, size_t B, const float *fstart, int64_t
     }
 }
 
-int selattn_dead_tiles(const float *q, const float *k, const float *fstart,
-                       size_t B, size_t H, size_t N, size_t D,
-                       size_t selector_head, int protect_bos, int selective, float scale,
-                       float dead_key_threshold, int64_t *dead_from, int nthreads)
+/* selattn_dead_tiles and selattn_dead_keys: the bound and the Fstart rows (the caller's, or built
+ * here as the backward builds them), then per tile (per_key = 0: dead_from (B, nqb)) or per key
+ * (per_key = 1: dead_from (B, N)). */
+static int dead_decisions(const float *q, const float *k, const float *fstart,
+                          size_t B, size_t H, size_t N, size_t D,
+                          size_t selector_head, int protect_bos, int selective, float scale,
+                          float dead_key_threshold, int per_key, int64_t *dead_from,
+                          int nthreads)
 {
     const size_t nqb = num_blocks(N);
-    for (size_t x = 0; x < B * nqb; x++) dead_from[x] = (int64_t)nqb;
+    for (size_t x = 0; x < B * (per_key ? N : nqb); x++) dead_from[x] = (int64_t)nqb;
     if (!selective || !dead_keys_on(dead_key_threshold) || B == 0 || N == 0) return SELATTN_OK;
     const selattn_kernels *kern = selattn_select_kernels();
     float *kt_s = NULL, *own = NULL;
@@ -138,9 +174,30 @@ int selattn_dead_tiles(const float *q, const float *k, const float *fstart,
         rc = dead_bound_init(&bound, q, k, B, H, N, D, protect_bos, scale, dead_key_threshold,
                              nthreads);
     if (rc == SELATTN_OK) {
-        dead_from_rows(&bound, B, fstart, dead_from, nthreads);
+        if (per_key)
+            dead_from_keys(&bound, B, fstart, dead_from, nthreads);
+        else
+            dead_from_rows(&bound, B, fstart, dead_from, nthreads);
         dead_bound_free(&bound);
     }
     free(kt_s); free(own);
     return rc;
+}
+
+int selattn_dead_tiles(const float *q, const float *k, const float *fstart,
+                       size_t B, size_t H, size_t N, size_t D,
+                       size_t selector_head, int protect_bos, int selective, float scale,
+                       float dead_key_threshold, int64_t *dead_from, int nthreads)
+{
+    return dead_decisions(q, k, fstart, B, H, N, D, selector_head, protect_bos, selective, scale,
+                          dead_key_threshold, 0, dead_from, nthreads);
+}
+
+int selattn_dead_keys(const float *q, const float *k, const float *fstart,
+                      size_t B, size_t H, size_t N, size_t D,
+                      size_t selector_head, int protect_bos, int selective, float scale,
+                      float dead_key_threshold, int64_t *key_dead_from, int nthreads)
+{
+    return dead_decisions(q, k, fstart, B, H, N, D, selector_head, protect_bos, selective, scale,
+                          dead_key_threshold, 1, key_dead_from, nthreads);
 }

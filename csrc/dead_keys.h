@@ -38,6 +38,13 @@ void dead_bound_free(dead_bound *db);
 /* 1 when key j (< 64 qb) of batch element b is dead for query block qb, f being F[64 qb, j]. */
 int dead_key(const dead_bound *db, size_t b, size_t qb, size_t j, float f);
 
+/* live (TILE,): live[c] = 1 when key kb * 64 + c (kb < qb) of batch element b is not dead for
+ * query block qb (dead_key on fstart_row (N,), the Fstart row of block qb), 0 when it is; the
+ * forward's and the backward's decision which keys of a tile to pack (key_pack.h). Returns how
+ * many are live. */
+size_t tile_live_keys(const dead_bound *db, size_t b, size_t qb, size_t kb,
+                      const float *fstart_row, unsigned char *live);
+
 /* 1 when key tile kb (< qb) is dead for query block qb of batch element b, reading
  * fstart_row (N,), the mask entering block qb (a tile the forward skipped holds +inf there). */
 int dead_tile(const dead_bound *db, size_t b, size_t qb, size_t kb, const float *fstart_row);
@@ -45,6 +52,12 @@ int dead_tile(const dead_bound *db, size_t b, size_t qb, size_t kb, const float 
 /* dead_from (B, nqb): the first query block for which each key tile is dead (nqb: never), from
  * the Fstart rows fstart (B, nqb, N), read for each tile only up to its first dead block. */
 void dead_from_rows(const dead_bound *db, size_t B, const float *fstart, int64_t *dead_from,
+                    int nthreads);
+
+/* key_dead_from (B, N): the first query block for which each key is dead (nqb: never), from the
+ * Fstart rows fstart (B, nqb, N), read for each key only up to its first dead block. A key tile's
+ * dead_from is the largest of its keys'. */
+void dead_from_keys(const dead_bound *db, size_t B, const float *fstart, int64_t *key_dead_from,
                     int nthreads);
 
 #endif /* SELATTN_DEAD_KEYS_H */

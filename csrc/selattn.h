@@ -107,10 +107,12 @@ int selattn_forward_skip(const float *q, const float *k, const float *v,
                          float *out, float *lse, float *fstart, float *soft_theta,
                          int64_t *soft_cut, int nthreads);
 
-/* selattn_backward_soft skipping the key tiles selattn_forward_skip skipped (the same
+/* selattn_backward_soft skipping the dead keys selattn_forward_skip skipped (the same
  * dead_key_threshold; fstart that forward's, or NULL): a dead tile costs nothing, except the
  * selector head's S, dS and its dq, dk where extra dF rows lie below it (their reverse cumsum
- * runs up through it). Exact (selattn_backward_soft bit for bit) for t <= 0 or not finite. */
+ * runs up through it); in a partly dead tile only the live keys are worked on (packed), while
+ * the selector head's path through F (dF rows, the rank penalty) still runs up every column.
+ * Exact (selattn_backward_soft bit for bit) for t <= 0 or not finite. */
 int selattn_backward_skip(const float *q, const float *k, const float *v,
                           const float *out, const float *lse, const float *fstart,
                           const float *dout,
@@ -128,6 +130,14 @@ int selattn_dead_tiles(const float *q, const float *k, const float *fstart,
                        size_t B, size_t H, size_t N, size_t D,
                        size_t selector_head, int protect_bos, int selective, float scale,
                        float dead_key_threshold, int64_t *dead_from, int nthreads);
+
+/* The same per key: key_dead_from (B, N) gets, per key, the first query block for which it is
+ * dead (ceil(N / 64): never), the decision the forward and the backward make when they pack the
+ * live keys of a partly dead tile. A tile's dead_from is the largest of its keys'. */
+int selattn_dead_keys(const float *q, const float *k, const float *fstart,
+                      size_t B, size_t H, size_t N, size_t D,
+                      size_t selector_head, int protect_bos, int selective, float scale,
+                      float dead_key_threshold, int64_t *key_dead_from, int nthreads);
 
 /* The memory loss' row sums without any N x N buffer (reference: memory_loss, docs § 8):
  * kept (B, N), kept[b, i] = sum_{j <= i} (1 - min(F[b, i, j], tau) / tau), summed in double;

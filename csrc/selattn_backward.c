@@ -47,6 +47,7 @@
 
 #include "selattn.h"
 #include "dead_keys.h"
+#include "key_pack.h"
 #include "rank_penalty.h"
 #include "selector_mask.h"
 #include "tile_kernels.h"
@@ -124,6 +125,10 @@ typedef struct {
     float *past_sum;
     size_t B, nchunks;
     const int64_t *dead_from;  /* (B, nqb) first query block a key tile is dead for, or NULL */
+    /* the packs of partly dead tiles (packed_tile_grads), when dead_from is not NULL: the bound
+     * (tile_live_keys), and the query and dout blocks transposed, (B, H, nqb, D, T) */
+    const dead_bound *bound;
+    const float *qt, *doutt;
 } problem;
 
 /* gsum (rows, T) -= the extra dF rows that fall in the tile (b, qb, kb), slot by slot: gsum is
@@ -152,6 +157,11 @@ typedef struct {
     float *carry;        /* (T,) reverse cumsum carry */
     float *theta_rows;   /* (T,) the rank penalty's cut of each row of the tile */
     float *acc_a, *acc_b;/* (H, T, D) dk or dq; dv */
+    /* packed_tile_grads' (NULL unless packing): the pack, the selector's logits transposed
+     * (T, T), the pack's sum_h G_h key-major (T, T), the selector head's dLsel (T, T), and the
+     * accumulators' rows of the packed keys (2, H, T, D) */
+    key_pack pk;
+    float *lst, *gsum_t, *gsel, *pacc;
 } scratch;
 
 static void scratch_free(scratch *w)
@@ -159,10 +169,22 @@ static void scratch_free(scratch *w)
     free(w->ls); free(w->sel); free(w->ftile); free(w->p); free(w->g);
     free(w->gsum); free(w->carry); free(w->theta_rows); free(w->acc_a);
     free(w->acc_b);
+    key_pack_free(&w->pk);
+    free(w->lst); free(w->gsum_t); free(w->gsel); free(w->pacc);
 }
 
-static int scratch_alloc(scratch *w, size_t H, size_t D)
+static int scratch_alloc(scratch *w, size_t H, size_t D, int pack)
 {
+    w->pk = (key_pack){0};
+    w->lst = w->gsum_t = w->gsel = w->pacc = NULL;
+    if (pack) {
+        w->lst = malloc(T * T * sizeof(float));
+        w->gsum_t = malloc(T * T * sizeof(float));
+        w->gsel = malloc(T * T * sizeof(float));
+        w->pacc = malloc(2 * H * T * D * sizeof(float));
+        if (!key_pack_alloc(&w->pk, H, D) || !w->lst || !w->gsum_t || !w->gsel || !w->pacc)
+            pack = -1;
+    }
     w->ls = malloc(T * T * sizeof(float));
     w->sel = malloc(T * T * sizeof(float));
     w->ftile = malloc(T * T * sizeof(float));
@@ -174,7 +196,7 @@ static int scratch_alloc(scratch *w, size_t H, size_t D)
     w->acc_a = malloc(H * T * D * sizeof(float));
     w->acc_b = malloc(H * T * D * sizeof(float));
     return w->ls && w->sel && w->ftile && w->p && w->g &&
-           w->gsum && w->carry && w->theta_rows && w->acc_a && w->acc_b;
+           w->gsum && w->carry && w->theta_rows && w->acc_a && w->acc_b && pack >= 0;
 }
 
 /* For one tile: the selector's logits, S and F (when selective), then P_h and G_h of every head,
@@ -240,6 +262,135 @@ static size_t dq_chunk(size_t kb, size_t nchunks)
     return p < nchunks ? p : 2 * nchunks - 1 - p;
 }
 
+/* A partly dead tile (qb, kb < qb): some of its keys are dead for block qb (dead_keys.h), and
+ * only the n live ones (live[c]) get the attention's work. They are packed (key_pack.h, the
+ * forward's packs: F, the selector's logits, every head's k and v rows) and the heads run on
+ * key-major tiles of n keys x 64 query rows, at O(n) cost:
+ *   P^T = exp(scale k q^T - F^T - lse)    <- P = exp(L - F - lse)   (gemm_nt_probs_t; probs_t
+ *                                                                     from the logits for h = s)
+ *   G^T = P^T * (v dout^T - delta)        <- G = P * (dP - delta)   (gemm_nt_grad_t)
+ *   dv += P^T dout, dk += G^T q           on the packed keys' rows of the accumulators
+ *   dq += G k
+ * Every entry of P and G has the bits of the dense tile's, and dv and dk get the dense tile's
+ * operations in its order (the keys' rows of the accumulators are gathered, added to and put
+ * back); dq sums over the live keys only, the dead ones' terms being dropped. (The bits are the
+ * dense tile's as long as the compiler contracts the scalar tails of gemm_acc and gemm_acc_t,
+ * for D not a multiple of the vector width, alike; with GCC on AVX-512 and AVX2 they may
+ * differ by rounding.) The selector head's path through F stays whole: gsum (rows, 64) is the pack's
+ * sum_h G_h on the live columns and 0 on the dead ones (their G is below the bound), the rank
+ * penalty and the extra dF rows act on it as in key_block_grads, and selector_grad carries the
+ * reverse cumsum up every column, dead or not, into dLsel (rows, 64). Its live columns join the
+ * selector head's packed G (g - carry, the dense tile's bits). A dead column gets anything only
+ * from dF rows at or below this tile (below it the column was dead too, its G dropped); then the
+ * selector head's dk and dq are made on the whole tile as in key_block_grads (two products of
+ * one head), else on the pack. */
+static void packed_tile_grads(const problem *pr, size_t b, size_t qb, size_t kb,
+                              const unsigned char *live, scratch *w, float *dq_part)
+{
+    const selattn_kernels *kern = pr->kern;
+    const size_t H = pr->H, N = pr->N, D = pr->D, nqb = pr->nqb, s = pr->s;
+    const size_t i0 = qb * T, j0 = kb * T, rows = block_len(N, i0), ncols = block_len(N, j0);
+    key_pack *pk = &w->pk;
+    size_t idx[T];                                   /* idx[m]: the tile column of packed key m */
+    /* 4p.1 the selector's logits ls and S (rows, 64), F key-major (the forward's tile), F_soft;
+     * the live keys into the pack */
+    mask_of_tile_t(&pr->sel, b, qb, kb, pr->sel.fstart + (b * nqb + qb) * N, w->ls, w->sel,
+                   w->ftile, NULL);
+    if (pr->theta) {
+        soft_theta_rows(pr->theta + b * N, i0, rows, w->theta_rows);
+        soft_tile_t(w->ftile, w->theta_rows, pr->strength);
+    }
+    kern->transpose(w->ls, T, rows, T, w->lst);                /* (64 keys, 64 rows), 0-padded */
+    pk->n = 0;
+    for (size_t c = 0; c < ncols; c++) {
+        if (!live[c]) continue;
+        idx[pk->n] = c;
+        key_pack_add(pk, w->ftile + c * T, w->lst + c * T, pr->k, pr->v, b, N, j0 + c);
+    }
+    const size_t n = pk->n;
+    float *pk_dk = w->pacc, *pk_dv = w->pacc + H * T * D;     /* (H, n, D) of the packed keys */
+    for (size_t h = 0; h < H; h++)
+        for (size_t m = 0; m < n; m++) {
+            memcpy(pk_dk + (h * T + m) * D, w->acc_a + (h * T + idx[m]) * D, D * sizeof(float));
+            memcpy(pk_dv + (h * T + m) * D, w->acc_b + (h * T + idx[m]) * D, D * sizeof(float));
+        }
+    /* 4p.2 every head: P^T, G^T (n, 64), gsum_t = sum_h G_h^T, dv += P^T dout */
+    memset(w->gsum_t, 0, n * T * sizeof(float));
+    for (size_t h = 0; h < H; h++) {
+        const size_t row0 = (b * H + h) * N + i0;                      /* row (b, h, i0) */
+        float lse_r[T], delta_r[T];          /* the block's rows; padding: P = 0, G = 0 there */
+        for (size_t r = 0; r < T; r++) {
+            lse_r[r] = r < rows ? pr->lse[row0 + r] : INFINITY;
+            delta_r[r] = r < rows ? pr->delta[row0 + r] : 0.0f;
+        }
+        float *p_h = w->p + h * T * T, *g_h = w->g + h * T * T;       /* (n, 64) key-major */
+        if (h == s) {                                                  /* L_s is ls */
+            memcpy(p_h, pk->ls, n * T * sizeof(float));
+            kern->probs_t(p_h, pk->ft, n, lse_r);                      /* P = exp(L-F-lse) */
+        } else {
+            kern->gemm_nt_probs_t(pk->k + h * T * D, n, block_tile(pr->qt, b, h, qb, H, nqb, D),
+                                  D, pr->scale, pk->ft, lse_r, p_h);   /* P = exp(L-F-lse) */
+        }
+        kern->gemm_nt_grad_t(pk->v + h * T * D, n, block_tile(pr->doutt, b, h, qb, H, nqb, D),
+                             D, p_h, delta_r, g_h, w->gsum_t);         /* G = P (dP - delta) */
+        kern->gemm_acc(p_h, n, pr->dout + row0 * D, rows, D, NULL,
+                       pk_dv + h * T * D);                             /* dv += P^T dout */
+    }
+    /* 4p.3 the selector head's path through F, on the whole tile (rows, 64): gsum, the rank
+     * penalty, the dF rows, dS = reverse cumsum gated by S > 0 into gsel */
+    memset(w->gsum, 0, T * T * sizeof(float));
+    for (size_t m = 0; m < n; m++)
+        for (size_t r = 0; r < rows; r++) w->gsum[r * T + idx[m]] = w->gsum_t[m * T + r];
+    if (pr->theta) {        /* as in key_block_grads (dead columns: gsum = 0, nothing to add) */
+        float *w_row = pr->past_sum + (dq_chunk(kb, pr->nchunks) * pr->B + b) * N + i0;
+        for (size_t r = 0; r < rows; r++) {
+            const float th = w->theta_rows[r];
+            float part = 0.0f;
+            for (size_t m = 0; m < n; m++) {
+                float *x = w->gsum + r * T + idx[m];
+                if (w->ftile[idx[m] * T + r] > th) {    /* F_soft > theta iff F > theta */
+                    part += *x;
+                    *x += pr->strength * *x;
+                }
+            }
+            w_row[r] += part;
+        }
+    }
+    if (pr->df) subtract_df_rows(pr, b, qb, kb, w->gsum);
+    memset(w->gsel, 0, T * T * sizeof(float));
+    kern->selector_grad(w->gsum, w->sel, rows, w->carry, w->gsel);
+    float *g_s = w->g + s * T * T;
+    for (size_t m = 0; m < n; m++)                  /* live columns: into the packed G_s */
+        for (size_t r = 0; r < rows; r++) g_s[m * T + r] += w->gsel[r * T + idx[m]];
+    int dead_grad = 0;                              /* does a dead column get anything? */
+    for (size_t c = 0; c < ncols && !dead_grad; c++)
+        for (size_t r = 0; r < rows && !live[c]; r++) dead_grad |= w->gsel[r * T + c] != 0.0f;
+    if (dead_grad)            /* then the selector head's G is worked on whole, (rows, 64) */
+        for (size_t m = 0; m < n; m++)
+            for (size_t r = 0; r < rows; r++) w->gsel[r * T + idx[m]] = g_s[m * T + r];
+    /* 4p.4 every head: dk += G^T q, dq += G k on the pack; the packed rows put back */
+    for (size_t h = 0; h < H; h++) {
+        const size_t row0 = (b * H + h) * N + i0;
+        const float *g_h = w->g + h * T * T;
+        if (!(h == s && dead_grad)) {
+            kern->gemm_acc(g_h, n, pr->q + row0 * D, rows, D, NULL, pk_dk + h * T * D); /* dk */
+            kern->gemm_acc_t(g_h, rows, pk->k + h * T * D, n, D, NULL,
+                             dq_part + row0 * D);                                      /* dq */
+        }
+        for (size_t m = 0; m < n; m++) {
+            memcpy(w->acc_a + (h * T + idx[m]) * D, pk_dk + (h * T + m) * D, D * sizeof(float));
+            memcpy(w->acc_b + (h * T + idx[m]) * D, pk_dv + (h * T + m) * D, D * sizeof(float));
+        }
+    }
+    if (dead_grad) {      /* the selector head on the whole tile, as key_block_grads does it */
+        const size_t row0 = (b * H + s) * N + i0;
+        kern->gemm_acc_t(w->gsel, ncols, pr->q + row0 * D, rows, D, NULL,
+                         w->acc_a + s * T * D);                              /* dk += G^T q */
+        kern->gemm_acc(w->gsel, rows, pr->k + ((b * H + s) * N + j0) * D, ncols, D, NULL,
+                       dq_part + row0 * D);                                  /* dq += G k */
+    }
+}
+
 /* Pass 4 for one (b, key block): dk and dv of the block, and its share of dq added into
  * dq_part (B, H, N, D), the partial sum of the block's dq chunk. */
 static void key_block_grads(const problem *pr, size_t b, size_t kb, scratch *w, float *dk,
@@ -261,6 +412,17 @@ static void key_block_grads(const problem *pr, size_t b, size_t kb, scratch *w, 
             pending |= pr->df && pr->df->first[cell + 1] > pr->df->first[cell];
             if (pending) dead_tile_selector(pr, b, qb, kb, w, w->acc_a + pr->s * T * D, dq_part);
             continue;
+        }
+        if (pr->dead_from && kb < qb) {
+            /* some keys of the tile dead for this block (not all: qb < dead)? then only the
+             * live ones are worked on (packed_tile_grads) */
+            unsigned char live[T];
+            const size_t nlive = tile_live_keys(pr->bound, b, qb, kb,
+                                                pr->sel.fstart + (b * nqb + qb) * N, live);
+            if (nlive < ncols) {
+                packed_tile_grads(pr, b, qb, kb, live, w, dq_part);
+                continue;
+            }
         }
         const tile_pos tp = {i0, j0, rows, ncols, pr->selective ? w->ftile : NULL};
         tile_probs_and_grads(pr, b, &tp, w);
@@ -452,22 +614,29 @@ int selattn_backward_skip(const float *q, const float *k, const float *v,
              : selector_block_prefix(&sp, B, nqb, nqb, fstart_own, nthreads);
     }
     const float *fstart = fstart_in ? fstart_in : fstart_own;
-    /* dead keys: the first query block each key tile is dead for, from the Fstart rows */
+    /* dead keys: the bound, the first query block each key tile is dead for (from the Fstart
+     * rows), and for the packs of partly dead tiles the query and dout blocks transposed */
     int64_t *dead_from = NULL;
-    if (rc == SELATTN_OK && selective && dead_keys_on(dead_key_threshold) && N > 0) {
-        dead_bound bound;
+    dead_bound bound = {0};
+    float *qt = NULL, *doutt = NULL;   /* (B, H, nqb, D, T) */
+    const int skip = rc == SELATTN_OK && selective && dead_keys_on(dead_key_threshold) && N > 0;
+    if (skip) {
         dead_from = malloc(B * nqb * sizeof(int64_t));
-        rc = !dead_from ? SELATTN_ENOMEM
+        qt = big_alloc(B * H * nqb * D * T * sizeof(float));
+        doutt = big_alloc(B * H * nqb * D * T * sizeof(float));
+        rc = !dead_from || !qt || !doutt ? SELATTN_ENOMEM
              : dead_bound_init(&bound, q, k, B, H, N, D, protect_bos, scale, dead_key_threshold,
                                nthreads);
         if (rc == SELATTN_OK) {
             dead_from_rows(&bound, B, fstart, dead_from, nthreads);
-            dead_bound_free(&bound);
+            transpose_blocks(kern, q, B, H, N, D, qt, nthreads);
+            transpose_blocks(kern, dout, B, H, N, D, doutt, nthreads);
         }
     }
     if (rc != SELATTN_OK) {
         free(fstart_own); free(delta); free(kt); free(vt); free(dq_parts);
         free(df.first); free(df.order); free(past_sum); free(dead_from);
+        free(qt); free(doutt); dead_bound_free(&bound);
         return rc;
     }
 
@@ -488,12 +657,12 @@ int selattn_backward_skip(const float *q, const float *k, const float *v,
                         H, N, D, nqb, selector_head, selective, scale, kern,
                         with_df ? &df : NULL,
                         with_soft ? soft_theta : NULL, soft_cut, soft_strength, past_sum,
-                        B, nchunks, dead_from};
+                        B, nchunks, dead_from, skip ? &bound : NULL, qt, doutt};
     int failed = 0;
     #pragma omp parallel num_threads(team)
     {
         scratch w;
-        team_note_alloc(scratch_alloc(&w, H, D), &failed);
+        team_note_alloc(scratch_alloc(&w, H, D, skip), &failed);
         /* Pass 4: one task per (b, dq chunk); it walks the chunk's key blocks in increasing
          * order, so each partial sum of dq is added up in the same order for any team size. */
         #pragma omp for schedule(dynamic, 1)
@@ -532,5 +701,6 @@ int selattn_backward_skip(const float *q, const float *k, const float *v,
     }
     free(fstart_own); free(delta); free(kt); free(vt); free(dq_parts);
     free(df.first); free(df.order); free(past_sum); free(dead_from);
+    free(qt); free(doutt); dead_bound_free(&bound);
     return failed ? SELATTN_ENOMEM : SELATTN_OK;
 }

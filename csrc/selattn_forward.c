@@ -52,6 +52,7 @@
 #include "selattn.h"
 #include "dead_keys.h"
 #include "forward_internal.h"
+#include "key_pack.h"
 #include "rank_penalty.h"
 #include "selector_mask.h"
 #include "tile_kernels.h"
@@ -113,27 +114,28 @@ static void mark_evicted(float *ft, const int64_t *evict_at_j, size_t i0, size_t
             if ((int64_t)(i0 + r) >= evict_at_j[c]) ft[c * T + r] = INFINITY;
 }
 
-/* The heads' work on a pack of n live keys gathered from partly dead key tiles of one query block
- * (every key before the block's first row: no causal mask): the same steps as 1b on a tile, with
- * the pack's F (pk_ft), the selector head's logits (pk_ls, key-major) and its key and value rows
- * (pk_k, pk_v: (H, T, D)). qt, m, l, acc are the block's (H, ...) parts. */
-static void run_pack(const selattn_kernels *kern, size_t n, size_t H, size_t D, size_t s,
-                     float scale, size_t rows, const float *pk_ft, const float *pk_ls,
-                     const float *pk_k, const float *pk_v, const float *qt, float *m, float *l,
-                     float *acc, float *x, float *colmax, float *alpha)
+/* The heads' work on a pack of live keys gathered from partly dead key tiles of one query block
+ * (key_pack.h; every key before the block's first row: no causal mask): the same steps as 1b on a
+ * tile, with the pack's F, the selector head's logits (key-major) and its key and value rows,
+ * then the pack is empty. qt, m, l, acc are the block's (H, ...) parts. */
+static void run_pack(const selattn_kernels *kern, key_pack *pk, size_t s, float scale,
+                     size_t rows, const float *qt, float *m, float *l, float *acc, float *x,
+                     float *colmax, float *alpha)
 {
+    const size_t n = pk->n, H = pk->H, D = pk->D;
     for (size_t h = 0; h < H; h++) {
         float *m_h = m + h * T, *l_h = l + h * T, *acc_h = acc + h * T * D;
         if (h == s) {
-            memcpy(x, pk_ls, n * T * sizeof(float));
-            kern->softmax_t(x, pk_ft, n, (int)T, NULL, m_h, l_h, alpha);
+            memcpy(x, pk->ls, n * T * sizeof(float));
+            kern->softmax_t(x, pk->ft, n, (int)T, NULL, m_h, l_h, alpha);
         } else {
-            kern->gemm_nt_logits(pk_k + h * T * D, n, qt + h * D * T, D, scale, pk_ft, (int)T, x,
-                                 colmax);
+            kern->gemm_nt_logits(pk->k + h * T * D, n, qt + h * D * T, D, scale, pk->ft, (int)T,
+                                 x, colmax);
             kern->softmax_t(x, NULL, n, (int)T, colmax, m_h, l_h, alpha);
         }
-        kern->gemm_acc_t(x, rows, pk_v + h * T * D, n, D, alpha, acc_h);      /* + P v */
+        kern->gemm_acc_t(x, rows, pk->v + h * T * D, n, D, alpha, acc_h);      /* + P v */
     }
+    pk->n = 0;
 }
 
 int selattn_forward(const float *q, const float *k, const float *v,
@@ -268,14 +270,14 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
         float *alpha = malloc(T * sizeof(float));              /* (T,) rescale factors */
         float *colmax = malloc(T * sizeof(float));             /* (T,) row max of a tile */
         float *acc = malloc(QPAIR * H * T * D * sizeof(float)); /* (g, H, T, D) out, unscaled */
-        /* the packs of live keys, per block of the pair: F and the selector's logits (g, T keys,
-         * T rows), the key and value rows (g, 2, H, T, D); lst a tile's logits transposed */
-        float *pk_ft = pack ? malloc(QPAIR * T * T * sizeof(float)) : NULL;
-        float *pk_ls = pack ? malloc(QPAIR * T * T * sizeof(float)) : NULL;
-        float *pk_kv = pack ? malloc(QPAIR * 2 * H * T * D * sizeof(float)) : NULL;
+        /* the packs of live keys, one per block of the pair (key_pack.h); lst a tile's logits
+         * transposed */
+        key_pack pk[QPAIR] = {{0}};
+        int pk_ok = 1;
+        for (size_t g = 0; g < QPAIR && pack; g++) pk_ok &= key_pack_alloc(&pk[g], H, D);
         float *lst = pack ? malloc(T * T * sizeof(float)) : NULL;
         team_note_alloc(ls && sel && ft && x && qt && m && l && alpha && colmax && acc &&
-                        (!pack || (pk_ft && pk_ls && pk_kv && lst)), &failed);
+                        (!pack || (pk_ok && lst)), &failed);
         for (;;) {
             size_t task;
             #pragma omp atomic capture
@@ -301,7 +303,7 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
             int *ready_b = selective ? ready + b * nqb : NULL;        /* the wavefront's */
             int *done_b = selective ? done + b * nqb : NULL;
             float *fstart_b = selective ? fstart + b * ring * N : NULL;
-            size_t i0[QPAIR], rows[QPAIR], pk_n[QPAIR] = {0};   /* pk_n: keys in each pack */
+            size_t i0[QPAIR], rows[QPAIR];
             for (size_t g = 0; g < nb; g++) {
                 const size_t qb = qb0 + g;
                 i0[g] = qb * T;
@@ -346,13 +348,8 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
                         if (active[g]) {
                             if (qb > nfill) flag_wait_at_least(ready_b + qb - 1, (int)kb + 1);
                             const float *row = fstart_b + qb % ring * N;
-                            if (skip && kb < qb) {           /* dead keys (dead_keys.h) */
-                                nlive = 0;
-                                for (size_t c = 0; c < ncols; c++) {
-                                    live[c] = !dead_key(&bound, b, qb, j0 + c, row[j0 + c]);
-                                    nlive += live[c];
-                                }
-                            }
+                            if (skip && kb < qb)             /* dead keys (dead_keys.h) */
+                                nlive = tile_live_keys(&bound, b, qb, kb, row, live);
                             /* a dead key tile costs nothing from here on: the next block
                              * finds +inf in its Fstart row, so it is dead there too */
                             if (nlive == 0) {
@@ -377,34 +374,20 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
                              * diagonal; the tile itself is not run */
                             active[g] = 0;
                             kern->transpose(ls + g * T * T, T, rows[g], T, lst);
-                            float *pft = pk_ft + g * T * T, *pls = pk_ls + g * T * T;
-                            float *pk = pk_kv + g * 2 * H * T * D, *pv = pk + H * T * D;
                             for (size_t c = 0; c < ncols; c++) {
                                 if (!live[c]) continue;
-                                const size_t n = pk_n[g]++;
-                                memcpy(pft + n * T, ft_g + c * T, T * sizeof(float));
-                                memcpy(pls + n * T, lst + c * T, T * sizeof(float));
-                                for (size_t h = 0; h < H; h++) {
-                                    const size_t src = ((b * H + h) * N + j0 + c) * D;
-                                    memcpy(pk + (h * T + n) * D, k + src, D * sizeof(float));
-                                    memcpy(pv + (h * T + n) * D, v + src, D * sizeof(float));
-                                }
-                                if (pk_n[g] == T) {
-                                    run_pack(kern, T, H, D, s, scale, rows[g], pft, pls, pk, pv,
-                                             qt + g * H * D * T, m + g * H * T, l + g * H * T,
-                                             acc + g * H * T * D, x, colmax, alpha);
-                                    pk_n[g] = 0;
-                                }
+                                key_pack_add(&pk[g], ft_g + c * T, lst + c * T, k, v, b, N,
+                                             j0 + c);
+                                if (pk[g].n == T)
+                                    run_pack(kern, &pk[g], s, scale, rows[g], qt + g * H * D * T,
+                                             m + g * H * T, l + g * H * T, acc + g * H * T * D,
+                                             x, colmax, alpha);
                             }
                         }
-                        if (pack && kb + 1 == qb && pk_n[g] > 0) {   /* the last pack */
-                            float *pk = pk_kv + g * 2 * H * T * D;
-                            run_pack(kern, pk_n[g], H, D, s, scale, rows[g], pk_ft + g * T * T,
-                                     pk_ls + g * T * T, pk, pk + H * T * D, qt + g * H * D * T,
+                        if (pack && kb + 1 == qb && pk[g].n > 0)     /* the last pack */
+                            run_pack(kern, &pk[g], s, scale, rows[g], qt + g * H * D * T,
                                      m + g * H * T, l + g * H * T, acc + g * H * T * D, x,
                                      colmax, alpha);
-                            pk_n[g] = 0;
-                        }
                         int published = (int)kb + 1;
                         if (kb == qb) {          /* the diagonal: Fstart[qb + 1] is 0 beyond it */
                             if (row_next)
@@ -457,7 +440,8 @@ int forward_with_evictions(const float *q, const float *k, const float *v,
         }
         free(ls); free(sel); free(ft); free(x); free(qt); free(m); free(l);
         free(alpha); free(colmax); free(acc);
-        free(pk_ft); free(pk_ls); free(pk_kv); free(lst);
+        for (size_t g = 0; g < QPAIR; g++) key_pack_free(&pk[g]);
+        free(lst);
     }
     if (fstart != fstart_out) free(fstart);
     dead_bound_free(&bound);

@@ -27,6 +27,17 @@ typedef struct {
      * not NULL. The backward's G = P * (dP - delta), without storing dP = dout v^T. */
     void (*gemm_nt_grad)(const float *x, size_t rows, const float *yt, size_t D, const float *p,
                          const float *shift, float *g, float *gsum);
+    /* Key-major forms of the two above, for the backward's packs of live keys (key_pack.h): x
+     * (ncols, D) key (resp. value) rows, yt (D, TILE) a transposed query (resp. dout) block, and
+     * the outputs (ncols keys, TILE rows) with the query rows across the lanes, so the work is
+     * O(ncols): out = exp(scale * x yt - f - shift[r]) on every entry (f (TILE, TILE) key-major or
+     * NULL; no causal mask: every packed key comes before the block's first row), and
+     * g = p * (x yt - shift[r]), gsum += g when not NULL. Each entry is the very operations of
+     * gemm_nt_probs / gemm_nt_grad on the same key and row (same bits). */
+    void (*gemm_nt_probs_t)(const float *x, size_t ncols, const float *yt, size_t D, float scale,
+                            const float *f, const float *shift, float *out);
+    void (*gemm_nt_grad_t)(const float *x, size_t ncols, const float *yt, size_t D,
+                           const float *p, const float *shift, float *g, float *gsum);
     /* The forward's key-major logit tile, finished in registers: x (ncols keys, TILE rows) =
      * scale * k (ncols, D) @ qt (D, TILE) - f, -inf where r + off < c (off >= TILE: no mask);
      * f (TILE, TILE) key-major or NULL. colmax (TILE,) = the max over the keys of each row. */
@@ -46,6 +57,10 @@ typedef struct {
      * causal mask and the tile's edge); f may be NULL (F = 0). rowmax (rows,) gets each row's max. */
     void (*masked_logits)(float *x, const float *f, const size_t *nvis, size_t rows,
                           float *rowmax);
+    /* Key-major x (ncols keys, TILE rows) <- exp(x - f - shift[r]) (f key-major, not NULL): the
+     * operations of masked_logits and exp_rows on a visible entry. The selector head's P on a
+     * pack, from its logits. */
+    void (*probs_t)(float *x, const float *f, size_t ncols, const float *shift);
     /* x (rows, TILE) <- exp(x - shift[r]) for x - shift <= 88 (exp(-inf) = 0; results below ~1e-38 become 0);
      * rowsum (rows,) gets each row's sum when not NULL. */
     void (*exp_rows)(float *x, const float *shift, size_t rows, float *rowsum);

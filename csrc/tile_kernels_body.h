@@ -244,7 +244,7 @@ static inline __attribute__((always_inline)) vf K(expv)(vf x)
  *                  max over the keys per row: the first half of softmax_t.
  * The operations per element are those of gemm_nt + masked_logits + exp_rows (resp.
  * gemm_nt + softmax_grad), in the same order. */
-enum { NT_PLAIN, NT_PROBS, NT_GRAD, NT_LOGITS };
+enum { NT_PLAIN, NT_PROBS, NT_GRAD, NT_LOGITS, NT_PROBS_T, NT_GRAD_T };
 
 /* Finish element block (i, col .. col + VW - 1) of the product, c. */
 static inline __attribute__((always_inline)) void K(nt_finish)(
@@ -260,6 +260,14 @@ static inline __attribute__((always_inline)) void K(nt_finish)(
             x = K(select)(K(lanes)() + ((int)col + off) >= (int)i, x, (vf){0} - INFINITY);
         K(store)(out + e, x);
         *mx = K(select)(x > *mx, x, *mx);
+    } else if (mode == NT_PROBS_T) {   /* key-major: i is a key, the lanes are query rows */
+        vf x = K(rounded)(scale * c);
+        if (f) x -= K(load)(f + e);
+        K(store)(out + e, K(expv)(x - K(load)(shift + col)));
+    } else if (mode == NT_GRAD_T) {
+        vf g = K(load)(p + e) * (c - K(load)(shift + col));
+        K(store)(out + e, g);
+        if (gsum) K(store)(gsum + e, K(load)(gsum + e) + g);
     } else if (mode == NT_PLAIN) {
         K(store)(out + e, scale * c);
     } else if (mode == NT_PROBS) {
@@ -341,6 +349,21 @@ static void K(gemm_nt_grad)(const float *restrict x, size_t rows, const float *r
     K(gemm_nt_impl)(NT_GRAD, x, rows, yt, D, 1.0f, g, NULL, NULL, shift, p, gsum, 0, NULL);
 }
 
+static void K(gemm_nt_probs_t)(const float *restrict x, size_t ncols, const float *restrict yt,
+                               size_t D, float scale, const float *restrict f,
+                               const float *restrict shift, float *restrict out)
+{
+    K(gemm_nt_impl)(NT_PROBS_T, x, ncols, yt, D, scale, out, f, NULL, shift, NULL, NULL, 0,
+                    NULL);
+}
+
+static void K(gemm_nt_grad_t)(const float *restrict x, size_t ncols, const float *restrict yt,
+                              size_t D, const float *restrict p, const float *restrict shift,
+                              float *restrict g, float *restrict gsum)
+{
+    K(gemm_nt_impl)(NT_GRAD_T, x, ncols, yt, D, 1.0f, g, NULL, NULL, shift, p, gsum, 0, NULL);
+}
+
 static void K(gemm_nt_logits)(const float *restrict k, size_t ncols, const float *restrict qt,
                               size_t D, float scale, const float *restrict f, int off,
                               float *restrict x, float *restrict colmax)
@@ -397,6 +420,20 @@ static void K(exp_rows)(float *restrict x, const float *restrict shift, size_t r
             rowsum[r] = K(hsum16)(s);
         }
     }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * probs_t: key-major x (ncols keys, 64 rows) <- exp(x - f - shift[r]), the rows across the lanes:
+ * per entry the operations of masked_logits (x - f) and exp_rows (exp(. - shift)). */
+static void K(probs_t)(float *restrict x, const float *restrict f, size_t ncols,
+                       const float *restrict shift)
+{
+    for (size_t c = 0; c < ncols; c++)
+        for (int u = 0; u < NV; u++) {
+            const size_t e = c * SELATTN_TILE + VW * u;
+            const vf xv = K(load)(x + e) - K(load)(f + e);
+            K(store)(x + e, K(expv)(xv - K(load)(shift + VW * u)));
+        }
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -625,11 +662,14 @@ const selattn_kernels CAT(selattn_kernels, KERNEL_ISA) = {
     .gemm_nt = K(gemm_nt),
     .gemm_nt_probs = K(gemm_nt_probs),
     .gemm_nt_grad = K(gemm_nt_grad),
+    .gemm_nt_probs_t = K(gemm_nt_probs_t),
+    .gemm_nt_grad_t = K(gemm_nt_grad_t),
     .gemm_nt_logits = K(gemm_nt_logits),
     .gemm_acc = K(gemm_acc),
     .gemm_acc_t = K(gemm_acc_t),
     .masked_logits = K(masked_logits),
     .exp_rows = K(exp_rows),
+    .probs_t = K(probs_t),
     .selection = K(selection),
     .softmax_grad = K(softmax_grad),
     .softmax_t = K(softmax_t),

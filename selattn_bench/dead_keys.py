@@ -5,8 +5,9 @@ PyTorch's SDPA causal, standard attention), on a synthetic trained-like sequence
     python -m selattn_bench.dead_keys --text-model selattn_lm/data/text-selective.npz
 
 
-For each N and thread count: the fraction of the causal key tiles skipped, F's statistics far
-from the diagonal (the issue's trained-model figure: 99 % of F at distance > 64 above 20), the
+For each N and thread count: the fraction of the causal key tiles skipped whole, and of the keys
+the forward and the backward skip (the dead keys of partly dead tiles too: both pack the live
+ones), F's statistics far from the diagonal (the issue's trained-model figure: 99 % of F at distance > 64 above 20), the
 medians of interleaved runs of forward and backward, exact and skipping, and the largest
 difference of the skipping results from the exact ones (relative to the largest entry). The
 inputs are ``selattn_bench.trained_like`` (selector head killing keys after an exponential
@@ -15,8 +16,9 @@ machine move every row.
 
 ``--text-model`` instead runs a trained text model on random windows of the bundled text and
 prints, per layer, what the skipping finds on its real activations (no timing): the share of the
-causal key tiles skipped, and the share of the keys before each query block's first row that the
-bound finds dead (what packing them gains), next to F's statistics.
+causal key tiles skipped whole, the share of the keys before each query block's first row that the
+bound finds dead, and the share of the causal keys the forward and the backward skip (packing the
+live keys of partly dead tiles), next to F's statistics.
 """
 
 from __future__ import annotations
@@ -73,33 +75,33 @@ def skipped_fraction(np: Any, sc: Any, q: Any, k: Any) -> float:
     return float(np.sum(nqb - dead_from)) / (nqb * (nqb + 1) / 2)
 
 
+def skipped_keys_fraction(np: Any, key_dead_from: Any) -> float:
+    """Skipped (query block, key) pairs over the pairs the dense kernel works on (every key of the
+    tiles 0 .. qb for block qb), from ``selattn_c.dead_keys`` (B, N): the share of the heads' QK,
+    exp, PV (and dS, dP, dq, dk, dv) work the forward and the backward skip."""
+    B, N = key_dead_from.shape
+    nqb = -(-N // 64)
+    skipped = total = 0
+    for qb in range(nqb):
+        seen = min(N, (qb + 1) * 64)
+        skipped += int(np.sum(key_dead_from[:, :seen] <= qb))
+        total += B * seen
+    return skipped / max(total, 1)
+
+
 def max_rel_diff(np: Any, exact: Sequence[Any], skip: Sequence[Any]) -> float:
     return max(float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-30))
                for a, b in zip(exact, skip))
 
 
-def dead_keys_share(np: Any, sc: Any, ctx: Any) -> float:
-    """Share of the (query block, key before its first row) pairs whose key the bound kills:
-    the per-key test of the kernels (csrc/dead_keys.h), on F's block rows."""
-    q, k = ctx.q, ctx.k
-    B, H, N, D = q.shape
-    t, eps, shrink = sc.DEFAULT_DEAD_KEY_THRESHOLD, 1.0 / 256.0, 1.0 - 2.0**-20
-    F = sc.accumulated_mask(q, k, selector_head=ctx.selector_head, protect_bos=ctx.protect_bos)
-    q64, k64 = q.astype(np.float64), k.astype(np.float64)
-    qn, kn = np.linalg.norm(q64, axis=-1), np.linalg.norm(k64, axis=-1)         # (B, H, N)
-    anchor = ctx.scale * np.einsum("bhnd,bhnd->bhn", q64, k64)
-    kref = kn
-    if ctx.protect_bos:
-        anchor = np.maximum(anchor, ctx.scale * np.einsum("bhnd,bhd->bhn", q64, k64[:, :, 0]))
-        kref = np.maximum(kn, kn[:, :, :1])
-    ci = -anchor + eps * abs(ctx.scale) * qn * kref
+def dead_keys_share(np: Any, key_dead_from: Any) -> float:
+    """Share of the (query block, key before its first row) pairs whose key the bound kills
+    (``selattn_c.dead_keys``: the kernels' per-key test, csrc/dead_keys.h)."""
+    B, N = key_dead_from.shape
     dead = total = 0
-    for i0 in range(64, N, 64):
-        a = (1 + eps) * abs(ctx.scale) * qn[:, :, i0:].max(-1)                      # (B, H)
-        need = (a[..., None] * kn[:, :, :i0] + ci[:, :, i0:].max(-1)[..., None]).max(1)
-        f = F[:, i0, :i0].astype(np.float64) * shrink                              # (B, i0)
-        dead += int(np.sum((f >= t) & (f >= t + need)))
-        total += B * i0
+    for qb in range(1, -(-N // 64)):
+        dead += int(np.sum(key_dead_from[:, :qb * 64] <= qb))
+        total += B * qb * 64
     return dead / max(total, 1)
 
 
@@ -109,27 +111,30 @@ def text_model_report(args: argparse.Namespace) -> None:
     import selattn_c as sc
     from selattn_lm import model as lm
     from selattn_lm.backends import CAttention
-    from selattn_lm.text import load_corpus, random_windows
-    from selattn_lm.text_training import load_text_model
+    from selattn_lm.task_registry import load_task_checkpoint
+    from selattn_lm.text import random_windows
 
-    params, cfg, _ = load_text_model(args.text_model)
-    corpus = load_corpus()
-    tokens, targets = random_windows(corpus.train, args.windows, cfg.context,
+    params, cfg, task, _ = load_task_checkpoint(args.text_model, expect="text")
+    tokens, targets = random_windows(task.text().train, args.windows, cfg.context,
                                      np.random.default_rng(0))
     _, _, cache = lm.forward(params, cfg, tokens, targets, attention=CAttention())
     rows = []
     for layer, ctx in enumerate(cache.attention_contexts):
-        dead_from = sc.dead_tiles(ctx.q, ctx.k, selector_head=ctx.selector_head)
+        options = dict(selector_head=ctx.selector_head, protect_bos=ctx.protect_bos,
+                       scale=ctx.scale)
+        dead_from = sc.dead_tiles(ctx.q, ctx.k, **options)
+        key_dead_from = sc.dead_keys(ctx.q, ctx.k, **options)
         B, nqb = dead_from.shape
         tiles = float(np.sum(nqb - dead_from)) / (B * nqb * (nqb + 1) / 2)
         rows.append([str(layer), f"{100 * tiles:.1f} %",
-                     f"{100 * dead_keys_share(np, sc, ctx):.1f} %",
+                     f"{100 * dead_keys_share(np, key_dead_from):.1f} %",
+                     f"{100 * skipped_keys_fraction(np, key_dead_from):.1f} %",
                      f_statistics(np, sc, ctx.q[:1], ctx.k[:1])])
     print(f"{args.text_model}: context {cfg.context}, {cfg.n_layers} layers, {cfg.n_heads} "
           f"heads, {args.windows} random windows of the training text; t = "
           f"{sc.DEFAULT_DEAD_KEY_THRESHOLD:g}")
-    print(render(["layer", "tiles skipped", "keys before i0 dead", "F at distance > 64 (window 0)"],
-                 rows, args.markdown, [True, True, True, False]))
+    print(render(["layer", "tiles skipped", "keys before i0 dead", "keys skipped",
+                  "F at distance > 64 (window 0)"], rows, args.markdown, [True] * 4 + [False]))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -154,6 +159,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         dout = rng.standard_normal(q.shape).astype(np.float32)
         stats = f_statistics(np, sc, q, k)
         skipped = skipped_fraction(np, sc, q, k)
+        keys_skipped = skipped_keys_fraction(np, sc.dead_keys(q, k))
         for threads in args.threads:
             sc.set_num_threads(threads)
             if torch is not None:
@@ -182,17 +188,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             fb_exact, fb_skip = med[0] + med[2], med[1] + med[3]
             sdpa = f"{med[4]:.0f}" if torch is not None else "-"
             vs_sdpa = f"{med[4] / fb_skip:.2f}x" if torch is not None else "-"
-            rows.append([str(N), str(threads), f"{100 * skipped:.1f} %", stats,
+            rows.append([str(N), str(threads), f"{100 * skipped:.1f} %",
+                         f"{100 * keys_skipped:.1f} %", stats,
                          f"{med[0]:.0f}", f"{med[1]:.0f}", f"{med[2]:.0f}", f"{med[3]:.0f}",
                          f"{fb_exact / fb_skip:.2f}x", sdpa, vs_sdpa, f"{err:.1e}"])
             print(f"N={N} threads={threads} done; load average {load_average()}", flush=True)
-    headers = ["N", "threads", "tiles skipped", "F at distance > 64", "fwd exact ms",
+    headers = ["N", "threads", "tiles skipped", "keys skipped", "F at distance > 64",
+               "fwd exact ms",
                "fwd skip ms", "bwd exact ms", "bwd skip ms", "fwd+bwd speed-up",
                "SDPA fwd+bwd ms", "SDPA / skip", "max rel diff"]
     print(f"B = 1, H = {H}, D = {D}, mean lifetime {args.mean_lifetime}, immortal "
           f"{args.immortal}; medians of {args.repeats} interleaved runs; default t = "
           f"{sc.DEFAULT_DEAD_KEY_THRESHOLD:g}")
-    print(render(headers, rows, args.markdown, [True, True, True, False] + [True] * 8))
+    print(render(headers, rows, args.markdown, [True] * 4 + [False] + [True] * 8))
     print(f"load average (1 min) after: {load_average()}")
 
 

@@ -8,8 +8,8 @@ The API mirrors ``selattn_reference.attention`` (the NumPy spec):
   and its gradient as rows of F for ``backward(..., dF_rows=, dF_row_index=)``, without any
   N x N buffer (``selattn_c.memory``; also ``memory_rows``, ``mask_rows``),
 - ``KVCache``: the pruned KV cache for token-by-token decoding (``selattn_c.kv_cache``),
-- ``dead_tiles(q, k, ...)``: which key tiles the forward and backward skip as dead keys
-  (``dead_key_threshold``, docs/kernel-design.md),
+- ``dead_tiles(q, k, ...)``, ``dead_keys(q, k, ...)``: which key tiles, and which keys, the forward
+  and backward skip as dead keys (``dead_key_threshold``, docs/kernel-design.md),
 - ``openmp_enabled()``, ``get_num_threads()``, ``set_num_threads(n)``, ``kernel_name()``.
 
 Inputs are (B, H, N, D) float32 or float64 arrays of any strides; the kernels compute in float32
@@ -77,6 +77,7 @@ __all__ = [
     "accumulated_mask",
     "backward",
     "build_info",
+    "dead_keys",
     "dead_tiles",
     "extension_built",
     "extension_reason",
@@ -484,3 +485,34 @@ def dead_tiles(q, k, *, selector_head: int = 0, protect_bos: bool = True, scale:
                                 _threads_arg())
     _check_rc(rc, "dead_tiles")
     return dead_from
+
+
+def dead_keys(q, k, *, selector_head: int = 0, protect_bos: bool = True, scale: Optional[float]
+              = None, dead_key_threshold: float = DEFAULT_DEAD_KEY_THRESHOLD,
+              check_finite: bool = True) -> np.ndarray:
+    """Which keys ``forward`` and ``backward`` skip as dead keys, key by key: the live keys of a
+    partly dead tile are packed and worked on, the dead ones skipped (docs/kernel-design.md).
+
+    Parameters are those of ``dead_tiles``.
+
+    Returns
+    -------
+    key_dead_from : (B, N) int64, for each key the first query block (of 64 rows) for which it is
+        dead, and for every later block; ceil(N / 64) where never. A key tile's ``dead_tiles``
+        entry is the largest of its keys'.
+    """
+    require_extension("selattn_c.dead_keys")
+    if dead_key_threshold is None:
+        raise ValueError("dead_key_threshold must be a float > 0 here (None skips nothing)")
+    t = check_dead_key_threshold(dead_key_threshold)
+    q, k, _, (B, H, N, D) = check_qkv(q, k, k, check_finite=False)
+    s = check_selector_head(selector_head, H)
+    scale = check_scale_float32(resolve_scale(scale, D))
+    check_buffer_sizes((B, H, N, D), "dead_keys")
+    q, k = _c_inputs((q, k), "qk", check_finite)
+    key_dead_from = np.empty((B, N), dtype=np.int64)
+    rc = lib.selattn_dead_keys(_ptr(q), _ptr(k), ffi.NULL, B, H, N, D, s, bool(protect_bos), True,
+                               scale, t, ffi.cast("int64_t *", ffi.from_buffer(key_dead_from)),
+                               _threads_arg())
+    _check_rc(rc, "dead_keys")
+    return key_dead_from

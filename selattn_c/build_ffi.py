@@ -48,6 +48,7 @@ SOURCES = [
     "selector_mask.c",
     "rank_penalty.c",
     "dead_keys.c",
+    "key_pack.c",
     "threads.c",
     "finite.c",
     "tile_kernels.c",

@@ -72,6 +72,7 @@ def main() -> None:
         doutd = rng.standard_normal(qd.shape).astype(np.float32)
         for protect_bos in (True, False):
             selattn_c.dead_tiles(qd, kd, protect_bos=protect_bos)
+            selattn_c.dead_keys(qd, kd, protect_bos=protect_bos)
             _, ctxd = selattn_c.forward(qd, kd, vd, protect_bos=protect_bos)
             selattn_c.backward(doutd, ctxd)
             rows = np.broadcast_to(np.array([199, 150], dtype=np.int64), (2, 2))
