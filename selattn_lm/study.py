@@ -19,8 +19,13 @@ for every context, measures on the test split:
 - a curve for the figure: the first selective seed and its standard model at ``fractions`` of
   the context, every method;
 - extra rows for fine-tuned selective models (role ``finetuned``: a standard model fine-tuned
-  into a selective one; role ``soft-budgets``: pruning-aware fine-tuning), with the same
-  measurements and, for ``soft-budgets``, the bits per byte at the budgets they were tuned for.
+  into a selective one; role ``soft-budgets``: pruning-aware fine-tuning) and for selective
+  models trained another way (role ``variant``, e.g. another memory-loss schedule; not counted
+  in the seed statistics), with the same measurements and, for ``soft-budgets``, the bits per
+  byte at the budgets they were tuned for.
+
+Scores can be kept between runs (``--scores FILE``, ``selattn_lm.score_store``): a run that adds
+a model to the manifest scores only what is new.
 
 It writes the numbers as JSON, the tables as Markdown (``selattn_lm.study_report``), the figure
 as a PNG, and can rewrite the tables of a doc between its markers.
@@ -50,13 +55,14 @@ from . import model as lm
 from .backends import CAttention
 from .memory_factor import Budgets, equal_quality_point, uniform_candidates
 from .progress import progress_bar
+from .score_store import ScoreStore, model_key, windows_digest
 from .task_registry import load_task_checkpoint
 from .task_text import TextTask, bits_per_byte
 from .text_results import search_path
 from .threads import set_threads
 
-ROLES = ("selective", "standard", "finetuned", "soft-budgets")
-SELECTIVE_ROLES = ("selective", "finetuned", "soft-budgets")
+ROLES = ("selective", "standard", "finetuned", "soft-budgets", "variant")
+SELECTIVE_ROLES = ("selective", "finetuned", "soft-budgets", "variant")
 DEFAULT_FRACTIONS = (1 / 2, 1 / 4, 1 / 8, 1 / 16, 1 / 32)
 SEARCH_SLACK = 0.05            # the per-layer search stops 5 % above the standard's valid bpb
 NUMPY_ELEMENTS = 1 << 20       # NumPy backends: windows per pass x N x N at most (4 at 512)
@@ -224,12 +230,17 @@ def spread(values: Sequence[float]) -> Dict[str, object]:
 
 
 class Scorer:
-    """Bits per byte of the models on fixed windows, memoised per (model, method, budgets)."""
+    """Bits per byte of the models on fixed windows, memoised per (model, method, budgets) in
+    ``store`` (a ``ScoreStore``: in memory, or a file kept between runs), keyed by the
+    checkpoint's and the windows' contents."""
 
-    def __init__(self, windows: Tuple[np.ndarray, np.ndarray]) -> None:
+    def __init__(self, windows: Tuple[np.ndarray, np.ndarray],
+                 store: Optional[ScoreStore] = None) -> None:
         self.windows = windows
         self.c = CAttention()
-        self.memo: Dict[tuple, float] = {}
+        self.store = ScoreStore() if store is None else store
+        self.windows_key = windows_digest(*windows)
+        self.digests: Dict[str, str] = {}
 
     def __call__(self, model: Model, method: str, budgets: Optional[Budgets] = None) -> float:
         """``method``: ``cache`` (the model's own KV cache: F eviction for a selective model),
@@ -237,8 +248,10 @@ class Scorer:
         in every layer evict nothing: every method is then the full cache (on the C kernels)."""
         if budgets is None or all(b >= model.cfg.context for b in budgets):
             method, budgets = "cache", None
-        key = (str(model.entry.path.resolve()), method, budgets)
-        if key not in self.memo:
+        key = self.store.key(model_key(model.entry.path, self.digests), self.windows_key, method,
+                             budgets)
+        score = self.store.get(key)
+        if score is None:
             numpy_batch = max(1, NUMPY_ELEMENTS // model.cfg.context ** 2)    # (B, H, N, N)
             attention, batch = {
                 "cache": (self.c, 32),
@@ -247,11 +260,11 @@ class Scorer:
                 "h2o": (HeavyHitters(), numpy_batch),
                 "tova": (TOVA(), numpy_batch),
             }[method]
-            self.memo[key] = bits_per_byte(model.params, model.cfg, *self.windows,
-                                           attention=attention,
-                                           budgets=None if budgets is None else list(budgets),
-                                           batch_size=batch)
-        return self.memo[key]
+            score = bits_per_byte(model.params, model.cfg, *self.windows, attention=attention,
+                                  budgets=None if budgets is None else list(budgets),
+                                  batch_size=batch)
+            self.store.put(key, score)
+        return score
 
 
 def _controls(test: Scorer, model: Model, standard: Optional[Model],
@@ -272,8 +285,8 @@ def _controls(test: Scorer, model: Model, standard: Optional[Model],
 
 def evaluate_context(models: Sequence[Model], context: int, *, test_windows: Optional[int],
                      valid_windows: int, fractions: Sequence[float],
-                     log: Callable[[str], None], search_slack: float = SEARCH_SLACK
-                     ) -> Dict[str, object]:
+                     log: Callable[[str], None], search_slack: float = SEARCH_SLACK,
+                     store: Optional[ScoreStore] = None) -> Dict[str, object]:
     """Every measurement of one context (see the module docstring). Returns a JSON-able dict."""
     at = [m for m in models if m.cfg.context == context]
     standards = sorted((m for m in at if m.entry.role == "standard"), key=lambda m: m.seed)
@@ -282,8 +295,9 @@ def evaluate_context(models: Sequence[Model], context: int, *, test_windows: Opt
         raise ValueError(f"context {context}: the study needs at least one standard model "
                          f"(the target of the memory factor)")
     task = at[0].task
-    test = Scorer(task.windows("test", context, test_windows, spread=True))
-    valid = Scorer(task.windows("valid", context, valid_windows, spread=True))
+    store = ScoreStore() if store is None else store
+    test = Scorer(task.windows("test", context, test_windows, spread=True), store)
+    valid = Scorer(task.windows("valid", context, valid_windows, spread=True), store)
     n_layers = at[0].cfg.n_layers
     if any(m.cfg.n_layers != n_layers for m in at):
         raise ValueError(f"context {context}: the models have different numbers of layers")
@@ -372,7 +386,8 @@ def _fmt_factor(f: Optional[float]) -> str:
 def evaluate(entries: Sequence[Entry], *, test_windows: Optional[int] = None,
              valid_windows: int = 64, fractions: Sequence[float] = DEFAULT_FRACTIONS,
              corpus_path: Optional[str] = None, search_slack: float = SEARCH_SLACK,
-             log: Optional[Callable[[str], None]] = None) -> Dict[str, object]:
+             log: Optional[Callable[[str], None]] = None,
+             scores: Optional[Path] = None) -> Dict[str, object]:
     """The whole study (every context of the manifest). Returns a JSON-able dict.
 
     Parameters
@@ -386,6 +401,7 @@ def evaluate(entries: Sequence[Entry], *, test_windows: Optional[int] = None,
     search_slack : the per-layer search stops once no cut keeps the validation bits per byte
         within this relative margin above the standard models' (0.05: 5 %)
     log : callable taking one line of progress (default: stderr)
+    scores : a file of scores kept between runs (``selattn_lm.score_store``; None: none)
     """
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     for name, n in (("test_windows", test_windows), ("valid_windows", valid_windows)):
@@ -398,15 +414,17 @@ def evaluate(entries: Sequence[Entry], *, test_windows: Optional[int] = None,
     if not all(0 < f < 1 for f in fractions):
         raise ValueError(f"fractions must be in (0, 1), got {fractions}")
     t0 = time.perf_counter()
+    store = ScoreStore(scores)
     models = load_models(entries, corpus_path)
     contexts = sorted({m.cfg.context for m in models})
     results = [evaluate_context(models, N, test_windows=test_windows,
                                 valid_windows=valid_windows, fractions=fractions, log=log,
-                                search_slack=search_slack)
+                                search_slack=search_slack, store=store)
                for N in contexts]
     return {"corpus": models[0].task.text().summary(), "corpus_name": models[0].task.corpus,
             "search_slack": search_slack, "contexts": results,
-            "seconds": round(time.perf_counter() - t0, 1)}
+            "seconds": round(time.perf_counter() - t0, 1),
+            "scores": {"computed": store.computed, "reused": store.reused}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -444,6 +462,10 @@ def add_commands(subparsers) -> None:
                    help="where to write the numbers [study.json]")
     p.add_argument("--png", type=Path, default=Path("study.png"),
                    help="where to draw the curves (needs matplotlib) [study.png]")
+    p.add_argument("--scores", type=Path, default=None, metavar="JSON",
+                   help="keep every score in this file and reuse the ones it holds (keyed by "
+                        "the checkpoints' and windows' contents): a run that adds a model scores "
+                        "only what is new")
     p.add_argument("--update-doc", type=Path, default=None, metavar="MARKDOWN",
                    help="rewrite the tables between the markers of this file "
                         "(docs/results-long-context.md)")
@@ -460,7 +482,8 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args.threads, "c")
     results = evaluate(read_manifest(args.manifest), test_windows=args.test_windows,
                        valid_windows=args.valid_windows, fractions=args.fractions,
-                       corpus_path=args.corpus_path, search_slack=args.search_slack)
+                       corpus_path=args.corpus_path, search_slack=args.search_slack,
+                       scores=args.scores)
     table = study_report.markdown_tables(results)
     print(table)
     args.json.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")

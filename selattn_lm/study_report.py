@@ -40,6 +40,14 @@ def _budgets(b: Optional[List[int]]) -> str:
     return str(b[0]) if len(set(b)) == 1 else ",".join(map(str, b))
 
 
+def _reuse(scores: Optional[Dict[str, int]]) -> str:
+    """How many scores the run computed and how many it took from ``--scores``."""
+    if not scores or not scores.get("reused"):
+        return ""
+    return (f" ({scores['computed']} scores computed, {scores['reused']} reused from earlier "
+            f"runs' --scores file)")
+
+
 def _model(row: Dict[str, object]) -> str:
     label = row.get("label")
     return f"{row['role']}, seed {row['seed']}" + (f": {label}" if label else "")
@@ -53,7 +61,8 @@ def markdown_tables(results: Dict[str, object]) -> str:
            f"{corpus['test_bytes']:,} bytes. Per context: "
            + "; ".join(f"{c['context']} bytes, {c['test_windows']} test windows, "
                        f"{c['valid_windows']} validation windows, {c['n_layers']} layers"
-                       for c in contexts) + f". Whole run: {results['seconds']:.0f} s.", ""]
+                       for c in contexts) + f". Whole run: {results['seconds']:.0f} s"
+           + _reuse(results.get("scores")) + ".", ""]
 
     out += ["**Full cache** (test bits per byte; spread: sample standard deviation and range "
             "over seeds)", "",
@@ -118,8 +127,9 @@ def markdown_tables(results: Dict[str, object]) -> str:
 
     extra = [(c, r) for c in contexts for r in c["models"] if r["role"] != "selective"]
     if extra:
-        out += ["", "**Fine-tuned models** (finetuned: a standard model fine-tuned into a "
-                "selective one; soft-budgets: pruning-aware fine-tuning)", "",
+        out += ["", "**Other selective models** (finetuned: a standard model fine-tuned into a "
+                "selective one; soft-budgets: pruning-aware fine-tuning; variant: trained from "
+                "scratch another way, see its label)", "",
                 "| context | model | steps | full cache | factor, uniform | factor, per-layer "
                 "| at its soft budgets |",
                 "| ---: | --- | ---: | ---: | ---: | ---: | --- |"]

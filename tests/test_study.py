@@ -231,10 +231,12 @@ def study_files(task, tmp_path_factory):
     save(d / "std24.npz", task, random_params(4, False, context=24), False, context=24)
     save(d / "ft.npz", task, random_params(5), True, init_from="std0.npz", steps=30)
     save(d / "soft.npz", task, random_params(6), True, soft_budgets=[6, 5])
+    save(d / "late.npz", task, random_params(7), True, eps_start=5)
     entries += [{"path": "sel24.npz", "role": "selective"},
                 {"path": "std24.npz", "role": "standard"},
                 {"path": "ft.npz", "role": "finetuned", "label": "std0 made selective"},
-                {"path": "soft.npz", "role": "soft-budgets"}]
+                {"path": "soft.npz", "role": "soft-budgets"},
+                {"path": "late.npz", "role": "variant", "label": "memory loss later"}]
     return manifest(d / "manifest.json", entries)
 
 
@@ -258,7 +260,10 @@ def test_study_command_end_to_end(study_files, tmp_path, capsys):
     rows = {r["checkpoint"]: r for r in c16["models"]}
     for kind in ("uniform", "per_layer"):
         assert rows["sel0.npz"][kind]["factor"] == CONTEXT / 2
-    assert set(rows) == {"sel0.npz", "sel1.npz", "ft.npz", "soft.npz"}
+    assert set(rows) == {"sel0.npz", "sel1.npz", "ft.npz", "soft.npz", "late.npz"}
+    assert rows["late.npz"]["role"] == "variant" and rows["late.npz"]["seed"] == 0
+    assert c16["full"]["selective"]["seeds"] == {"0": rows["sel0.npz"]["full_bpb"],
+                                                 "1": rows["sel1.npz"]["full_bpb"]}
     assert rows["ft.npz"]["role"] == "finetuned" and rows["ft.npz"]["steps"] == 30
     assert rows["soft.npz"]["soft_budgets"]["budgets"] == [6, 5]
     for r in c16["models"]:
@@ -276,7 +281,39 @@ def test_study_command_end_to_end(study_files, tmp_path, capsys):
     assert tables in out
     assert study_report.tables_in_doc(doc) == tables.strip()
     assert doc.read_text(encoding="utf-8").endswith("after\n")
-    assert "Fine-tuned models" in tables and "std0 made selective" in tables
+    assert "Other selective models" in tables and "std0 made selective" in tables
+    assert "variant, seed 0: memory loss later" in tables
+
+
+def test_scores_file_is_reused_only_for_the_same_contents(task, tmp_path):
+    """``--scores``: a second run computes nothing and gives the same numbers; a checkpoint whose
+    bytes changed is scored again though its name did not; a malformed file is refused."""
+    save(tmp_path / "sel.npz", task, random_params(21), True)
+    save(tmp_path / "std.npz", task, random_params(22, False), False)
+    m = manifest(tmp_path / "m.json", [{"path": "sel.npz", "role": "selective"},
+                                       {"path": "std.npz", "role": "standard"}])
+    scores = tmp_path / "scores.json"
+    first = study.evaluate(study.read_manifest(m), log=lambda line: None, scores=scores,
+                           **SMALL)
+    assert first["scores"]["computed"] > 0 and first["scores"]["reused"] == 0
+    again = study.evaluate(study.read_manifest(m), log=lambda line: None, scores=scores,
+                           **SMALL)
+    assert again["scores"]["computed"] == 0 and again["scores"]["reused"] > 0
+    assert again["contexts"] == first["contexts"]
+    assert "reused from earlier" in study_report.markdown_tables(again)
+    save(tmp_path / "sel.npz", task, random_params(23), True)          # new weights, same name
+    third = study.evaluate(study.read_manifest(m), log=lambda line: None, scores=scores,
+                           **SMALL)
+    assert third["scores"]["computed"] > 0
+    assert third["contexts"][0]["models"][0]["full_bpb"] != \
+        first["contexts"][0]["models"][0]["full_bpb"]
+    for bad in ('{"format": "other", "version": 1, "scores": {}}',
+                '{"format": "selattn-study-scores", "version": 1, "scores": {"k": "x"}}',
+                "not json"):
+        scores.write_text(bad, encoding="utf-8")
+        with pytest.raises(ValueError, match="scores"):
+            study.evaluate(study.read_manifest(m), log=lambda line: None, scores=scores,
+                           **SMALL)
 
 
 def test_study_command_errors(study_files, tmp_path, capsys):
