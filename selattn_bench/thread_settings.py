@@ -15,7 +15,9 @@ what ``selattn train`` does without ``--threads``) can be checked against the be
 
 Each setting runs in a fresh process (environment variables such as ``OMP_WAIT_POLICY`` take
 effect only when the libraries load), with the threading variables of the caller's environment
-removed first, so "default" means nothing set by the user. Rounds interleave the settings: a
+removed first, so "default" means nothing set by the user (GNU OpenMP's threads then spin for a
+while after each parallel region and sleep after; ``OMP_WAIT_POLICY=active`` spins longest,
+``passive`` sleeps at once). Rounds interleave the settings: a
 slow spell of a shared machine hits all alike. Every child times ``--steps`` steps after one
 warm-up step; the table gives the median over all rounds and steps.
 
@@ -71,7 +73,8 @@ def settings(cores: int) -> List[Setting]:
     counts = sorted({1, cores})
     out += [Setting(f"C, kernels {k}, BLAS {b}", "c", kernels=k, blas=b)
             for k in counts for b in counts]
-    out += [Setting("C, OMP_WAIT_POLICY=passive", "c", env={"OMP_WAIT_POLICY": "passive"}),
+    out += [Setting("C, OMP_WAIT_POLICY=active", "c", env={"OMP_WAIT_POLICY": "active"}),
+            Setting("C, OMP_WAIT_POLICY=passive", "c", env={"OMP_WAIT_POLICY": "passive"}),
             Setting("C, OPENBLAS_THREAD_TIMEOUT=4", "c", env={"OPENBLAS_THREAD_TIMEOUT": "4"})]
     return out
 
