@@ -35,11 +35,14 @@ import statistics
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from .common import cpu_model, load_average, render
 
 # Variables a user might set to steer the thread pools: removed from every child's environment.
+PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
+
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_PROC_BIND",
                     "OPENBLAS_NUM_THREADS", "OPENBLAS_THREAD_TIMEOUT", "MKL_NUM_THREADS",
                     "BLIS_NUM_THREADS", "SELATTN_NUM_THREADS")
@@ -132,8 +135,10 @@ def child_env(setting: Setting) -> Dict[str, str]:
 def run_child(index: int, shape: str, steps: int, setting: Setting) -> Dict[str, object]:
     cmd = [sys.executable, "-m", "selattn_bench.thread_settings", "--child", str(index),
            "--shape", shape, "--steps", str(steps)]
+    # cwd: the folder holding the selattn_bench this process imported, so that the child's
+    # `python -m` imports the same copy (a source checkout in the caller's cwd would shadow it)
     done = subprocess.run(cmd, env=child_env(setting), capture_output=True, text=True,
-                          check=False)
+                          check=False, cwd=PACKAGE_PARENT)
     if done.returncode != 0:
         raise RuntimeError(f"setting {setting.name!r} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
