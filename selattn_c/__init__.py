@@ -451,6 +451,21 @@ from .memory import (  # noqa: E402  (needs _check_context, _ptr above)
 )
 
 
+def _dead_key_inputs(q, k, selector_head, scale, dead_key_threshold, check_finite, name):
+    """The checked inputs of ``dead_tiles`` and ``dead_keys``: (q, k, (B, H, N, D), selector
+    head, float32 scale, threshold). ValueError/TypeError naming the argument."""
+    require_extension(f"selattn_c.{name}")
+    if dead_key_threshold is None:
+        raise ValueError("dead_key_threshold must be a float > 0 here (None skips nothing)")
+    t = check_dead_key_threshold(dead_key_threshold)
+    q, k, _, (B, H, N, D) = check_qkv(q, k, k, check_finite=False)
+    s = check_selector_head(selector_head, H)
+    scale = check_scale_float32(resolve_scale(scale, D))
+    check_buffer_sizes((B, H, N, D), name)
+    q, k = _c_inputs((q, k), "qk", check_finite)
+    return q, k, (B, H, N, D), s, scale, t
+
+
 def dead_tiles(q, k, *, selector_head: int = 0, protect_bos: bool = True, scale: Optional[float]
                = None, dead_key_threshold: float = DEFAULT_DEAD_KEY_THRESHOLD,
                check_finite: bool = True) -> np.ndarray:
@@ -469,15 +484,9 @@ def dead_tiles(q, k, *, selector_head: int = 0, protect_bos: bool = True, scale:
         for which it is dead, and for every later block; ceil(N / 64) where never. Builds F's
         block rows (the selector head's logits on the causal triangle) to decide.
     """
-    require_extension("selattn_c.dead_tiles")
-    if dead_key_threshold is None:
-        raise ValueError("dead_key_threshold must be a float > 0 here (None skips nothing)")
-    t = check_dead_key_threshold(dead_key_threshold)
-    q, k, _, (B, H, N, D) = check_qkv(q, k, k, check_finite=False)
-    s = check_selector_head(selector_head, H)
-    scale = check_scale_float32(resolve_scale(scale, D))
-    check_buffer_sizes((B, H, N, D), "dead_tiles")
-    q, k = _c_inputs((q, k), "qk", check_finite)
+    q, k, (B, H, N, D), s, scale, t = _dead_key_inputs(q, k, selector_head, scale,
+                                                       dead_key_threshold,
+                                                       check_finite, "dead_tiles")
     nqb = -(-N // 64)
     dead_from = np.empty((B, nqb), dtype=np.int64)
     rc = lib.selattn_dead_tiles(_ptr(q), _ptr(k), ffi.NULL, B, H, N, D, s, bool(protect_bos), True,
@@ -501,15 +510,9 @@ def dead_keys(q, k, *, selector_head: int = 0, protect_bos: bool = True, scale: 
         dead, and for every later block; ceil(N / 64) where never. A key tile's ``dead_tiles``
         entry is the largest of its keys'.
     """
-    require_extension("selattn_c.dead_keys")
-    if dead_key_threshold is None:
-        raise ValueError("dead_key_threshold must be a float > 0 here (None skips nothing)")
-    t = check_dead_key_threshold(dead_key_threshold)
-    q, k, _, (B, H, N, D) = check_qkv(q, k, k, check_finite=False)
-    s = check_selector_head(selector_head, H)
-    scale = check_scale_float32(resolve_scale(scale, D))
-    check_buffer_sizes((B, H, N, D), "dead_keys")
-    q, k = _c_inputs((q, k), "qk", check_finite)
+    q, k, (B, H, N, D), s, scale, t = _dead_key_inputs(q, k, selector_head, scale,
+                                                       dead_key_threshold,
+                                                       check_finite, "dead_keys")
     key_dead_from = np.empty((B, N), dtype=np.int64)
     rc = lib.selattn_dead_keys(_ptr(q), _ptr(k), ffi.NULL, B, H, N, D, s, bool(protect_bos), True,
                                scale, t, ffi.cast("int64_t *", ffi.from_buffer(key_dead_from)),
